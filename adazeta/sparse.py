@@ -1,0 +1,132 @@
+"""Sparse-MeZO (Liu et al., arXiv 2402.15751): perturb and update only small-magnitude weights.
+
+Per tensor, a threshold h is fixed before training as the magnitude quantile given by the sparsity
+s (s = 0.8: the smallest 20% of each tensor's weights may move). Every step the mask
+m = [|theta| <= h] is recomputed from the unperturbed weights and z_hat = m * z.
+
+Two ways to apply the perturbation:
+- in place, with the masks of the step stored (one bool per weight: 1/4 of an fp32 model);
+- in forward (`in_forward=true`, the memory-efficient form): a pre-hook on each module replaces its
+  weight by theta + eps * m(theta) * z for the duration of that module's forward only, so the
+  weights are never written during the two loss evaluations and no model-sized mask exists.
+
+`mask=random` (R-MeZO) draws a random mask per step and tensor with keep probability `keep_ratio`,
+from a generator seeded by the query seed, so it is reproducible and never stored either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from adazeta.zo import SPSA, Trainable, tensor_seed
+
+
+@torch.no_grad()
+def thresholds(trainables: list[Trainable], sparsity: float) -> list[float]:
+    """h_i: the (1 - s) quantile of |theta_i|, computed once before training."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"method.sparsity must be in [0, 1), got {sparsity}")
+    out = []
+    for t in trainables:
+        flat = t.param.detach().abs().flatten().float()
+        k = max(1, int(round((1.0 - sparsity) * flat.numel())))
+        out.append(float(flat.kthvalue(k).values))
+    return out
+
+
+class SparseMask:
+    """The mask function SPSA calls per tensor: magnitude (fixed thresholds) or random."""
+
+    def __init__(self, trainables: list[Trainable], kind: str, sparsity: float, keep_ratio: float):
+        if kind not in ("magnitude", "random"):
+            raise ValueError(f"method.mask={kind!r}; choose magnitude or random")
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"method.keep_ratio must be in (0, 1], got {keep_ratio}")
+        self.kind, self.keep_ratio = kind, keep_ratio
+        self.h = thresholds(trainables, sparsity) if kind == "magnitude" else []
+        self.generators: dict[torch.device, torch.Generator] = {}
+        self.stored: dict[int, torch.Tensor] | None = None  # in-place mode: masks of the step
+
+    def compute(self, index: int, weight: torch.Tensor, seed: int) -> torch.Tensor:
+        if self.kind == "magnitude":
+            return weight.abs() <= self.h[index]
+        gen = self.generators.setdefault(weight.device, torch.Generator(device=weight.device))
+        gen.manual_seed(tensor_seed(seed ^ 0x5EED, index))
+        u = torch.rand(weight.shape, generator=gen, device=weight.device)
+        return u < self.keep_ratio
+
+    def __call__(self, index: int, weight: torch.Tensor, seed: int) -> torch.Tensor:
+        if self.stored is not None and self.kind == "magnitude":
+            return self.stored[index]
+        return self.compute(index, weight, seed)
+
+    @torch.no_grad()
+    def store(self, trainables: list[Trainable]) -> None:
+        """In-place mode: freeze this step's magnitude masks from the unperturbed weights."""
+        if self.kind == "magnitude":
+            self.stored = {i: t.param.abs() <= self.h[i] for i, t in enumerate(trainables)}
+
+    def release(self) -> None:
+        self.stored = None
+
+
+class InForwardPerturbation:
+    """Pre/post forward hooks that swap each module's own trainable tensors for their perturbed
+    versions during that module's forward only (never writing the weights)."""
+
+    def __init__(self, model: torch.nn.Module, spsa: SPSA):
+        self.spsa = spsa
+        self.active: tuple[int, float] | None = None  # (seed, scale) while a loss is evaluated
+        index_of = {id(t.param): i for i, t in enumerate(spsa.trainables)}
+        self.handles = []
+        for module in model.modules():
+            owned = [(name, index_of[id(p)]) for name, p in module.named_parameters(recurse=False) if id(p) in index_of]
+            if owned:
+                self.handles.append(module.register_forward_pre_hook(self.pre_hook(owned)))
+                self.handles.append(module.register_forward_hook(self.post_hook(owned)))
+
+    def pre_hook(self, owned: list[tuple[str, int]]) -> Callable:
+        def hook(module, args):
+            if self.active is None:
+                return
+            seed, scale = self.active
+            module._adazeta_saved = {}
+            for name, i in owned:
+                weight = module._parameters[name]
+                module._adazeta_saved[name] = weight
+                # W + scale * eps * m(W) * z: a transient of this one tensor's size.
+                perturbed = torch.add(weight, self.spsa.z(i, seed), alpha=scale * self.spsa.eps)
+                module._parameters[name] = perturbed
+        return hook
+
+    def post_hook(self, owned: list[tuple[str, int]]) -> Callable:
+        def hook(module, args, output):
+            saved = getattr(module, "_adazeta_saved", None)
+            if saved:
+                for name, weight in saved.items():
+                    module._parameters[name] = weight
+                module._adazeta_saved = {}
+        return hook
+
+    @contextlib.contextmanager
+    def perturbed(self, seed: int, scale: float):
+        self.active = (seed, scale)
+        try:
+            yield
+        finally:
+            self.active = None
+
+    @torch.no_grad()
+    def losses(self, loss_fn: Callable[[], torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.perturbed(seed, +1.0):
+            loss_plus = loss_fn()
+        with self.perturbed(seed, -1.0):
+            loss_minus = loss_fn()
+        return loss_plus, loss_minus
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

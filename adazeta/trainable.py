@@ -1,0 +1,52 @@
+"""Trainable-set transforms: which tensors a method moves. Everything else is frozen."""
+
+from __future__ import annotations
+
+import torch
+
+from adazeta.adapters import inject_tt_adapters
+from adazeta.config import AdapterConfig, Head, MethodConfig, TrainableSet
+from adazeta.lora import inject_lora  # imported up front: its import memory is not the method's
+from adazeta.models import classification_head, is_norm
+from adazeta.zo import Trainable
+
+
+def freeze(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def collect(model: torch.nn.Module) -> list[Trainable]:
+    """The parameters with requires_grad, in named_parameters order (fixed, so z is reproducible),
+    with weight decay off for biases and norm weights."""
+    no_decay = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
+    return [
+        Trainable(name, p, decay=not name.endswith("bias") and id(p) not in no_decay)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    ]
+
+
+def make_trainable(model, cfg: MethodConfig, adapter: AdapterConfig, head: Head):
+    """Apply a method's trainable-set transform; returns (model, trainables). The model may come
+    back wrapped (peft LoRA)."""
+    kind = cfg.trainable
+    if kind in (TrainableSet.full, TrainableSet.sparse):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, collect(model)
+    freeze(model)
+    if kind == TrainableSet.tt_adapter:
+        inject_tt_adapters(
+            model, rank=adapter.rank, bottleneck=adapter.bottleneck, scale=adapter.scale,
+            targets=adapter.targets, attention=adapter.attention, modes=adapter.modes,
+        )
+        for name, p in model.named_parameters():
+            if ".adapter." in name:
+                p.requires_grad_(True)
+    elif kind == TrainableSet.lora:
+        model = inject_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if head == Head.classification:  # a new head must learn; an LM/MLM head stays frozen
+        for p in classification_head(model.get_base_model() if kind == TrainableSet.lora else model).parameters():
+            p.requires_grad_(True)
+    return model, collect(model)

@@ -1,0 +1,179 @@
+"""Tensor-train (TT) linear layer: the building block of AdaZeta's tensorized adapters.
+
+AdaZeta (Yang et al., arXiv 2406.18060, tensorized adapters) factors a d_in x d_out weight W
+into a train of small 3-way cores. With d_in = prod(m_1..m_M) and d_out = prod(n_1..n_N), the
+cores run over the concatenated modes [m_1, ..., m_M, n_1, ..., n_N]:
+
+    W[(i_1..i_M), (j_1..j_N)] = G_1[:, i_1, :] ... G_M[:, i_M, :]
+                                  G_{M+1}[:, j_1, :] ... G_{M+N}[:, j_N, :]
+
+core k of shape (r_{k-1}, n_k, r_k), TT ranks [1, r, ..., r, 1]. Row and column indices are the
+row-major (C-order) flattenings of the mode indices, so ``dense_weight()`` equals
+``torch.einsum`` over the cores followed by ``reshape(d_in, d_out)``.
+
+"Fast forward" (as in the paper): the input-side cores contract to A (d_in x r) and the
+output-side cores to B (r x d_out), then y = (x @ A) @ B + b. The d_in x d_out matrix is never
+built in forward; the cost per token is O(r (d_in + d_out)), and forming A and B costs
+O(r^2 (d_in + d_out)) once per call, independent of the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["TTLinear", "factorize"]
+
+
+def factorize(n: int, num_modes: int = 3) -> tuple[int, ...]:
+    """Balanced factorisation of ``n`` into ``num_modes`` integer factors, sorted ascending.
+
+    Among all multisets of ``num_modes`` factors whose product is ``n``, pick the one with the
+    fewest factors equal to 1, then the most balanced one (smallest sum of squared log-factors,
+    which for a fixed product means closest to equal), then the lexicographically smallest.
+    Deterministic. Examples: 1024 -> (8, 8, 16), 4096 -> (16, 16, 16), 384 -> (6, 8, 8),
+    64 -> (4, 4, 4), 50 -> (2, 5, 5), 7 -> (1, 1, 7) (a prime cannot avoid 1s).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"factorize: n must be an integer >= 1, got n={n!r}")
+    if isinstance(num_modes, bool) or not isinstance(num_modes, int) or num_modes < 1:
+        raise ValueError(
+            f"factorize: num_modes must be an integer >= 1, got num_modes={num_modes!r}"
+        )
+
+    def candidates(rest: int, k: int, lo: int):
+        # Non-decreasing factor tuples (each >= lo) with product `rest`.
+        if k == 1:
+            if rest >= lo:
+                yield (rest,)
+            return
+        f = lo
+        while f**k <= rest:
+            if rest % f == 0:
+                for tail in candidates(rest // f, k - 1, f):
+                    yield (f, *tail)
+            f += 1
+
+    def key(factors: tuple[int, ...]):
+        return (factors.count(1), sum(math.log(f) ** 2 for f in factors), factors)
+
+    return min(candidates(n, num_modes, 1), key=key)
+
+
+def _check_modes(name: str, modes, dim: int) -> tuple[int, ...]:
+    modes = tuple(int(m) for m in modes)
+    if not modes or any(m < 1 for m in modes) or math.prod(modes) != dim:
+        raise ValueError(
+            f"TTLinear: {name}={list(modes)} must be positive integers whose product is the layer "
+            f"size {dim} (product is {math.prod(modes) if modes else 0}); "
+            f"e.g. use factorize({dim}) = {list(factorize(dim))}"
+        )
+    return modes
+
+
+class TTLinear(nn.Module):
+    """Linear map d_in -> d_out whose weight is a tensor train (AdaZeta, arXiv 2406.18060).
+
+    Args:
+        d_in, d_out: input and output sizes.
+        rank: the TT rank r; ranks are [1, r, ..., r, 1] over the cores.
+        in_modes, out_modes: factorisations of d_in and d_out (default ``factorize(d)``).
+        bias: add a bias of size d_out.
+        device, dtype: where and in which precision the cores live (meta is fine).
+
+    Parameters: ``cores[k]`` of shape (r_{k-1}, n_k, r_k) for the modes [*in_modes, *out_modes],
+    and ``bias`` (d_out,).
+
+    Init (as in the paper and its reference code): core k ~ N(0, 1) / sqrt(r_k) * sigma^(1/K), with
+    r_k the core's *right* rank, K the number of cores and sigma = sqrt(1 / (d_in + d_out)), so the
+    entries of the dense weight have a standard deviation of about sigma. The bias is
+    U(-1/sqrt(d_out), 1/sqrt(d_out)). Only ``nn.init`` functions are used, so building on the meta
+    device works.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        rank: int = 5,
+        in_modes=None,
+        out_modes=None,
+        bias: bool = True,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        for key, value in (("d_in", d_in), ("d_out", d_out), ("rank", rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TTLinear: {key} must be an integer >= 1, got {key}={value!r}")
+        self.d_in, self.d_out, self.rank = d_in, d_out, rank
+        self.in_modes = _check_modes(
+            "in_modes", in_modes if in_modes is not None else factorize(d_in), d_in
+        )
+        self.out_modes = _check_modes(
+            "out_modes", out_modes if out_modes is not None else factorize(d_out), d_out
+        )
+        modes = self.in_modes + self.out_modes
+        self.ranks = (1,) + (rank,) * (len(modes) - 1) + (1,)
+
+        self.cores = nn.ParameterList(
+            nn.Parameter(
+                torch.empty(self.ranks[k], n_k, self.ranks[k + 1], device=device, dtype=dtype)
+            )
+            for k, n_k in enumerate(modes)
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(d_out, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re-)draw the paper's init, e.g. after ``to_empty()`` on a model built on meta."""
+        sigma = math.sqrt(1.0 / (self.d_in + self.d_out))
+        for core in self.cores:
+            std = sigma ** (1.0 / len(self.cores)) / math.sqrt(core.shape[-1])
+            nn.init.normal_(core, mean=0.0, std=std)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.d_out)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contract the cores into A (d_in x r_M) and B (r_M x d_out), with W = A @ B.
+
+        A loop over the (few) modes, never over the batch: each step is one small matmul.
+        """
+        m = len(self.in_modes)
+        cores = list(self.cores)
+        a = cores[0].reshape(-1, self.ranks[1])  # (n_1, r_1): r_0 = 1
+        for core in cores[1:m]:
+            r_left, n_k, r_right = core.shape
+            a = (a @ core.reshape(r_left, n_k * r_right)).reshape(-1, r_right)
+        b = cores[-1].reshape(self.ranks[-2], -1)  # (r_{K-1}, n_K): r_K = 1
+        for core in reversed(cores[m:-1]):
+            r_left, n_k, r_right = core.shape
+            b = (core.reshape(r_left * n_k, r_right) @ b).reshape(r_left, -1)
+        return a, b
+
+    def dense_weight(self) -> torch.Tensor:
+        """The full (d_in, d_out) weight, so that forward(x) == x @ dense_weight() + bias.
+
+        For tests and inspection only: forward never builds it.
+        """
+        a, b = self.factors()
+        return a @ b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = (x @ A) @ B + bias for x of shape (..., d_in)."""
+        a, b = self.factors()
+        y = (x @ a) @ b
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, "
+            f"in_modes={list(self.in_modes)}, out_modes={list(self.out_modes)}, "
+            f"bias={self.bias is not None}"
+        )

@@ -1,0 +1,110 @@
+"""ZO update rules: how the projected gradients (g_q, with z_q regenerated from seeds) move theta.
+
+The rules of the ZO-LLM benchmark (Zhang et al., arXiv 2402.11592), selected by `method.update_rule`:
+- sgd:          theta -= lr * ((1/Q) sum_q g_q z_q + wd * theta)              (MeZO)
+- sign:         as sgd with g_q replaced by sign(g_q)                         (ZO-SGD-Sign)
+- momentum:     m = beta * m + g_hat;  theta -= lr * (m + wd * theta)          (ZO-SGD-MMT)
+- conservative: keep the lowest-loss of theta, theta - lr g_hat, theta + lr g_hat (ZO-SGD-Cons;
+                3 extra forward passes per step)
+- adam:         Adam moments on g_hat (bias-corrected), decoupled weight decay  (ZO-Adam)
+where g_hat = (1/Q) sum_q g_q z_q. sgd and sign need no state; momentum and adam keep one or two
+fp32 buffers per trainable tensor (that is what they cost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from adazeta.zo import SPSA
+
+
+class UpdateRule:
+    """apply(...) moves the trainables and returns the number of extra forward passes it used."""
+
+    def __init__(self, spsa: SPSA, lr: float, weight_decay: float):
+        self.spsa, self.lr, self.wd = spsa, lr, weight_decay
+
+    def apply(self, seeds: list[int], grads: list[float], loss_fn: Callable[[], torch.Tensor]) -> int:
+        self.spsa.sgd_update(seeds, grads, self.lr, self.wd)
+        return 0
+
+    def estimates(self, seeds: list[int], grads: list[float]):
+        """Yield (index, trainable, g_hat) per tensor, g_hat in a reused buffer."""
+        buffers: dict[tuple, torch.Tensor] = getattr(self, "_buffers", {})
+        self._buffers = buffers
+        for i, t in enumerate(self.spsa.trainables):
+            p = t.param
+            key = (p.device, p.dtype)
+            if key not in buffers or buffers[key].numel() < p.numel():
+                buffers[key] = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
+            yield i, t, self.spsa.estimate(i, seeds, grads, buffers[key][: p.numel()].view_as(p))
+
+
+class SGD(UpdateRule):
+    pass
+
+
+class Sign(UpdateRule):
+    def apply(self, seeds, grads, loss_fn) -> int:
+        signs = [float((g > 0) - (g < 0)) for g in grads]
+        self.spsa.sgd_update(seeds, signs, self.lr, self.wd)
+        return 0
+
+
+class Momentum(UpdateRule):
+    def __init__(self, spsa: SPSA, lr: float, weight_decay: float, momentum: float = 0.9):
+        super().__init__(spsa, lr, weight_decay)
+        self.beta = momentum
+        self.m = [torch.zeros_like(t.param) for t in spsa.trainables]
+
+    @torch.no_grad()
+    def apply(self, seeds, grads, loss_fn) -> int:
+        self.spsa.decay(self.lr, self.wd)
+        for i, t, g_hat in self.estimates(seeds, grads):
+            self.m[i].mul_(self.beta).add_(g_hat)
+            t.param.add_(self.m[i], alpha=-self.lr)
+        return 0
+
+
+class Adam(UpdateRule):
+    def __init__(self, spsa: SPSA, lr: float, weight_decay: float, betas=(0.9, 0.999), adam_eps: float = 1e-8):
+        super().__init__(spsa, lr, weight_decay)
+        self.b1, self.b2 = betas
+        self.adam_eps, self.t = adam_eps, 0
+        self.m = [torch.zeros_like(t.param) for t in spsa.trainables]
+        self.v = [torch.zeros_like(t.param) for t in spsa.trainables]
+
+    @torch.no_grad()
+    def apply(self, seeds, grads, loss_fn) -> int:
+        self.t += 1
+        self.spsa.decay(self.lr, self.wd)
+        c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
+        for i, t, g_hat in self.estimates(seeds, grads):
+            self.m[i].mul_(self.b1).add_(g_hat, alpha=1 - self.b1)
+            self.v[i].mul_(self.b2).addcmul_(g_hat, g_hat, value=1 - self.b2)
+            denom = (self.v[i] / c2).sqrt_().add_(self.adam_eps)
+            t.param.addcdiv_(self.m[i], denom, value=-self.lr / c1)
+        return 0
+
+
+class Conservative(UpdateRule):
+    @torch.no_grad()
+    def apply(self, seeds, grads, loss_fn) -> int:
+        sgd = self.spsa.sgd_update
+        loss_here = float(loss_fn())
+        sgd(seeds, grads, self.lr, 0.0)  # theta - lr g_hat
+        loss_minus = float(loss_fn())
+        sgd(seeds, [-2 * g for g in grads], self.lr, 0.0)  # theta + lr g_hat
+        loss_plus = float(loss_fn())
+        best = min(loss_here, loss_minus, loss_plus)
+        if best == loss_here:
+            sgd(seeds, grads, self.lr, 0.0)
+        elif best == loss_minus:
+            sgd(seeds, [2 * g for g in grads], self.lr, 0.0)
+        self.spsa.decay(self.lr, self.wd)
+        return 3
+
+
+RULES = {"sgd": SGD, "sign": Sign, "momentum": Momentum, "adam": Adam, "conservative": Conservative}
