@@ -1,25 +1,42 @@
-"""Peak-memory accounting: CUDA allocator stats on GPU, the process's peak resident set on CPU."""
+"""Peak-memory accounting: CUDA allocator stats on GPU, the process's peak resident set on CPU.
+
+On Linux the CPU peak (VmHWM) can be reset by writing 5 to /proc/self/clear_refs, so that a peak
+measures one phase (inference, training) and not the transient of loading the model.
+"""
 
 from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
 GIB = 1024**3
+_STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        _CLEAR.write_text("5")
+    except OSError:  # not Linux, or not permitted: the peak stays a whole-process high-water mark
+        pass
 
 
 def peak_gib(device: torch.device) -> float:
-    """Peak memory so far: torch.cuda.max_memory_allocated on CUDA, peak RSS of the process on CPU
-    (a high-water mark since the process started, so it includes loading the model)."""
+    """Peak memory since the last reset_peak: torch.cuda.max_memory_allocated on CUDA, the peak
+    resident set (VmHWM) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / GIB
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss * (1 if sys.platform == "darwin" else 1024) / GIB
 

@@ -83,7 +83,7 @@ class FOStep:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.model.eval()
-        return StepResult(float(loss), None, 1)
+        return StepResult(float(loss.detach()), None, 1)
 
 
 def build_method(model, cfg: MethodConfig, adapter: AdapterConfig, head: Head, seed: int) -> Method:

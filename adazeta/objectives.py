@@ -1,38 +1,87 @@
-"""How a task's examples become tensors and a loss, for each kind of head.
+"""How a task's examples become tensors, a loss and a metric, for each kind of head.
 
 - classification: an encoder with a sequence-classification head; cross-entropy on its logits.
 - masked_lm (LM-BFF / MeZO RoBERTa): logits at the mask position over the label words.
-- causal_lm (MeZO OPT/Llama): one sequence per candidate, each scored by the mean log-prob of its
-  own tokens; cross-entropy over the candidate scores; the prediction is the best-scoring one.
+- causal_lm (MeZO OPT/Llama): one sequence per candidate continuation, each scored by the mean
+  log-prob of its own tokens; the prediction is the best-scoring one. Classification tasks train
+  with cross-entropy over the candidate scores; COPA, ReCoRD, SQuAD and DROP with the LM loss on
+  the gold continuation (minus its mean token log-prob), and at training time encode only that
+  one (`encode(..., train=True)`). SQuAD and DROP are evaluated by greedy generation.
+
+A prompt and its continuation are tokenised together (as MeZO does), and the continuation's tokens
+are those after the prompt's own tokens, so that tokenisers which merge across the boundary or
+add a word-start marker score the same tokens a model sees when it reads the whole text.
+
+Inputs longer than `model.max_length` lose the end of the task's passage field (the template,
+question and candidates stay whole); each truncated example is counted in `Objective.truncated`,
+with one warning.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from adazeta.config import Head
 from adazeta.errors import ConfigError
 from adazeta.tasks import Example, Task
+from adazeta.tasks.metrics import exact_match, f1_score
 
 log = logging.getLogger(__name__)
+Row = tuple[list[int], int]  # token ids, and how many of the last ones are the continuation
+
+
+@dataclass
+class EvalBatch:
+    """Encoded tensors of an evaluation batch and the examples they came from (for generation)."""
+
+    tensors: dict[str, torch.Tensor]
+    examples: list[Example]
 
 
 class Objective:
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, head: Head, max_length: int):
         self.task, self.tok, self.head, self.max_length = task, tokenizer, head, max_length
         self.truncated = 0  # examples whose text was cut to fit max_length (warned once)
+        self.check_head()
         if head == Head.masked_lm:
             self.label_ids = [self.single_token(" " + w, w) for w in task.label_words]
         if head == Head.causal_lm:
             self.prefix = self.bos_prefix()
-            self.cand_ids = [tokenizer(c, add_special_tokens=False).input_ids for c in task.candidates]
 
-    # -- encoding ------------------------------------------------------------------------------
+    @property
+    def metric(self) -> str:
+        """The dev metric that selects checkpoints: `accuracy`, or `f1` for SQuAD/DROP."""
+        return self.task.metric
+
+    def check_head(self) -> None:
+        task, head = self.task, self.head
+        if head == Head.classification and not task.is_classification:
+            raise ConfigError(
+                f"task {task.name} has no fixed classes, so a classification head cannot learn it "
+                "(its choices differ per example, or it generates text); use a causal LM, e.g. "
+                "model=smollm2-135m or model=tiny-llama"
+            )
+        if head == Head.masked_lm and not task.has_mlm:
+            raise ConfigError(
+                f"task {task.name} has no masked-LM template (LM-BFF's are sst2, sst5, mr, trec, "
+                "snli, mnli, rte; cb too); use a causal LM or model.head=classification"
+            )
+        if head == Head.causal_lm and type(task).causal_prompt is Task.causal_prompt:
+            raise ConfigError(
+                f"task {task.name} has no causal-LM prompt; use a masked LM (model=roberta-large) "
+                "or model.head=classification"
+            )
+        if task.generation and head != Head.causal_lm:
+            raise ConfigError(f"task {task.name} generates its answers: it needs a causal LM")
+
+    # -- tokens --------------------------------------------------------------------------------
     def single_token(self, spaced: str, word: str) -> int:
         """The vocabulary id of a label word (RoBERTa BPE wants the leading space)."""
         for text in (spaced, word):
@@ -50,12 +99,8 @@ class Objective:
         plain = self.tok("a", add_special_tokens=False).input_ids
         return ids[: len(ids) - len(plain)] if ids[-len(plain):] == plain else []
 
-    def fit(self, ids: list[int], budget: int) -> list[int]:
-        """Cut the passage's tokens from its end so the whole input fits max_length."""
-        if len(ids) <= budget:
-            return ids
-        self.note_truncated(1)
-        return ids[: max(budget, 0)]
+    def ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids
 
     def note_truncated(self, n: int) -> None:
         if n and not self.truncated:
@@ -65,69 +110,146 @@ class Objective:
             )
         self.truncated += n
 
-    def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+    def fit(self, ex: Example, render: Callable[[Example], list[Row]], budget: int, keep_first: int = 0) -> list[Row]:
+        """render(ex) with the passage field cut from its end until the longest sequence fits the
+        budget. If the rest of the template alone is too long, keep the first `keep_first` tokens
+        (CLS) and the last ones of each sequence (where the question and the candidate are)."""
+        out = render(ex)
+        over = max(len(ids) for ids, _ in out) - budget
+        if over <= 0:
+            return out
+        self.note_truncated(1)
+        field = self.task.passage_field
+        if field and ex.fields.get(field):
+            text = ex.fields[field]
+            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=self.tok.is_fast)
+            keep = len(enc.input_ids) - over
+            while keep > 0:
+                if self.tok.is_fast:
+                    cut = text[: enc.offset_mapping[keep - 1][1]]
+                else:
+                    cut = self.tok.decode(enc.input_ids[:keep])
+                out = render(replace(ex, fields={**ex.fields, field: cut.rstrip()}))
+                over = max(len(ids) for ids, _ in out) - budget
+                if over <= 0:
+                    return out
+                keep -= over
+        return [(ids[:keep_first] + ids[len(ids) - budget + keep_first:], n) if len(ids) > budget else (ids, n)
+                for ids, n in out]
+
+    # -- encoding ------------------------------------------------------------------------------
+    def encode(self, examples: list[Example], train: bool = False) -> dict[str, torch.Tensor]:
+        """Tensors of a batch. `train=True` encodes only the gold continuation of LM-loss tasks."""
         labels = torch.tensor([ex.label for ex in examples])
         if self.head == Head.classification:
-            texts = [self.task.classification_text(ex) for ex in examples]
-            firsts, seconds = [t[0] for t in texts], [t[1] for t in texts]
-            enc = self.tok(
-                firsts, seconds if any(s is not None for s in seconds) else None,
-                truncation="only_first" if seconds[0] is not None else True,
-                max_length=self.max_length, padding=True, return_tensors="pt",
-            )
-            self.note_truncated(int((enc["attention_mask"].sum(-1) >= self.max_length).sum()))
-            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+            return self.encode_classification(examples, labels)
         if self.head == Head.masked_lm:
             return self.encode_mlm(examples, labels)
-        return self.encode_causal(examples, labels)
+        return self.encode_causal(examples, train)
+
+    def encode_classification(self, examples: list[Example], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        texts = [self.task.classification_text(ex) for ex in examples]
+        firsts, seconds = [t[0] for t in texts], [t[1] for t in texts]
+        pair = seconds[0] is not None
+        full = self.tok(firsts, seconds if pair else None, truncation=False).input_ids
+        self.note_truncated(sum(len(ids) > self.max_length for ids in full))
+        enc = self.tok(  # the pair is (passage, question): "only_first" cuts the passage
+            firsts, seconds if pair else None, truncation="only_first" if pair else True,
+            max_length=self.max_length, padding=True, return_tensors="pt",
+        )
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+        if pair and "token_type_ids" in enc:  # BERT-style segment ids of the second text
+            batch["token_type_ids"] = enc["token_type_ids"]
+        return batch
 
     def encode_mlm(self, examples: list[Example], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        rows = []
-        for ex in examples:
-            text = self.task.mlm_template(ex, self.tok.mask_token)
-            ids = self.tok(text).input_ids
-            if len(ids) > self.max_length:  # drop passage tokens, keep the template and the mask
-                mask_at = ids.index(self.tok.mask_token_id)
-                keep_tail = len(ids) - mask_at + 2
-                ids = self.fit(ids[:-keep_tail], self.max_length - keep_tail) + ids[-keep_tail:]
-            rows.append(ids)
+        mask = self.tok.mask_token
+        rows = [
+            self.fit(ex, lambda e: [(self.tok(self.task.mlm_template(e, mask)).input_ids, 0)],
+                     self.max_length, keep_first=1)[0][0]
+            for ex in examples
+        ]
         input_ids, attention = pad(rows, self.tok.pad_token_id, left=False)
         mask_pos = (input_ids == self.tok.mask_token_id).int().argmax(dim=1)
         return {"input_ids": input_ids, "attention_mask": attention, "mask_pos": mask_pos, "labels": labels}
 
-    def encode_causal(self, examples: list[Example], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        rows, cand_lens = [], []
-        longest = max(len(c) for c in self.cand_ids)
+    def continuation_rows(self, ex: Example, continuations: tuple[str, ...]) -> list[Row]:
+        """(prompt + continuation tokenised together, the number of continuation tokens: those
+        after the prompt's own) for each continuation."""
+        prompt = self.task.causal_prompt(ex)
+        p_ids = self.ids(prompt)
+        rows = []
+        for cont in continuations:
+            full = self.ids(prompt + cont)
+            n = 0
+            while n < min(len(p_ids), len(full) - 1) and p_ids[n] == full[n]:
+                n += 1
+            rows.append((full, len(full) - n))
+        return rows
+
+    def encode_causal(self, examples: list[Example], train: bool) -> dict[str, torch.Tensor]:
+        task = self.task
+        budget = self.max_length - len(self.prefix)
+        rows, cand_lens, n_cands, labels, golds = [], [], [], [], []
+        gens = []
         for ex in examples:
-            prompt = self.tok(self.task.causal_prompt(ex), add_special_tokens=False).input_ids
-            prompt = self.fit(prompt, self.max_length - len(self.prefix) - longest)
-            for cand in self.cand_ids:
-                rows.append(self.prefix + prompt + cand)
-                cand_lens.append(len(cand))
+            if task.generation or (train and task.loss == "lm"):
+                conts, label = (task.gold_continuation(ex),), 0
+                gold = [True]
+            else:
+                conts, label = task.causal_candidates(ex), ex.label
+                gold = [c in ex.answers for c in ex.candidates] if ex.answers else \
+                    [i == ex.label for i in range(len(conts))]
+            for ids, n in self.fit(ex, lambda e, c=conts: self.continuation_rows(e, c), budget):
+                rows.append(self.prefix + ids)
+                cand_lens.append(min(n, len(ids) - 1))
+            n_cands.append(len(conts))
+            labels.append(label)
+            golds.append(gold)
+            if task.generation and not train:
+                gen_budget = self.max_length - task.max_new_tokens - len(self.prefix)
+                if gen_budget <= 0:
+                    raise ConfigError(f"model.max_length={self.max_length} leaves no room for a prompt "
+                                      f"and {task.max_new_tokens} generated tokens; raise it")
+                prompt = self.fit(ex, lambda e: [(self.ids(task.causal_prompt(e)), 0)], gen_budget)[0][0]
+                gens.append(self.prefix + prompt)
         # Left padding puts every candidate's tokens at the end, so only the last few positions'
         # logits are needed (logits_to_keep), not a batch x length x vocab tensor.
         input_ids, attention = pad(rows, self.tok.pad_token_id, left=True)
-        return {
-            "input_ids": input_ids, "attention_mask": attention,
-            "cand_lens": torch.tensor(cand_lens), "labels": labels,
+        width = max(n_cands)
+        gold = torch.zeros((len(examples), width), dtype=torch.bool)
+        for i, g in enumerate(golds):
+            gold[i, : len(g)] = torch.tensor(g)
+        batch = {
+            "input_ids": input_ids, "attention_mask": attention, "cand_lens": torch.tensor(cand_lens),
+            "n_cands": torch.tensor(n_cands), "labels": torch.tensor(labels), "gold": gold,
         }
+        if gens:
+            batch["gen_input_ids"], batch["gen_attention_mask"] = pad(gens, self.tok.pad_token_id, left=True)
+        return batch
 
     # -- loss -----------------------------------------------------------------------------------
     def forward(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example losses (float32) and predicted classes."""
+        """Per-example losses (float32) and predicted classes (candidate indices)."""
         if self.head == Head.classification:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments).logits
         elif self.head == Head.masked_lm:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             at_mask = out[torch.arange(out.shape[0], device=out.device), batch["mask_pos"]]
             logits = at_mask[:, self.label_ids]
         else:
-            logits = self.candidate_scores(model, batch)
+            scores = self.candidate_scores(model, batch)
+            if self.task.loss == "lm":  # minus the mean log-prob of the gold continuation's tokens
+                losses = -scores.gather(1, batch["labels"].unsqueeze(1)).squeeze(1)
+                return losses, scores.argmax(dim=-1)
+            logits = scores
         logits = logits.float()
         return F.cross_entropy(logits, batch["labels"], reduction="none"), logits.argmax(dim=-1)
 
     def candidate_scores(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean log-prob of each candidate's own tokens: a (batch, num_candidates) tensor."""
+        """Mean log-prob of each candidate's own tokens: a (batch, max candidates) tensor, -inf
+        where an example has fewer candidates than the widest one."""
         keep = int(batch["cand_lens"].max()) + 1
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if accepts(model, "position_ids"):  # left padding: positions count from the first real token
@@ -140,8 +262,72 @@ class Objective:
         token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (rows, keep - 1)
         steps = torch.arange(keep - 1, device=token_logp.device)
         own = steps >= (keep - 1 - batch["cand_lens"]).unsqueeze(1)  # the candidate's positions
-        scores = (token_logp * own).sum(-1) / batch["cand_lens"]
-        return scores.view(-1, self.task.num_labels)
+        row_scores = (token_logp * own).sum(-1) / batch["cand_lens"]
+        n_cands = batch["n_cands"]
+        width = int(n_cands.max())
+        example = torch.repeat_interleave(torch.arange(len(n_cands), device=n_cands.device), n_cands)
+        starts = torch.cumsum(n_cands, 0) - n_cands
+        slot = torch.arange(len(example), device=n_cands.device) - starts[example]
+        scores = torch.full((len(n_cands), width), float("-inf"), device=row_scores.device)
+        scores[example, slot] = row_scores
+        return scores
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def eval_batches(self, examples: list[Example], batch_size: int) -> list[EvalBatch]:
+        """Encode an evaluation split once, in batches."""
+        return [
+            EvalBatch(self.encode(examples[i : i + batch_size]), examples[i : i + batch_size])
+            for i in range(0, len(examples), batch_size)
+        ]
+
+    @torch.no_grad()
+    def evaluate(self, model, data: list[EvalBatch] | list[Example], device, batch_size: int = 16) -> dict[str, float]:
+        """Mean loss and the task's metrics: {"loss", "accuracy"}, or {"loss", "f1", "em"} for
+        generation tasks (F1 and exact match in [0, 1], best over the gold answers)."""
+        batches = data if data and isinstance(data[0], EvalBatch) else self.eval_batches(data, batch_size)
+        loss_sum, n, scores = 0.0, 0, {m: 0.0 for m in self.task.metrics}
+        for b in batches:
+            t = {k: v.to(device) for k, v in b.tensors.items()}
+            losses, preds = self.forward(model, t)
+            loss_sum += float(losses.sum())
+            n += len(losses)
+            if self.task.generation:
+                for text, ex in zip(self.generate(model, t), b.examples, strict=True):
+                    scores["f1"] += f1_score(text, ex.answers)
+                    scores["em"] += exact_match(text, ex.answers)
+            elif "gold" in t:
+                scores["accuracy"] += float(t["gold"].gather(1, preds.unsqueeze(1)).sum())
+            else:
+                scores["accuracy"] += float((preds == t["labels"]).sum())
+        return {"loss": loss_sum / n, **{k: v / n for k, v in scores.items()}}
+
+    def generate(self, model, batch: dict[str, torch.Tensor]) -> list[str]:
+        """Greedy generation from the batch's prompts: at most task.max_new_tokens tokens, stopping
+        at a newline (MeZO); returns the first line of each output, stripped."""
+        ids, mask = batch["gen_input_ids"], batch["gen_attention_mask"]
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=self.task.max_new_tokens,
+            do_sample=False, num_beams=1, pad_token_id=self.tok.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([StopAtNewline(self.tok, ids.shape[1])]),
+        )
+        texts = self.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        return [first_line(t) for t in texts]
+
+
+def first_line(text: str) -> str:
+    """The answer in a generated text: up to the first newline, stripped (MeZO)."""
+    return text.strip().split("\n")[0].strip()
+
+
+class StopAtNewline(StoppingCriteria):
+    """Stop each sequence once its generated text contains a newline."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_len: int):
+        self.tok, self.start = tokenizer, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tok.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
 
 
 def pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,6 +124,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed)
     model, trainables = method.model, method.trainables
     n_trainable = sum(t.param.numel() for t in trainables)
+    reset_peak(device)  # the training peak: weights, method state, activations; not model loading
     schedule = instantiate(cfg.schedule)
     steps_per_epoch = max(len(splits.train) // bs, 1)
     schedule.bind(steps_per_epoch=steps_per_epoch, max_steps=cfg.train.max_steps)

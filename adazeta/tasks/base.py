@@ -1,5 +1,18 @@
 """The Task abstraction: load splits, sample them by protocol, and say how an example is shown to
-each kind of head (classification text, masked-LM template, causal-LM prompt and candidates)."""
+each kind of head (classification text, masked-LM template, causal-LM prompt and continuations).
+
+A task is a small class: the columns it reads (with their names in other public formats), its
+label values in class order, its prompts, and how it is trained and scored:
+
+- `loss = "candidates"` (classification): cross-entropy over the candidates' scores;
+- `loss = "lm"` (COPA, ReCoRD, SQuAD, DROP): language-model loss on the gold continuation only;
+- `generation = True` (SQuAD, DROP): evaluated by greedy generation, scored by `metric` ("f1",
+  with exact match reported too); otherwise by the best-scoring candidate ("accuracy").
+
+Protocols (DESIGN.md 2.4): MeZO samples num_train + num_dev examples from the train split (dev
+first) and num_test from the validation split; LM-BFF (task.k_shot) samples k per class for train
+and for dev, and caps test at num_test.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +30,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Example:
     fields: dict[str, str]
-    label: int
+    label: int  # class index; for per-example candidates, the index of the gold one
+    candidates: tuple[str, ...] | None = None  # per-example choices (COPA choices, ReCoRD entities)
+    answers: tuple[str, ...] = ()  # every gold answer (ReCoRD entities, SQuAD/DROP texts)
 
 
 @dataclass
@@ -27,16 +42,35 @@ class Splits:
     test: list[Example]
 
 
+def norm_label(raw) -> str:
+    """A raw label as text: True -> 'true', 1 -> '1', 1.0 (pandas) -> '1', ' Entailment' -> 'entailment'."""
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
+    return str(raw).strip().lower()
+
+
 class Task:
-    """A classification task. Subclasses set the class attributes and the three renderings."""
+    """A task. Subclasses set the class attributes and override the renderings they support."""
 
     name: str
     text_fields: tuple[str, ...]  # columns holding the inputs, in order
     label_field: str = "label"
-    label_values: tuple  # raw label values in class order (as they appear in the files)
-    label_words: tuple[str, ...]  # masked LM: the word for each class at the mask position
-    candidates: tuple[str, ...]  # causal LM: the continuation scored for each class
+    # Raw label values in class order, as they appear in the files. An entry may be a tuple of
+    # aliases: ("entailment", "0") matches GLUE tsv strings and hub integers alike.
+    label_values: tuple = ()
+    label_words: tuple[str, ...] = ()  # masked LM: the word for each class at the mask position
+    candidates: tuple[str, ...] = ()  # causal LM: the continuation scored for each class
+    aliases: dict[str, tuple[str, ...]] = {}  # column -> its names in other formats or on the hub
+    skip_labels: tuple[str, ...] = ()  # raw labels meaning "no gold label" (SNLI "-"): rows dropped
+    passage_field: str | None = None  # the field cut (from its end) when an input is too long
+    split_stems: dict[str, tuple[str, ...]] = {}  # local file stems per split, tried first
+    hub_splits: dict[str, str] = {"train": "train", "validation": "validation"}
+    csv_columns: tuple[str, ...] | None = None  # column names of headerless csv files (LM-BFF)
     builtin_file: str | None = None  # file in tasks/data shipped for the offline default
+    loss: str = "candidates"  # "candidates" (classification) or "lm" (gold continuation)
+    generation: bool = False  # evaluate by greedy generation (SQuAD, DROP)
+    max_new_tokens: int = 50  # generation length cap; generation also stops at a newline
+    metric: str = "accuracy"  # the dev metric that selects checkpoints
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -45,49 +79,94 @@ class Task:
     def num_labels(self) -> int:
         return len(self.label_values)
 
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every metric evaluation reports (besides the loss)."""
+        return ("f1", "em") if self.generation else ("accuracy",)
+
+    @property
+    def has_mlm(self) -> bool:
+        return type(self).mlm_template is not Task.mlm_template and bool(self.label_words)
+
+    @property
+    def is_classification(self) -> bool:
+        """Fixed classes shared by every example: works with a classification head."""
+        return self.loss == "candidates" and not self.generation and self.num_labels > 0
+
     # -- renderings (override per task) -------------------------------------------------------
     def classification_text(self, ex: Example) -> tuple[str, str | None]:
-        """Text (and optional second segment) fed to an encoder with a classification head."""
+        """Text (and optional second segment) fed to an encoder with a classification head. The
+        passage comes first: it is the segment cut when the pair is too long."""
         first, *rest = (ex.fields[f] for f in self.text_fields)
         return first, (rest[0] if rest else None)
 
     def mlm_template(self, ex: Example, mask: str) -> str:
-        raise ConfigError(f"task {self.name} has no masked-LM template; use model.head=classification")
+        raise ConfigError(
+            f"task {self.name} has no masked-LM template (LM-BFF has sst2, sst5, mr, trec, snli, "
+            "mnli, rte; cb too); use a causal LM or model.head=classification"
+        )
 
     def causal_prompt(self, ex: Example) -> str:
         raise ConfigError(f"task {self.name} has no causal-LM prompt; use model.head=classification")
 
+    def causal_candidates(self, ex: Example) -> tuple[str, ...]:
+        """The continuations scored after the prompt; candidate i belongs to class i."""
+        return self.candidates
+
+    def gold_continuation(self, ex: Example) -> str:
+        """The continuation trained with the LM loss (loss="lm")."""
+        return self.causal_candidates(ex)[ex.label]
+
     # -- loading --------------------------------------------------------------------------------
+    def col(self, rows: Rows, index: int, name: str):
+        return column(rows, index, name, self.aliases.get(name, ()))
+
     def parse_label(self, raw, rows: Rows, index: int) -> int:
+        text = norm_label(raw)
         for i, value in enumerate(self.label_values):
-            if str(raw).strip().lower() == str(value).lower():
+            if text in {norm_label(v) for v in (value if isinstance(value, tuple) else (value,))}:
                 return i
+        shown = [v[0] if isinstance(v, tuple) else v for v in self.label_values]
         raise DataError(
-            f"{rows.source}, row {index + 1}: label {raw!r} in column {self.label_field!r} is not "
-            f"one of {list(self.label_values)}"
+            f"{rows.where(index)}: label {raw!r} in column {self.label_field!r} is not one of {shown}"
         )
 
-    def examples(self, rows: Rows) -> list[Example]:
-        out = []
-        for i in range(len(rows.rows)):
-            fields = {f: str(column(rows, i, f)).strip() for f in self.text_fields}
-            label = self.parse_label(column(rows, i, self.label_field), rows, i)
-            out.append(Example(fields=fields, label=label))
-        return out
+    def flatten(self, rows: Rows) -> Rows:
+        """Nested public formats -> one flat row per example (MultiRC, ReCoRD, SQuAD, DROP, ...)."""
+        return rows
 
-    def read_split(self, split: str) -> list[Example]:
+    def example(self, rows: Rows, index: int) -> Example | None:
+        """One row as an Example; None drops the row (no gold label)."""
+        raw = self.col(rows, index, self.label_field)
+        if norm_label(raw) in self.skip_labels:
+            return None
+        fields = {f: str(self.col(rows, index, f)).strip() for f in self.text_fields}
+        return Example(fields=fields, label=self.parse_label(raw, rows, index))
+
+    def examples(self, rows: Rows) -> list[Example]:
+        out = [self.example(rows, i) for i in range(len(rows.rows))]
+        kept = [ex for ex in out if ex is not None]
+        if len(kept) < len(out):
+            log.info("%s: dropped %d rows without a gold label", rows.source, len(out) - len(kept))
+        return kept
+
+    def read_rows(self, split: str) -> Rows:
         cfg = self.cfg
         if cfg.data_dir:
-            rows = read_local(cfg.data_dir, split)
-        elif cfg.builtin:
-            rows = self.read_builtin(split)
-        elif cfg.hub_path:
-            rows = read_hub(cfg.hub_path, cfg.hub_name, split)
-        else:
-            raise DataError(f"task {self.name}: set task.data_dir, task.builtin=true or task.hub_path")
-        examples = self.examples(rows)
+            label_names = (self.label_field, *self.aliases.get(self.label_field, ()))
+            return read_local(cfg.data_dir, split, self.split_stems.get(split, ()), self.csv_columns,
+                              label_names)
+        if cfg.builtin:
+            return self.read_builtin(split)
+        if cfg.hub_path:
+            return read_hub(cfg.hub_path, cfg.hub_name, self.hub_splits[split])
+        raise DataError(f"task {self.name}: set task.data_dir, task.builtin=true or task.hub_path")
+
+    def read_split(self, split: str) -> list[Example]:
+        rows = self.read_rows(split)
+        examples = self.examples(self.flatten(rows))
         if not examples:
-            raise DataError(f"{rows.source}: the {split} split is empty")
+            raise DataError(f"{rows.source}: the {split} split is empty (no usable examples)")
         return examples
 
     def read_builtin(self, split: str) -> Rows:
@@ -97,7 +176,9 @@ class Task:
         rows = read_file(BUILTIN_DIR / self.builtin_file)
         cut = len(rows.rows) * 3 // 4
         part = rows.rows[:cut] if split == "train" else rows.rows[cut:]
-        return Rows(rows=part, source=rows.source)
+        offset = 0 if split == "train" else cut
+        return Rows(rows=part, source=rows.source, kind=rows.kind,
+                    places=[f"{rows.source}, row {offset + i + 1}" for i in range(len(part))])
 
     def load(self) -> Splits:
         """Sample train and dev from the train split, test from the validation split (MeZO protocol),
@@ -117,15 +198,22 @@ class Task:
         return Splits(train=train, dev=dev, test=test)
 
     def k_per_class(self, pool: list[Example], k: int) -> tuple[list[Example], list[Example]]:
+        if not self.is_classification:
+            raise ConfigError(
+                f"task.k_shot={k}: task {self.name} has no fixed classes to sample k of; set "
+                "task.k_shot=null and use task.num_train / task.num_dev"
+            )
         by_class: dict[int, list[Example]] = {i: [] for i in range(self.num_labels)}
         for ex in pool:
             by_class[ex.label].append(ex)
         train, dev = [], []
         for label, exs in by_class.items():
             if len(exs) < 2 * k:
+                value = self.label_values[label]
                 raise DataError(
                     f"task {self.name}: task.k_shot={k} needs {2 * k} examples of class "
-                    f"{self.label_values[label]!r} (k for train, k for dev) but the train split has {len(exs)}"
+                    f"{value[0] if isinstance(value, tuple) else value!r} (k for train, k for dev) "
+                    f"but the train split has {len(exs)}; lower task.k_shot"
                 )
             train += exs[:k]
             dev += exs[k : 2 * k]
@@ -133,12 +221,17 @@ class Task:
 
 
 def fit_sizes(name: str, available: int, num_train: int | None, num_dev: int | None) -> tuple[int, int]:
-    """Requested train/dev sizes, shrunk proportionally (with a warning) when the split is smaller."""
+    """Requested train/dev sizes when the train split is smaller than both (with a warning): dev
+    keeps its size if that leaves at least as many training examples (MeZO: CB and COPA, 100 dev),
+    otherwise both shrink proportionally."""
     n_dev = num_dev if num_dev is not None else 0
     n_train = num_train if num_train is not None else max(available - n_dev, 0)
     if n_train + n_dev > available:
-        scale = available / (n_train + n_dev)
-        n_dev, n_train = int(n_dev * scale), int(n_train * scale)
+        if 2 * n_dev <= available:
+            n_train = available - n_dev
+        else:
+            scale = available / (n_train + n_dev)
+            n_dev, n_train = int(n_dev * scale), int(n_train * scale)
         log.warning(
             "task %s: the train split has %d examples, fewer than num_train + num_dev; using %d train "
             "and %d dev", name, available, n_train, n_dev,
@@ -146,3 +239,14 @@ def fit_sizes(name: str, available: int, num_train: int | None, num_dev: int | N
     if n_train == 0:
         raise DataError(f"task {name}: no training examples (train split has {available} rows)")
     return n_train, n_dev
+
+
+# -- small text helpers shared by the prompts ---------------------------------------------------
+def lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def drop_final_punct(text: str) -> str:
+    """LM-BFF's `*sent-_0*` drops the sentence's last character, its final punctuation; we drop
+    it only when it is punctuation, so that an unpunctuated sentence keeps its last letter."""
+    return text[:-1] if text[-1:] in ".?!,;:" else text

@@ -1,55 +1,116 @@
 """Reading a task's raw rows from local files in public formats, the hub, or the built-in sample.
 
-One code path for every task: rows come back as lists of dicts, with the file they came from, so
-that errors can name the file, the row and the field.
+One code path for every task: rows come back as lists of dicts, with the file they came from and
+each row's place in it, so that errors can name the file, the row and the field. Nested public
+formats (SuperGLUE MultiRC/ReCoRD/WSC jsonl, SQuAD and DROP json) are flattened by the task
+(`Task.flatten`), which keeps the places.
+
+Local files of a split are found by name, in this order:
+1. `<stem>.<ext>` for the task's own stems, then the common ones (train; dev, val, validation, test);
+2. otherwise every file whose name contains the stem as a word, e.g. `train_fewglue32.jsonl` and
+   `train_ptuning_dev32.jsonl` (read together, in name order), `drop_dataset_dev.json`,
+   `train-v1.1.json`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from adazeta.errors import DataError
 
+log = logging.getLogger(__name__)
+
 BUILTIN_DIR = Path(__file__).parent / "data"
 EXTENSIONS = (".tsv", ".jsonl", ".json", ".csv", ".parquet")
-# File stems tried for each split, in order (GLUE: dev.tsv; SuperGLUE: val.jsonl).
-SPLIT_STEMS = {"train": ("train",), "validation": ("dev", "val", "validation")}
+# File stems tried for each split, in order. GLUE: dev.tsv; SuperGLUE: val.jsonl; LM-BFF csv tasks
+# (SST-5, MR, TREC) ship train.csv and test.csv, and their test set is what we evaluate on.
+SPLIT_STEMS = {"train": ("train",), "validation": ("dev", "val", "validation", "test")}
 
 
 @dataclass
 class Rows:
     rows: list[dict]
-    source: str  # a file path or a hub name, for error messages
+    source: str  # a file path (or several joined by " + ") or a hub name, for error messages
+    kind: str = ""  # "hub", or the file format: "tsv", "jsonl", "json", "csv", "parquet"
+    places: list[str] | None = None  # per row: "<file>, row <n>" (None: source and index)
+
+    def where(self, index: int) -> str:
+        """Where row `index` came from, for error messages."""
+        return self.places[index] if self.places else f"{self.source}, row {index + 1}"
 
 
-def find_split_file(data_dir: Path, split: str) -> Path:
+def _word_match(path: Path, stem: str) -> bool:
+    return path.suffix in EXTENSIONS and stem in re.split(r"[-_.]", path.name[: -len(path.suffix)])
+
+
+def find_split_files(data_dir: Path, split: str, stems: tuple[str, ...] = ()) -> list[Path]:
+    """The file(s) holding `split` in data_dir: an exact stem first, else files naming the stem."""
     if not data_dir.is_dir():
         raise DataError(f"task.data_dir={str(data_dir)!r} is not a folder")
-    for stem in SPLIT_STEMS[split]:
+    stems = tuple(dict.fromkeys(stems + SPLIT_STEMS[split]))
+    for stem in stems:
         for ext in EXTENSIONS:
             path = data_dir / f"{stem}{ext}"
             if path.is_file():
-                return path
-    expected = [f"{stem}{ext}" for stem in SPLIT_STEMS[split] for ext in EXTENSIONS]
-    found = sorted(p.name for p in data_dir.iterdir())
+                return [path]
+    files = sorted(p for p in data_dir.iterdir() if p.is_file())
+    for stem in stems:
+        matched = [p for p in files if _word_match(p, stem)]
+        if matched:
+            if len(matched) > 1:
+                log.info("reading the %s split from %d files: %s", split, len(matched),
+                         ", ".join(p.name for p in matched))
+            return matched
+    expected = [f"{stem}{ext}" for stem in stems for ext in EXTENSIONS]
     raise DataError(
-        f"no {split} file in {data_dir}: expected one of {expected[:6]} ... (found {found or 'nothing'})"
+        f"no {split} file in {data_dir}: expected one of {expected[:6]} ..., or a file whose name "
+        f"contains {stems[0]!r} as a word like {stems[0]}_part1.jsonl "
+        f"(found {[p.name for p in files] or 'nothing'})"
     )
 
 
-def read_file(path: Path) -> Rows:
-    """Rows of a tsv (with header), csv (with header), jsonl, json (list or {'data': [...]}) or parquet."""
+def find_split_file(data_dir: Path, split: str) -> Path:
+    """The first file of `split` (kept for callers that read one file)."""
+    return find_split_files(Path(data_dir), split)[0]
+
+
+def _read_csv(path: Path, columns: tuple[str, ...] | None, label_names: tuple[str, ...]) -> list[dict]:
+    """A csv with a header, or (LM-BFF style) without one when the task names its columns."""
+    with path.open(newline="", encoding="utf-8") as f:
+        raw = list(csv.reader(f))
+    if not raw:
+        return []
+    first = [cell.strip().lower() for cell in raw[0]]
+    has_header = columns is None or any(name.lower() in first for name in label_names)
+    header, body = (first, raw[1:]) if has_header else (list(columns), raw)
+    rows = []
+    for i, cells in enumerate(body):
+        if len(cells) != len(header):
+            line = i + 1 + has_header
+            raise DataError(
+                f"{path}, line {line}: {len(cells)} fields, expected {len(header)} ({header})"
+            )
+        rows.append(dict(zip(header, cells, strict=True)))
+    return rows
+
+
+def read_file(path: Path, csv_columns: tuple[str, ...] | None = None,
+              label_names: tuple[str, ...] = ("label",)) -> Rows:
+    """Rows of a tsv (with header), csv (with header, or headerless with `csv_columns`), jsonl,
+    json (a list, {'data': [...]} as in SQuAD, or {id: {...}} as in DROP) or parquet file."""
+    path = Path(path)
     suffix = path.suffix
     if suffix == ".tsv":
         with path.open(newline="", encoding="utf-8") as f:
             # GLUE tsv files contain bare quotes inside sentences: no quote processing.
             rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = _read_csv(path, csv_columns, label_names)
     elif suffix == ".jsonl":
         rows = []
         with path.open(encoding="utf-8") as f:
@@ -60,8 +121,18 @@ def read_file(path: Path) -> Rows:
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path}, line {i}: not valid JSON ({e.msg})") from e
     elif suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rows = data["data"] if isinstance(data, dict) and "data" in data else data
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from e
+        if isinstance(data, dict) and "data" in data:
+            rows = data["data"]
+        elif isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+            rows = [{"_key": k, **v} for k, v in data.items()]  # DROP: {passage_id: {...}}
+        else:
+            rows = data
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{path}: expected a list of objects, {{'data': [...]}} or {{id: {{...}}}}")
     elif suffix == ".parquet":
         import pandas as pd
 
@@ -70,11 +141,24 @@ def read_file(path: Path) -> Rows:
         raise DataError(f"{path}: unsupported format {suffix!r}; use one of {list(EXTENSIONS)}")
     if not rows:
         raise DataError(f"{path}: the file has no rows")
-    return Rows(rows=rows, source=str(path))
+    return Rows(rows=rows, source=str(path), kind=suffix[1:])
 
 
-def read_local(data_dir: str | Path, split: str) -> Rows:
-    return read_file(find_split_file(Path(data_dir), split))
+def read_local(data_dir: str | Path, split: str, stems: tuple[str, ...] = (),
+               csv_columns: tuple[str, ...] | None = None,
+               label_names: tuple[str, ...] = ("label",)) -> Rows:
+    """The rows of one split; several files (e.g. two few-shot train samples) are read in turn."""
+    parts = [read_file(p, csv_columns, label_names) for p in find_split_files(Path(data_dir), split, stems)]
+    if len(parts) == 1:
+        return parts[0]
+    if len({p.kind for p in parts}) > 1:
+        raise DataError(f"the {split} files {[p.source for p in parts]} mix formats; keep one format")
+    return Rows(
+        rows=[r for p in parts for r in p.rows],
+        source=" + ".join(p.source for p in parts),
+        kind=parts[0].kind,
+        places=[p.where(i) for p in parts for i in range(len(p.rows))],
+    )
 
 
 def read_hub(hub_path: str, hub_name: str | None, split: str) -> Rows:
@@ -88,14 +172,16 @@ def read_hub(hub_path: str, hub_name: str | None, split: str) -> Rows:
             f"cannot load {hub_path}/{hub_name} split {split!r} from the hub ({type(e).__name__}: {e}). "
             "Offline? Point task.data_dir at local files in the dataset's public format."
         ) from e
-    return Rows(rows=list(ds), source=f"hub:{hub_path}/{hub_name}:{split}")
+    return Rows(rows=list(ds), source=f"hub:{hub_path}/{hub_name}:{split}", kind="hub")
 
 
-def column(rows: Rows, index: int, name: str):
-    """rows.rows[index][name], or a DataError naming the file, the row and the column."""
+def column(rows: Rows, index: int, name: str, aliases: tuple[str, ...] = ()):
+    """rows.rows[index][name] (or the first alias present), else a DataError naming the file, the
+    row and the column."""
     row = rows.rows[index]
-    if name not in row or row[name] is None:
-        raise DataError(
-            f"{rows.source}, row {index + 1}: missing column {name!r} (row has {sorted(row)})"
-        )
-    return row[name]
+    for key in (name, *aliases):
+        if key in row and row[key] is not None:
+            return row[key]
+    wanted = repr(name) + (f" (or {', '.join(map(repr, aliases))})" if aliases else "")
+    present = sorted(k for k in row if k is not None and not str(k).startswith("_"))
+    raise DataError(f"{rows.where(index)}: missing column {wanted} (row has {present})")

@@ -1,0 +1,190 @@
+"""Each method moves exactly its intended parameters; Sparse-MeZO's masks and in-forward
+perturbation; the ZO update rules against hand computations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import adazeta.train  # noqa: F401  (registers the config schemas)
+from adazeta.methods import build_method
+from adazeta.models import load_model
+from adazeta.objectives import Objective
+from adazeta.sparse import InForwardPerturbation, SparseMask, thresholds
+from adazeta.tasks import build_task
+from adazeta.updates import RULES
+from adazeta.zo import SPSA, Trainable, query_seed
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=["task.num_train=16", "task.num_dev=8", *overrides])
+
+
+def setup(method: str, model: str = "tiny-llama", *extra: str):
+    cfg = compose_cfg(f"method={method}", f"model={model}", *extra)
+    torch.manual_seed(0)
+    task = build_task(cfg.task)
+    splits = task.load()
+    loaded = load_model(cfg.model, num_labels=task.num_labels)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    m = build_method(loaded.model, cfg.method, cfg.adapter, loaded.head, cfg.seed)
+    obj = Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length)
+    batch = obj.encode(splits.train[:4])
+    return cfg, m, obj, batch, before
+
+
+def changed_names(model, before: dict[str, torch.Tensor]) -> set[str]:
+    """State entries that differ from `before` (names normalised for peft/adapter wrapping)."""
+    out = set()
+    for name, value in model.state_dict().items():
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if key in before and not torch.equal(before[key], value):
+            out.add(key)
+    return out
+
+
+@pytest.mark.parametrize("method", ["mezo", "sparse_mezo", "ft"])
+def test_full_methods_move_weights_and_nothing_new(method):
+    _, m, obj, batch, before = setup(method, "tiny-llama", "method.lr=1e-2")
+    m.step(lambda: obj.forward(m.model, batch)[0].mean(), 1, 1)
+    changed = changed_names(m.model, before)
+    assert changed, "a step must move some weights"
+    assert changed <= set(before)
+
+
+@pytest.mark.parametrize("method", ["adazeta", "mezo_lora", "lora_fo"])
+def test_adapter_methods_move_only_their_parameters(method):
+    _, m, obj, batch, before = setup(method, "tiny-llama", "method.lr=1e-2")
+    snapshot = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    m.step(lambda: obj.forward(m.model, batch)[0].mean(), 1, 1)
+    trainable = {t.name for t in m.trainables}
+    moved = {n for n, p in m.model.named_parameters() if not torch.equal(p, snapshot[n])}
+    assert moved and moved <= trainable
+    assert not changed_names(m.model, before), "base weights must stay bit-identical"
+    if "lora" in method:
+        assert trainable == {n for n, _ in m.model.named_parameters() if "lora_" in n}
+    else:
+        assert all(".adapter." in n for n in trainable)
+
+
+def test_mezo_lora_trainables_are_peft_lora_parameters():
+    from peft import PeftModel
+
+    _, m, *_ = setup("mezo_lora")
+    assert isinstance(m.model, PeftModel)
+    names = [t.name for t in m.trainables]
+    assert names and all(("lora_A" in n or "lora_B" in n) and ("q_proj" in n or "v_proj" in n) for n in names)
+    assert all(torch.count_nonzero(t.param) == 0 for t in m.trainables if "lora_B" in t.name)
+
+
+def test_classification_head_is_trainable_for_encoders():
+    _, m, *_ = setup("adazeta", "tiny-bert")
+    assert any(t.name.startswith("classifier.") for t in m.trainables)
+
+
+def test_sparse_mezo_never_moves_weights_above_threshold():
+    _, m, obj, batch, before = setup("sparse_mezo", "tiny-llama", "method.lr=1e-1", "method.sparsity=0.5")
+    h = m.step.mask.h
+    params = [t.param.detach().clone() for t in m.trainables]
+    for step in range(1, 4):
+        m.step(lambda: obj.forward(m.model, batch)[0].mean(), step, 1)
+    for i, t in enumerate(m.trainables):
+        moved = t.param.detach() != params[i]
+        assert moved.any(), t.name
+        assert (params[i][moved].abs() <= h[i]).all(), f"{t.name}: a weight above its threshold moved"
+
+
+def test_sparse_thresholds_keep_the_requested_fraction():
+    w = torch.nn.Parameter(torch.randn(1000))
+    (h,) = thresholds([Trainable("w", w, True)], sparsity=0.8)
+    assert (w.abs() <= h).float().mean().item() == pytest.approx(0.2, abs=0.002)
+    with pytest.raises(ValueError, match="sparsity"):
+        thresholds([Trainable("w", w, True)], sparsity=1.0)
+
+
+@pytest.mark.parametrize("mask", ["magnitude", "random"])
+def test_in_forward_perturbation_equals_in_place(mask):
+    _, m, obj, batch, before = setup("sparse_mezo", "tiny-llama", f"method.mask={mask}", "method.eps=1e-2")
+    spsa = m.step.spsa
+    loss_fn = lambda: obj.forward(m.model, batch)[0].mean()  # noqa: E731
+    seed = query_seed(0, 1, 0)
+    plus_f, minus_f = spsa.loss_pair(loss_fn, seed)  # in forward (the configured default)
+    assert not changed_names(m.model, before), "in-forward perturbation must not write weights"
+    m.step.mask.store(spsa.trainables)
+    plus_i, minus_i = spsa.losses(loss_fn, seed)  # in place, stored masks
+    m.step.mask.release()
+    torch.testing.assert_close(plus_f, plus_i, rtol=0, atol=1e-6)
+    torch.testing.assert_close(minus_f, minus_i, rtol=0, atol=1e-6)
+    assert abs(float(plus_f) - float(minus_f)) > 1e-6  # the perturbation did something
+
+
+def test_fo_rejects_sparse():
+    from adazeta.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sparse"):
+        setup("sparse_mezo", "tiny-llama", "method.optimizer=fo")
+
+
+# -- update rules, against hand computations on a tiny parameter set ---------------------------
+
+
+def tiny_spsa():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(torch.randn(3))
+    return SPSA([Trainable("w", w, True), Trainable("b", b, False)], eps=1e-3), w, b
+
+
+def g_hat(spsa, seeds, grads):
+    return [sum(g * spsa.z(i, s).clone() for s, g in zip(seeds, grads)) / len(seeds) for i in range(2)]
+
+
+def test_sgd_and_sign_rules():
+    spsa, w, b = tiny_spsa()
+    seeds, grads = [11, 12], [0.5, -2.0]
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    gw, gb = g_hat(spsa, seeds, grads)
+    RULES["sgd"](spsa, lr=0.1, weight_decay=0.01).apply(seeds, grads, None)
+    torch.testing.assert_close(w.detach(), w0 - 0.1 * (gw + 0.01 * w0))
+    torch.testing.assert_close(b.detach(), b0 - 0.1 * gb)  # no decay on biases
+    spsa, w, b = tiny_spsa()
+    sw, _ = g_hat(spsa, seeds, [1.0, -1.0])
+    RULES["sign"](spsa, lr=0.1, weight_decay=0.0).apply(seeds, grads, None)
+    torch.testing.assert_close(w.detach(), w0 - 0.1 * sw)
+
+
+def test_momentum_and_adam_rules():
+    spsa, w, _ = tiny_spsa()
+    w0 = w.detach().clone()
+    rule = RULES["momentum"](spsa, lr=0.1, weight_decay=0.0, momentum=0.9)
+    g1 = g_hat(spsa, [1], [1.0])[0]
+    rule.apply([1], [1.0], None)
+    g2 = g_hat(spsa, [2], [0.5])[0]
+    rule.apply([2], [0.5], None)
+    torch.testing.assert_close(w.detach(), w0 - 0.1 * g1 - 0.1 * (0.9 * g1 + g2))
+
+    spsa, w, _ = tiny_spsa()
+    rule = RULES["adam"](spsa, lr=0.1, weight_decay=0.0, betas=(0.9, 0.999), adam_eps=1e-8)
+    g = g_hat(spsa, [3], [2.0])[0]
+    rule.apply([3], [2.0], None)
+    # First Adam step: m_hat = g, v_hat = g^2, so the step is lr * g / (|g| + eps).
+    torch.testing.assert_close(w.detach(), w0 - 0.1 * g / (g.abs() + 1e-8))
+
+
+def test_conservative_keeps_the_best_of_three():
+    spsa, w, b = tiny_spsa()
+    w0 = w.detach().clone()
+    target = w0 - 0.1 * g_hat(spsa, [5], [1.0])[0]  # where an sgd step would land
+    loss_fn = lambda: ((w - target) ** 2).sum()  # noqa: E731  (minimised by the sgd step)
+    extra = RULES["conservative"](spsa, lr=0.1, weight_decay=0.0).apply([5], [1.0], loss_fn)
+    assert extra == 3
+    torch.testing.assert_close(w.detach(), target)
+    loss_fn = lambda: ((w - w0) ** 2).sum()  # noqa: E731  (theta itself is best)
+    RULES["conservative"](spsa, lr=0.1, weight_decay=0.0).apply([5], [1.0], loss_fn)
+    torch.testing.assert_close(w.detach(), w0, rtol=0, atol=1e-6)
