@@ -13,7 +13,7 @@ import adazeta.train  # noqa: F401  (registers the config schemas)
 from adazeta.methods import build_method
 from adazeta.models import load_model
 from adazeta.objectives import Objective
-from adazeta.sparse import InForwardPerturbation, SparseMask, thresholds
+from adazeta.sparse import thresholds
 from adazeta.tasks import build_task
 from adazeta.updates import RULES
 from adazeta.zo import SPSA, Trainable, query_seed
@@ -142,7 +142,7 @@ def tiny_spsa():
 
 
 def g_hat(spsa, seeds, grads):
-    return [sum(g * spsa.z(i, s).clone() for s, g in zip(seeds, grads)) / len(seeds) for i in range(2)]
+    return [sum(g * spsa.z(i, s).clone() for s, g in zip(seeds, grads, strict=True)) / len(seeds) for i in range(2)]
 
 
 def test_sgd_and_sign_rules():
