@@ -31,6 +31,17 @@ class Head(Enum):
     classification = "classification"  # a sequence-classification head on an encoder (trainable)
 
 
+class Pooling(Enum):
+    cls = "cls"  # the model's own sequence-classification head (BERT: pooler on [CLS])
+    mean = "mean"  # mean of the last hidden states over real tokens, then a linear head
+    # (how sentence-embedding encoders such as all-MiniLM-L6-v2 are trained to be read)
+
+
+class HeadInit(Enum):
+    random = "random"  # the head's ordinary random init
+    prompt = "prompt"  # rows = centred features of the task's label prompts ("It was great .")
+
+
 class TrainableSet(Enum):
     full = "full"  # every weight of the model (MeZO, full fine-tuning)
     tt_adapter = "tt_adapter"  # tensor-train adapters (AdaZeta); base frozen
@@ -77,6 +88,11 @@ class ModelConfig:
     """Tokenizer hub id or folder; null: the model's own (`packaged:minilm` for random-init models)."""
     head: Head = Head.auto
     """Which head the task is trained through; see `Head`."""
+    pooling: Pooling = Pooling.cls
+    """Classification head only: `cls` (the model's own head) or `mean` (mean pooling + linear)."""
+    head_init: HeadInit = HeadInit.random
+    """Classification head only: `random`, or `prompt` (prototypes of the label prompts, so the
+    head starts at zero-shot accuracy instead of chance; needs a linear head)."""
     dtype: str = "float32"
     """Base-model dtype: float32, bfloat16, float16. Trainable parameters always stay in float32."""
     device: str = "auto"

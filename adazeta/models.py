@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
@@ -16,9 +17,10 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from adazeta.config import Head, Init, ModelConfig
+from adazeta.config import Head, Init, ModelConfig, Pooling
 from adazeta.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -126,12 +128,16 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
     tokenizer = load_tokenizer(cfg, path)
     if hf_config.pad_token_id is None:
         hf_config.pad_token_id = tokenizer.pad_token_id
+    if head == Head.classification and cfg.pooling == Pooling.mean:
+        auto_cls = AutoModel  # the bare encoder; MeanPoolClassifier adds the head
     if cfg.init == Init.random:
-        model = auto_cls.from_config(hf_config, torch_dtype=dtype)
+        model = auto_cls.from_config(hf_config, dtype=dtype)
     else:
         model = auto_cls.from_pretrained(
-            path, config=hf_config, torch_dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            path, config=hf_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code
         )
+    if auto_cls is AutoModel:
+        model = MeanPoolClassifier(model, num_labels)
     model.to(device)
     model.eval()  # ZO forwards run without dropout; first-order methods switch to train() themselves
     if head == Head.classification:
@@ -142,6 +148,48 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
         )
     log.info("loaded %s (%s head, %s, %s)", cfg.name, head.value, dtype, device)
     return LoadedModel(model=model, tokenizer=tokenizer, head=head, device=device)
+
+
+class MeanPoolClassifier(torch.nn.Module):
+    """An encoder read by mean pooling over real tokens, then a linear head (fp32)."""
+
+    def __init__(self, encoder: PreTrainedModel, num_labels: int):
+        super().__init__()
+        self.encoder, self.config = encoder, encoder.config
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels, device=encoder.device)
+        self.classifier.weight.data.normal_(0.0, encoder.config.initializer_range)
+        self.classifier.bias.data.zero_()
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return SequenceClassifierOutput(logits=self.classifier(pooled))
+
+
+@torch.no_grad()
+def prompt_init_head(model, objective, prompts: list[str], device: torch.device, margin: float = 4.0) -> None:
+    """Initialise a linear classification head from the features of one prompt per class
+    (e.g. "It was great ."): row c = alpha * (f_c - mean_c f_c), with alpha such that a prompt's
+    own logit exceeds the mean logit by `margin` on average. The head then starts at the
+    encoder's zero-shot accuracy rather than at chance, which a ZO method, with few effective
+    steps, cannot afford to spend its budget on."""
+    head = classification_head(model)
+    if not isinstance(head, torch.nn.Linear):
+        raise ConfigError(
+            f"model.head_init=prompt needs a linear classification head, not {type(head).__name__}; "
+            "use model.pooling=mean or model.head_init=random"
+        )
+    captured = []
+    hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].float()))
+    enc = objective.tok(prompts, padding=True, return_tensors="pt").to(device)
+    model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    hook.remove()
+    feats = captured[0]
+    centred = feats - feats.mean(0)
+    alpha = margin / (feats * centred).sum(-1).mean().clamp(min=1e-6)
+    head.weight.copy_(alpha * centred)
+    head.bias.zero_()
 
 
 def classification_head(model: PreTrainedModel) -> torch.nn.Module:

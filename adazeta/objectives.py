@@ -97,7 +97,7 @@ class Objective:
         """BOS only if the tokenizer adds one by itself (Llama, OPT); never a trailing EOS/SEP."""
         ids = self.tok("a").input_ids
         plain = self.tok("a", add_special_tokens=False).input_ids
-        return ids[: len(ids) - len(plain)] if ids[-len(plain):] == plain else []
+        return ids[: len(ids) - len(plain)] if ids[-len(plain) :] == plain else []
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids
@@ -106,11 +106,15 @@ class Objective:
         if n and not self.truncated:
             log.warning(
                 "task %s: inputs longer than model.max_length=%d are truncated from the passage "
-                "side (counted in summary.json as data/truncated)", self.task.name, self.max_length,
+                "side (counted in summary.json as data/truncated)",
+                self.task.name,
+                self.max_length,
             )
         self.truncated += n
 
-    def fit(self, ex: Example, render: Callable[[Example], list[Row]], budget: int, keep_first: int = 0) -> list[Row]:
+    def fit(
+        self, ex: Example, render: Callable[[Example], list[Row]], budget: int, keep_first: int = 0
+    ) -> list[Row]:
         """render(ex) with the passage field cut from its end until the longest sequence fits the
         budget. If the rest of the template alone is too long, keep the first `keep_first` tokens
         (CLS) and the last ones of each sequence (where the question and the candidate are)."""
@@ -134,8 +138,12 @@ class Objective:
                 if over <= 0:
                     return out
                 keep -= over
-        return [(ids[:keep_first] + ids[len(ids) - budget + keep_first:], n) if len(ids) > budget else (ids, n)
-                for ids, n in out]
+        return [
+            (ids[:keep_first] + ids[len(ids) - budget + keep_first :], n)
+            if len(ids) > budget
+            else (ids, n)
+            for ids, n in out
+        ]
 
     # -- encoding ------------------------------------------------------------------------------
     def encode(self, examples: list[Example], train: bool = False) -> dict[str, torch.Tensor]:
@@ -147,17 +155,27 @@ class Objective:
             return self.encode_mlm(examples, labels)
         return self.encode_causal(examples, train)
 
-    def encode_classification(self, examples: list[Example], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_classification(
+        self, examples: list[Example], labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         texts = [self.task.classification_text(ex) for ex in examples]
         firsts, seconds = [t[0] for t in texts], [t[1] for t in texts]
         pair = seconds[0] is not None
         full = self.tok(firsts, seconds if pair else None, truncation=False).input_ids
         self.note_truncated(sum(len(ids) > self.max_length for ids in full))
         enc = self.tok(  # the pair is (passage, question): "only_first" cuts the passage
-            firsts, seconds if pair else None, truncation="only_first" if pair else True,
-            max_length=self.max_length, padding=True, return_tensors="pt",
+            firsts,
+            seconds if pair else None,
+            truncation="only_first" if pair else True,
+            max_length=self.max_length,
+            padding=True,
+            return_tensors="pt",
         )
-        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+        batch = {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": labels,
+        }
         if pair and "token_type_ids" in enc:  # BERT-style segment ids of the second text
             batch["token_type_ids"] = enc["token_type_ids"]
         return batch
@@ -165,13 +183,22 @@ class Objective:
     def encode_mlm(self, examples: list[Example], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         mask = self.tok.mask_token
         rows = [
-            self.fit(ex, lambda e: [(self.tok(self.task.mlm_template(e, mask)).input_ids, 0)],
-                     self.max_length, keep_first=1)[0][0]
+            self.fit(
+                ex,
+                lambda e: [(self.tok(self.task.mlm_template(e, mask)).input_ids, 0)],
+                self.max_length,
+                keep_first=1,
+            )[0][0]
             for ex in examples
         ]
         input_ids, attention = pad(rows, self.tok.pad_token_id, left=False)
         mask_pos = (input_ids == self.tok.mask_token_id).int().argmax(dim=1)
-        return {"input_ids": input_ids, "attention_mask": attention, "mask_pos": mask_pos, "labels": labels}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "mask_pos": mask_pos,
+            "labels": labels,
+        }
 
     def continuation_rows(self, ex: Example, continuations: tuple[str, ...]) -> list[Row]:
         """(prompt + continuation tokenised together, the number of continuation tokens: those
@@ -188,52 +215,87 @@ class Objective:
         return rows
 
     def encode_causal(self, examples: list[Example], train: bool) -> dict[str, torch.Tensor]:
+        """Each candidate is a row (prompt + its tokens but the last) and its last token: the row's
+        final positions predict the candidate's tokens. Rows equal within an example are shared, so
+        single-token candidates after the same prompt (" great"/" terrible", Yes/No) cost one row."""
         task = self.task
         budget = self.max_length - len(self.prefix)
-        rows, cand_lens, n_cands, labels, golds = [], [], [], [], []
-        gens = []
+        rows, cand_row, cand_lens, cand_last, n_cands, labels, golds, gens = (
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+        )
         for ex in examples:
             if task.generation or (train and task.loss == "lm"):
-                conts, label = (task.gold_continuation(ex),), 0
-                gold = [True]
+                conts, label, gold = (task.gold_continuation(ex),), 0, [True]
             else:
                 conts, label = task.causal_candidates(ex), ex.label
-                gold = [c in ex.answers for c in ex.candidates] if ex.answers else \
-                    [i == ex.label for i in range(len(conts))]
+                gold = (
+                    [c in ex.answers for c in ex.candidates]
+                    if ex.answers
+                    else [i == ex.label for i in range(len(conts))]
+                )
+            mine: dict[tuple[int, ...], int] = {}
             for ids, n in self.fit(ex, lambda e, c=conts: self.continuation_rows(e, c), budget):
-                rows.append(self.prefix + ids)
-                cand_lens.append(min(n, len(ids) - 1))
+                full = self.prefix + ids
+                row = tuple(full[:-1])
+                if row not in mine:
+                    mine[row] = len(rows)
+                    rows.append(list(row))
+                cand_row.append(mine[row])
+                cand_lens.append(min(n, len(full) - 1))
+                cand_last.append(full[-1])
             n_cands.append(len(conts))
             labels.append(label)
             golds.append(gold)
             if task.generation and not train:
                 gen_budget = self.max_length - task.max_new_tokens - len(self.prefix)
                 if gen_budget <= 0:
-                    raise ConfigError(f"model.max_length={self.max_length} leaves no room for a prompt "
-                                      f"and {task.max_new_tokens} generated tokens; raise it")
-                prompt = self.fit(ex, lambda e: [(self.ids(task.causal_prompt(e)), 0)], gen_budget)[0][0]
+                    raise ConfigError(
+                        f"model.max_length={self.max_length} leaves no room for a prompt "
+                        f"and {task.max_new_tokens} generated tokens; raise it"
+                    )
+                prompt = self.fit(ex, lambda e: [(self.ids(task.causal_prompt(e)), 0)], gen_budget)[
+                    0
+                ][0]
                 gens.append(self.prefix + prompt)
         # Left padding puts every candidate's tokens at the end, so only the last few positions'
         # logits are needed (logits_to_keep), not a batch x length x vocab tensor.
         input_ids, attention = pad(rows, self.tok.pad_token_id, left=True)
-        width = max(n_cands)
-        gold = torch.zeros((len(examples), width), dtype=torch.bool)
+        gold = torch.zeros((len(examples), max(n_cands)), dtype=torch.bool)
         for i, g in enumerate(golds):
             gold[i, : len(g)] = torch.tensor(g)
         batch = {
-            "input_ids": input_ids, "attention_mask": attention, "cand_lens": torch.tensor(cand_lens),
-            "n_cands": torch.tensor(n_cands), "labels": torch.tensor(labels), "gold": gold,
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "cand_row": torch.tensor(cand_row),
+            "cand_lens": torch.tensor(cand_lens),
+            "cand_last": torch.tensor(cand_last),
+            "n_cands": torch.tensor(n_cands),
+            "labels": torch.tensor(labels),
+            "gold": gold,
         }
         if gens:
-            batch["gen_input_ids"], batch["gen_attention_mask"] = pad(gens, self.tok.pad_token_id, left=True)
+            batch["gen_input_ids"], batch["gen_attention_mask"] = pad(
+                gens, self.tok.pad_token_id, left=True
+            )
         return batch
 
     # -- loss -----------------------------------------------------------------------------------
     def forward(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example losses (float32) and predicted classes (candidate indices)."""
         if self.head == Head.classification:
-            segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments).logits
+            segments = (
+                {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+            )
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments
+            ).logits
         elif self.head == Head.masked_lm:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             at_mask = out[torch.arange(out.shape[0], device=out.device), batch["mask_pos"]]
@@ -250,41 +312,62 @@ class Objective:
     def candidate_scores(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean log-prob of each candidate's own tokens: a (batch, max candidates) tensor, -inf
         where an example has fewer candidates than the widest one."""
-        keep = int(batch["cand_lens"].max()) + 1
+        keep = int(batch["cand_lens"].max())
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if accepts(model, "position_ids"):  # left padding: positions count from the first real token
+        if accepts(
+            model, "position_ids"
+        ):  # left padding: positions count from the first real token
             kwargs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         if accepts(model, "logits_to_keep"):
             kwargs["logits_to_keep"] = keep
-        logits = model(**kwargs).logits[:, -keep:].float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = batch["input_ids"][:, -(keep - 1):]
-        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (rows, keep - 1)
-        steps = torch.arange(keep - 1, device=token_logp.device)
-        own = steps >= (keep - 1 - batch["cand_lens"]).unsqueeze(1)  # the candidate's positions
-        row_scores = (token_logp * own).sum(-1) / batch["cand_lens"]
+        logp = torch.log_softmax(
+            model(**kwargs).logits[:, -keep:].float(), dim=-1
+        )  # (rows, keep, V)
+        # Candidate c's tokens: the last cand_lens[c] - 1 tokens of its row, then cand_last[c];
+        # position j of the kept logits predicts target j.
+        rows, lens = batch["cand_row"], batch["cand_lens"]
+        targets = torch.cat(
+            [
+                batch["input_ids"][rows, -keep + 1 :] if keep > 1 else batch["input_ids"][rows, :0],
+                batch["cand_last"].unsqueeze(1),
+            ],
+            dim=1,
+        )
+        steps = torch.arange(keep, device=logp.device)
+        token_logp = logp[rows.unsqueeze(1), steps, targets]  # (candidates, keep)
+        own = steps >= (keep - lens).unsqueeze(1)  # the candidate's positions
+        cand_scores = (token_logp * own).sum(-1) / lens
         n_cands = batch["n_cands"]
-        width = int(n_cands.max())
-        example = torch.repeat_interleave(torch.arange(len(n_cands), device=n_cands.device), n_cands)
-        starts = torch.cumsum(n_cands, 0) - n_cands
-        slot = torch.arange(len(example), device=n_cands.device) - starts[example]
-        scores = torch.full((len(n_cands), width), float("-inf"), device=row_scores.device)
-        scores[example, slot] = row_scores
+        example = torch.repeat_interleave(
+            torch.arange(len(n_cands), device=n_cands.device), n_cands
+        )
+        slot = (
+            torch.arange(len(example), device=n_cands.device)
+            - (torch.cumsum(n_cands, 0) - n_cands)[example]
+        )
+        scores = torch.full((len(n_cands), int(n_cands.max())), float("-inf"), device=logp.device)
+        scores[example, slot] = cand_scores
         return scores
 
     # -- evaluation -----------------------------------------------------------------------------
     def eval_batches(self, examples: list[Example], batch_size: int) -> list[EvalBatch]:
-        """Encode an evaluation split once, in batches."""
+        """Encode an evaluation split once, in batches of similar length (less padding; the
+        metrics are means, so the order does not matter)."""
+        ordered = sorted(examples, key=lambda ex: sum(len(v) for v in ex.fields.values()))
         return [
-            EvalBatch(self.encode(examples[i : i + batch_size]), examples[i : i + batch_size])
-            for i in range(0, len(examples), batch_size)
+            EvalBatch(self.encode(ordered[i : i + batch_size]), ordered[i : i + batch_size])
+            for i in range(0, len(ordered), batch_size)
         ]
 
     @torch.no_grad()
-    def evaluate(self, model, data: list[EvalBatch] | list[Example], device, batch_size: int = 16) -> dict[str, float]:
+    def evaluate(
+        self, model, data: list[EvalBatch] | list[Example], device, batch_size: int = 16
+    ) -> dict[str, float]:
         """Mean loss and the task's metrics: {"loss", "accuracy"}, or {"loss", "f1", "em"} for
         generation tasks (F1 and exact match in [0, 1], best over the gold answers)."""
-        batches = data if data and isinstance(data[0], EvalBatch) else self.eval_batches(data, batch_size)
+        batches = (
+            data if data and isinstance(data[0], EvalBatch) else self.eval_batches(data, batch_size)
+        )
         loss_sum, n, scores = 0.0, 0, {m: 0.0 for m in self.task.metrics}
         for b in batches:
             t = {k: v.to(device) for k, v in b.tensors.items()}
@@ -306,11 +389,15 @@ class Objective:
         at a newline (MeZO); returns the first line of each output, stripped."""
         ids, mask = batch["gen_input_ids"], batch["gen_attention_mask"]
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=self.task.max_new_tokens,
-            do_sample=False, num_beams=1, pad_token_id=self.tok.pad_token_id,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=self.task.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.tok.pad_token_id,
             stopping_criteria=StoppingCriteriaList([StopAtNewline(self.tok, ids.shape[1])]),
         )
-        texts = self.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        texts = self.tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [first_line(t) for t in texts]
 
 
@@ -326,7 +413,7 @@ class StopAtNewline(StoppingCriteria):
         self.tok, self.start = tokenizer, prompt_len
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tok.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        texts = self.tok.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
         return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
 
 

@@ -29,12 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from adazeta.config import register_configs
+from adazeta.config import Head, HeadInit, register_configs
 from adazeta.errors import AdazetaError
 from adazeta.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
 from adazeta.memory import get_memory_stats, peak_gib, reset_peak
 from adazeta.methods import build_method
-from adazeta.models import load_model
+from adazeta.models import load_model, prompt_init_head
 from adazeta.objectives import Objective
 from adazeta.tasks import Example, build_task
 from adazeta.zo import Trainable
@@ -56,17 +56,6 @@ def batches(examples: list[Example], batch_size: int, seed: int):
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(model, objective: Objective, encoded: list[dict], device) -> dict[str, float]:
-    loss_sum, correct, n = 0.0, 0, 0
-    for batch in encoded:
-        losses, preds = objective.forward(model, to_device(batch, device))
-        loss_sum += float(losses.sum())
-        correct += int((preds.cpu() == batch["labels"]).sum())
-        n += len(batch["labels"])
-    return {"loss": loss_sum / n, "accuracy": correct / n}
 
 
 def save_trainables(trainables: list[Trainable], path: Path) -> None:
@@ -111,19 +100,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     model, device = loaded.model, loaded.device
     objective = Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length)
     bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size
-    dev_batches = [objective.encode(splits.dev[i : i + ebs]) for i in range(0, len(splits.dev), ebs)]
-    test_batches = [objective.encode(splits.test[i : i + ebs]) for i in range(0, len(splits.test), ebs)]
+    dev_batches, test_batches = objective.eval_batches(splits.dev, ebs), objective.eval_batches(splits.test, ebs)
     stream = batches(splits.train, min(bs, len(splits.train)), cfg.seed)
 
     # Inference memory of this model and batch size, measured before any training state exists.
     reset_peak(device)
     with torch.no_grad():
-        objective.forward(model, to_device(objective.encode(splits.train[:bs]), device))
+        objective.forward(model, to_device(objective.encode(splits.train[:bs], train=True), device))
     inference_gib = peak_gib(device)
 
     method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed)
     model, trainables = method.model, method.trainables
     n_trainable = sum(t.param.numel() for t in trainables)
+    if loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt:
+        blank = Example(fields={f: "" for f in task.text_fields}, label=0)
+        prompts = [task.mlm_template(blank, word).strip() for word in task.label_words]
+        prompt_init_head(model, objective, prompts, device)
     reset_peak(device)  # the training peak: weights, method state, activations; not model loading
     schedule = instantiate(cfg.schedule)
     steps_per_epoch = max(len(splits.train) // bs, 1)
@@ -134,13 +126,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         len(splits.train), len(splits.dev), len(splits.test), cfg.train.max_steps,
     )
     loggers = build_loggers(cfg, run_dir)
-    best = {"step": -1, "eval/accuracy": -1.0, "eval/loss": math.inf}
+    metric = objective.metric  # accuracy, or f1 for SQuAD/DROP
+    best = {"step": -1, f"eval/{metric}": -1.0, "eval/loss": math.inf}
     best_path = run_dir / "best_trainable.safetensors"
     forward_passes, window = 0, []
     bar = tqdm(range(1, cfg.train.max_steps + 1), disable=not cfg.train.progress, desc=cfg.method.name)
     for step in bar:
         t0 = time.perf_counter()
-        batch = to_device(objective.encode(next(stream)), device)
+        batch = to_device(objective.encode(next(stream), train=True), device)
         q = schedule(step - 1)  # schedules count steps from 0
         result = method.step(lambda b=batch: objective.forward(model, b)[0].mean(), step, q)
         forward_passes += result.forward_passes
@@ -162,27 +155,27 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 metrics["zo/projected_grad"] = sum(w[1] for w in window) / n
             window = []
         if step % cfg.train.eval_steps == 0 or step == cfg.train.max_steps:
-            dev = evaluate(model, objective, dev_batches, device)
-            metrics.update({"forward_passes": forward_passes, "eval/loss": dev["loss"], "eval/accuracy": dev["accuracy"]})
-            if (dev["accuracy"], -dev["loss"]) > (best["eval/accuracy"], -best["eval/loss"]):
-                best = {"step": step, "eval/accuracy": dev["accuracy"], "eval/loss": dev["loss"]}
+            dev = {f"eval/{k}": v for k, v in objective.evaluate(model, dev_batches, device).items()}
+            metrics.update({"forward_passes": forward_passes, **dev})
+            if (dev[f"eval/{metric}"], -dev["eval/loss"]) > (best[f"eval/{metric}"], -best["eval/loss"]):
+                best = {"step": step, **dev}
                 save_trainables(trainables, best_path)
-            log.info("step %d: dev loss %.4f, dev accuracy %.4f", step, dev["loss"], dev["accuracy"])
+            log.info("step %d: dev loss %.4f, dev %s %.4f", step, dev["eval/loss"], metric, dev[f"eval/{metric}"])
         if metrics:
             loggers.log_dict(metrics, step)
 
     summary = {
         "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "seed": cfg.seed,
         "steps": cfg.train.max_steps, "forward_passes": forward_passes,
-        "best/step": best["step"], "best/eval_accuracy": best["eval/accuracy"], "best/eval_loss": best["eval/loss"],
+        "metric": metric, "best/step": best["step"],
+        **{f"best/{k.replace('/', '_')}": v for k, v in best.items() if k != "step"},
         "trainable_params": n_trainable,
         "data/train": len(splits.train), "data/dev": len(splits.dev), "data/test": len(splits.test),
         "data/truncated": objective.truncated,
     }
     if cfg.train.eval_on_test and best_path.exists():
         load_trainables(trainables, best_path)
-        test = evaluate(model, objective, test_batches, device)
-        summary.update({"test/loss": test["loss"], "test/accuracy": test["accuracy"]})
+        summary.update({f"test/{k}": v for k, v in objective.evaluate(model, test_batches, device).items()})
     peak = peak_gib(device)
     summary.update({
         "mem/peak_gib": peak, "mem/inference_gib": inference_gib, "mem/peak_over_inference": peak / inference_gib,
@@ -209,7 +202,7 @@ def main(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         sys.exit(f"error: {e}")
-    return summary.get("best/eval_accuracy")
+    return summary.get(f"best/eval_{summary['metric']}")
 
 
 if __name__ == "__main__":

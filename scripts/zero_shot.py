@@ -31,8 +31,12 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="a conf/model option")
-    parser.add_argument("--tasks", default="sst2,rte,boolq,cb,copa,wic", help="comma-separated tasks")
-    parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument(
+        "--tasks", default="sst2,rte,boolq,cb,copa,wic", help="comma-separated tasks"
+    )
+    parser.add_argument(
+        "--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    )
     parser.add_argument("--limit", type=int, default=200, help="examples per task (null: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
@@ -47,10 +51,16 @@ def main() -> None:
     results, loaded = [], None
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for name in args.tasks.split(","):
-            cfg = compose("config", overrides=[
-                f"model={args.model}", f"task={name}", f"task.data_dir={Path(args.data_root) / name}",
-                f"task.num_test={args.limit}", *args.overrides,
-            ])
+            cfg = compose(
+                "config",
+                overrides=[
+                    f"model={args.model}",
+                    f"task={name}",
+                    f"task.data_dir={Path(args.data_root) / name}",
+                    f"task.num_test={args.limit}",
+                    *args.overrides,
+                ],
+            )
             t0 = time.perf_counter()
             task = build_task(cfg.task)
             test = task.load().test
@@ -58,15 +68,22 @@ def main() -> None:
                 loaded = load_model(cfg.model, num_labels=task.num_labels)
             objective = Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length)
             metrics = objective.evaluate(loaded.model, test, loaded.device, args.batch_size)
-            row = {"task": name, "n": len(test), **metrics, "truncated": objective.truncated,
-                   "seconds": time.perf_counter() - t0}
+            row = {
+                "task": name,
+                "n": len(test),
+                **metrics,
+                "truncated": objective.truncated,
+                "seconds": time.perf_counter() - t0,
+            }
             results.append(row)
             print(json.dumps(row), flush=True)
 
-    print(f"\n| task | examples | {' | '.join(k for k in results[0] if k not in ('task', 'n', 'seconds', 'truncated'))} | truncated | seconds |")
+    extra = ("task", "n", "seconds", "truncated")
+    metrics = [k for k in results[0] if k not in extra]
+    print(f"\n| task | examples | {' | '.join(metrics)} | truncated | seconds |")
     for r in results:
-        vals = " | ".join(f"{v:.3f}" for k, v in r.items() if k not in ("task", "n", "seconds", "truncated"))
-        print(f"| {r['task']} | {r['n']} | {vals} | {r['truncated']} | {r['seconds']:.0f} |")
+        values = " | ".join(f"{r[k]:.3f}" for k in metrics)
+        print(f"| {r['task']} | {r['n']} | {values} | {r['truncated']} | {r['seconds']:.0f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -21,8 +21,24 @@ from adazeta.tasks.superglue import COPA, WSC, BoolQ, MultiRC, ReCoRD, WiC
 
 TASKS: dict[str, type[Task]] = {
     cls.name: cls
-    for cls in (SST2, SST5, MR, TREC, RTE, MNLI, SNLI, CB, BoolQ, WiC, WSC, MultiRC, COPA, ReCoRD,
-                SQuAD, DROP)
+    for cls in (
+        SST2,
+        SST5,
+        MR,
+        TREC,
+        RTE,
+        MNLI,
+        SNLI,
+        CB,
+        BoolQ,
+        WiC,
+        WSC,
+        MultiRC,
+        COPA,
+        ReCoRD,
+        SQuAD,
+        DROP,
+    )
 }
 
 

@@ -107,7 +107,9 @@ class Task:
         )
 
     def causal_prompt(self, ex: Example) -> str:
-        raise ConfigError(f"task {self.name} has no causal-LM prompt; use model.head=classification")
+        raise ConfigError(
+            f"task {self.name} has no causal-LM prompt; use model.head=classification"
+        )
 
     def causal_candidates(self, ex: Example) -> tuple[str, ...]:
         """The continuations scored after the prompt; candidate i belongs to class i."""
@@ -154,8 +156,9 @@ class Task:
         cfg = self.cfg
         if cfg.data_dir:
             label_names = (self.label_field, *self.aliases.get(self.label_field, ()))
-            return read_local(cfg.data_dir, split, self.split_stems.get(split, ()), self.csv_columns,
-                              label_names)
+            return read_local(
+                cfg.data_dir, split, self.split_stems.get(split, ()), self.csv_columns, label_names
+            )
         if cfg.builtin:
             return self.read_builtin(split)
         if cfg.hub_path:
@@ -172,13 +175,19 @@ class Task:
     def read_builtin(self, split: str) -> Rows:
         """The shipped sample: its first three quarters are the train split, the rest validation."""
         if self.builtin_file is None:
-            raise DataError(f"task {self.name} has no built-in sample; set task.data_dir or task.builtin=false")
+            raise DataError(
+                f"task {self.name} has no built-in sample; set task.data_dir or task.builtin=false"
+            )
         rows = read_file(BUILTIN_DIR / self.builtin_file)
         cut = len(rows.rows) * 3 // 4
         part = rows.rows[:cut] if split == "train" else rows.rows[cut:]
         offset = 0 if split == "train" else cut
-        return Rows(rows=part, source=rows.source, kind=rows.kind,
-                    places=[f"{rows.source}, row {offset + i + 1}" for i in range(len(part))])
+        return Rows(
+            rows=part,
+            source=rows.source,
+            kind=rows.kind,
+            places=[f"{rows.source}, row {offset + i + 1}" for i in range(len(part))],
+        )
 
     def load(self) -> Splits:
         """Sample train and dev from the train split, test from the validation split (MeZO protocol),
@@ -220,7 +229,9 @@ class Task:
         return train, dev
 
 
-def fit_sizes(name: str, available: int, num_train: int | None, num_dev: int | None) -> tuple[int, int]:
+def fit_sizes(
+    name: str, available: int, num_train: int | None, num_dev: int | None
+) -> tuple[int, int]:
     """Requested train/dev sizes when the train split is smaller than both (with a warning): dev
     keeps its size if that leaves at least as many training examples (MeZO: CB and COPA, 100 dev),
     otherwise both shrink proportionally."""
@@ -234,7 +245,11 @@ def fit_sizes(name: str, available: int, num_train: int | None, num_dev: int | N
             n_dev, n_train = int(n_dev * scale), int(n_train * scale)
         log.warning(
             "task %s: the train split has %d examples, fewer than num_train + num_dev; using %d train "
-            "and %d dev", name, available, n_train, n_dev,
+            "and %d dev",
+            name,
+            available,
+            n_train,
+            n_dev,
         )
     if n_train == 0:
         raise DataError(f"task {name}: no training examples (train split has {available} rows)")

@@ -63,8 +63,12 @@ def find_split_files(data_dir: Path, split: str, stems: tuple[str, ...] = ()) ->
         matched = [p for p in files if _word_match(p, stem)]
         if matched:
             if len(matched) > 1:
-                log.info("reading the %s split from %d files: %s", split, len(matched),
-                         ", ".join(p.name for p in matched))
+                log.info(
+                    "reading the %s split from %d files: %s",
+                    split,
+                    len(matched),
+                    ", ".join(p.name for p in matched),
+                )
             return matched
     expected = [f"{stem}{ext}" for stem in stems for ext in EXTENSIONS]
     raise DataError(
@@ -79,7 +83,9 @@ def find_split_file(data_dir: Path, split: str) -> Path:
     return find_split_files(Path(data_dir), split)[0]
 
 
-def _read_csv(path: Path, columns: tuple[str, ...] | None, label_names: tuple[str, ...]) -> list[dict]:
+def _read_csv(
+    path: Path, columns: tuple[str, ...] | None, label_names: tuple[str, ...]
+) -> list[dict]:
     """A csv with a header, or (LM-BFF style) without one when the task names its columns."""
     with path.open(newline="", encoding="utf-8") as f:
         raw = list(csv.reader(f))
@@ -99,8 +105,11 @@ def _read_csv(path: Path, columns: tuple[str, ...] | None, label_names: tuple[st
     return rows
 
 
-def read_file(path: Path, csv_columns: tuple[str, ...] | None = None,
-              label_names: tuple[str, ...] = ("label",)) -> Rows:
+def read_file(
+    path: Path,
+    csv_columns: tuple[str, ...] | None = None,
+    label_names: tuple[str, ...] = ("label",),
+) -> Rows:
     """Rows of a tsv (with header), csv (with header, or headerless with `csv_columns`), jsonl,
     json (a list, {'data': [...]} as in SQuAD, or {id: {...}} as in DROP) or parquet file."""
     path = Path(path)
@@ -132,7 +141,9 @@ def read_file(path: Path, csv_columns: tuple[str, ...] | None = None,
         else:
             rows = data
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise DataError(f"{path}: expected a list of objects, {{'data': [...]}} or {{id: {{...}}}}")
+            raise DataError(
+                f"{path}: expected a list of objects, {{'data': [...]}} or {{id: {{...}}}}"
+            )
     elif suffix == ".parquet":
         import pandas as pd
 
@@ -144,15 +155,24 @@ def read_file(path: Path, csv_columns: tuple[str, ...] | None = None,
     return Rows(rows=rows, source=str(path), kind=suffix[1:])
 
 
-def read_local(data_dir: str | Path, split: str, stems: tuple[str, ...] = (),
-               csv_columns: tuple[str, ...] | None = None,
-               label_names: tuple[str, ...] = ("label",)) -> Rows:
+def read_local(
+    data_dir: str | Path,
+    split: str,
+    stems: tuple[str, ...] = (),
+    csv_columns: tuple[str, ...] | None = None,
+    label_names: tuple[str, ...] = ("label",),
+) -> Rows:
     """The rows of one split; several files (e.g. two few-shot train samples) are read in turn."""
-    parts = [read_file(p, csv_columns, label_names) for p in find_split_files(Path(data_dir), split, stems)]
+    parts = [
+        read_file(p, csv_columns, label_names)
+        for p in find_split_files(Path(data_dir), split, stems)
+    ]
     if len(parts) == 1:
         return parts[0]
     if len({p.kind for p in parts}) > 1:
-        raise DataError(f"the {split} files {[p.source for p in parts]} mix formats; keep one format")
+        raise DataError(
+            f"the {split} files {[p.source for p in parts]} mix formats; keep one format"
+        )
     return Rows(
         rows=[r for p in parts for r in p.rows],
         source=" + ".join(p.source for p in parts),

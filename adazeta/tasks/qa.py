@@ -44,15 +44,27 @@ class SQuAD(GenerativeQA):
         for i, row in enumerate(rows.rows):
             if "paragraphs" not in row:  # the hub: one row per question, answers {"text": [...]}
                 answers = row.get("answers")
-                flat.append({**row, "answers": answers.get("text") if isinstance(answers, dict) else answers})
+                flat.append(
+                    {
+                        **row,
+                        "answers": answers.get("text") if isinstance(answers, dict) else answers,
+                    }
+                )
                 places.append(rows.where(i))
                 continue
             for pi, paragraph in enumerate(row["paragraphs"]):
                 for qi, qa in enumerate(paragraph.get("qas", [])):
-                    flat.append({"title": row.get("title", ""), "context": paragraph.get("context"),
-                                 "question": qa.get("question"),
-                                 "answers": [a["text"] for a in qa.get("answers", [])]})
-                    places.append(f"{rows.where(i)} (article), paragraph {pi + 1}, question {qi + 1}")
+                    flat.append(
+                        {
+                            "title": row.get("title", ""),
+                            "context": paragraph.get("context"),
+                            "question": qa.get("question"),
+                            "answers": [a["text"] for a in qa.get("answers", [])],
+                        }
+                    )
+                    places.append(
+                        f"{rows.where(i)} (article), paragraph {pi + 1}, question {qi + 1}"
+                    )
         return Rows(flat, rows.source, rows.kind, places)
 
     def causal_prompt(self, ex: Example) -> str:
@@ -81,14 +93,27 @@ class DROP(GenerativeQA):
         for i, row in enumerate(rows.rows):
             if "qa_pairs" not in row:  # the hub: answers_spans {"spans": [...], "types": [...]}
                 spans = row.get("answers_spans")
-                flat.append({**row, "answers": spans.get("spans") if isinstance(spans, dict) else row.get("answers")})
+                flat.append(
+                    {
+                        **row,
+                        "answers": spans.get("spans")
+                        if isinstance(spans, dict)
+                        else row.get("answers"),
+                    }
+                )
                 places.append(rows.where(i))
                 continue
             for qi, qa in enumerate(row["qa_pairs"]):
                 answers = []
                 for a in [qa.get("answer", {}), *qa.get("validated_answers", [])]:
                     answers += [t for t in drop_answer(a) if t not in answers]
-                flat.append({"passage": row.get("passage"), "question": qa.get("question"), "answers": answers})
+                flat.append(
+                    {
+                        "passage": row.get("passage"),
+                        "question": qa.get("question"),
+                        "answers": answers,
+                    }
+                )
                 places.append(f"{rows.where(i)} ({row.get('_key', 'passage')}), question {qi + 1}")
         return Rows(flat, rows.source, rows.kind, places)
 

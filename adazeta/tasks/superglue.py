@@ -41,8 +41,10 @@ class WiC(Task):
 
     def causal_prompt(self, ex: Example) -> str:
         f = ex.fields
-        return (f'Does the word "{f["word"]}" have the same meaning in these two sentences? '
-                f"Yes, No?\n{f['sentence1']}\n{f['sentence2']}\n")
+        return (
+            f'Does the word "{f["word"]}" have the same meaning in these two sentences? '
+            f"Yes, No?\n{f['sentence1']}\n{f['sentence2']}\n"
+        )
 
 
 class WSC(Task):
@@ -63,8 +65,10 @@ class WSC(Task):
 
     def causal_prompt(self, ex: Example) -> str:
         f = ex.fields
-        return (f"{f['text']}\nIn the previous sentence, does the pronoun \"{f['span2_text'].lower()}\" "
-                f"refer to {f['span1_text']}? Yes or No?\n")
+        return (
+            f'{f["text"]}\nIn the previous sentence, does the pronoun "{f["span2_text"].lower()}" '
+            f"refer to {f['span1_text']}? Yes or No?\n"
+        )
 
 
 class MultiRC(Task):
@@ -84,12 +88,20 @@ class MultiRC(Task):
         for i, row in enumerate(rows.rows):
             passage = row.get("passage")
             if not isinstance(passage, dict) or "text" not in passage or "questions" not in passage:
-                raise DataError(f"{rows.where(i)}: missing field 'passage' with 'text' and 'questions' "
-                                "(SuperGLUE MultiRC jsonl)")
+                raise DataError(
+                    f"{rows.where(i)}: missing field 'passage' with 'text' and 'questions' "
+                    "(SuperGLUE MultiRC jsonl)"
+                )
             for qi, q in enumerate(passage["questions"]):
                 for ai, a in enumerate(q.get("answers", [])):
-                    flat.append({"paragraph": passage["text"], "question": q.get("question"),
-                                 "answer": a.get("text"), "label": a.get("label")})
+                    flat.append(
+                        {
+                            "paragraph": passage["text"],
+                            "question": q.get("question"),
+                            "answer": a.get("text"),
+                            "label": a.get("label"),
+                        }
+                    )
                     places.append(f"{rows.where(i)}, question {qi + 1}, answer {ai + 1}")
         return Rows(flat, rows.source, rows.kind, places)
 
@@ -99,8 +111,10 @@ class MultiRC(Task):
 
     def causal_prompt(self, ex: Example) -> str:
         f = ex.fields
-        return (f"{f['paragraph']}\nQuestion: {f['question']}\nI found this answer \"{f['answer']}\". "
-                "Is that correct? Yes or No?\n")
+        return (
+            f'{f["paragraph"]}\nQuestion: {f["question"]}\nI found this answer "{f["answer"]}". '
+            "Is that correct? Yes or No?\n"
+        )
 
 
 def copa_choice(text: str) -> str:
@@ -122,8 +136,10 @@ class COPA(Task):
     def example(self, rows: Rows, index: int) -> Example | None:
         ex = super().example(rows, index)
         if ex.fields["question"] not in ("cause", "effect"):
-            raise DataError(f"{rows.where(index)}: question {ex.fields['question']!r} in column "
-                            "'question' is not one of ['cause', 'effect']")
+            raise DataError(
+                f"{rows.where(index)}: question {ex.fields['question']!r} in column "
+                "'question' is not one of ['cause', 'effect']"
+            )
         return Example(ex.fields, ex.label, candidates=(ex.fields["choice1"], ex.fields["choice2"]))
 
     @property
@@ -157,15 +173,23 @@ class ReCoRD(Task):
         for i, row in enumerate(rows.rows):
             passage = row.get("passage")
             if not isinstance(passage, dict) or "text" not in passage or "entities" not in passage:
-                raise DataError(f"{rows.where(i)}: missing field 'passage' with 'text' and 'entities' "
-                                "(SuperGLUE ReCoRD jsonl)")
+                raise DataError(
+                    f"{rows.where(i)}: missing field 'passage' with 'text' and 'entities' "
+                    "(SuperGLUE ReCoRD jsonl)"
+                )
             text = passage["text"]
             # Entity spans are inclusive of `end`; unique texts sorted, as on the hub.
             entities = sorted({text[e["start"] : e["end"] + 1] for e in passage["entities"]})
             for qi, qa in enumerate(row.get("qas", [])):
                 answers = sorted({a["text"] for a in qa.get("answers", [])})
-                flat.append({"passage": text, "query": qa.get("query"), "entities": entities,
-                             "answers": answers})
+                flat.append(
+                    {
+                        "passage": text,
+                        "query": qa.get("query"),
+                        "entities": entities,
+                        "answers": answers,
+                    }
+                )
                 places.append(f"{rows.where(i)}, query {qi + 1}")
         return Rows(flat, rows.source, rows.kind, places)
 
@@ -175,8 +199,10 @@ class ReCoRD(Task):
         answers = tuple(self.col(rows, index, "answers"))
         gold = [entities.index(a) for a in answers if a in entities]
         if not gold:
-            raise DataError(f"{rows.where(index)}: none of the answers {list(answers)} in field "
-                            f"'answers' is among the entities {list(entities)[:8]}")
+            raise DataError(
+                f"{rows.where(index)}: none of the answers {list(answers)} in field "
+                f"'answers' is among the entities {list(entities)[:8]}"
+            )
         if "@placeholder" not in fields["query"]:
             raise DataError(f"{rows.where(index)}: the query in field 'query' has no @placeholder")
         return Example(fields, gold[0], candidates=entities, answers=answers)
