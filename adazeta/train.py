@@ -114,7 +114,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     n_trainable = sum(t.param.numel() for t in trainables)
     if loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt:
         blank = Example(fields={f: "" for f in task.text_fields}, label=0)
-        prompts = [task.mlm_template(blank, word).strip() for word in task.label_words]
+        prompts = [task.mlm_template(blank, " " + word).strip() for word in task.label_words]  # LM-BFF words take a leading space
         prompt_init_head(model, objective, prompts, device)
     reset_peak(device)  # the training peak: weights, method state, activations; not model loading
     schedule = instantiate(cfg.schedule)
