@@ -51,8 +51,9 @@ class SparseMask:
         self.stored: dict[int, torch.Tensor] | None = None  # in-place mode: masks of the step
 
     def compute(self, index: int, weight: torch.Tensor, seed: int) -> torch.Tensor:
-        if self.kind == "magnitude":
-            return weight.abs() <= self.h[index]
+        if self.kind == "magnitude":  # |w| <= h without a float temporary of the tensor's size
+            h = self.h[index]
+            return (weight <= h).logical_and_(weight >= -h)
         gen = self.generators.setdefault(weight.device, torch.Generator(device=weight.device))
         gen.manual_seed(tensor_seed(seed ^ 0x5EED, index))
         u = torch.rand(weight.shape, generator=gen, device=weight.device)
@@ -67,7 +68,7 @@ class SparseMask:
     def store(self, trainables: list[Trainable]) -> None:
         """In-place mode: freeze this step's magnitude masks from the unperturbed weights."""
         if self.kind == "magnitude":
-            self.stored = {i: t.param.abs() <= self.h[i] for i, t in enumerate(trainables)}
+            self.stored = {i: self.compute(i, t.param, 0) for i, t in enumerate(trainables)}
 
     def release(self) -> None:
         self.stored = None
