@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -110,6 +111,8 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
         path = cfg.path
     else:
         path = resolve_path(cfg.path)
+        if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
+            raise ConfigError(f"model.path={cfg.path!r} is not a folder; give a local folder with config.json, or a hub id")
         try:
             hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         except OSError as e:

@@ -117,7 +117,7 @@ def test_label_outside_the_label_set(failures):
 def test_hf_model_path_that_does_not_exist(failures):
     text, tmp = failed(failures, "hf_nonexistent_path")
     assert "model.path='/nonexistent'" in text
-    assert "local folder" in text  # says what would work
+    assert "is not a folder" in text and "local folder" in text  # says what is wrong and what would work
     assert "/nonexistent" in error_file(tmp)
 
 
