@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from adazeta.config import register_configs
 from adazeta.errors import AdazetaError
+from adazeta.validate import validate
 
 log = logging.getLogger("adazeta")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -33,6 +34,7 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        validate(cfg)  # ranges, before torch and the model are loaded
         from adazeta.loop import run
 
         summary = run(cfg, run_dir)
