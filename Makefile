@@ -5,8 +5,9 @@ PYTHON ?= python3
 # or install their own torch first and set TORCH_SPEC= (empty) to keep it.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+MODEL ?= minilm
 
-.PHONY: help install train test test-slow lint format clean
+.PHONY: help install train test test-slow bench lint format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -24,6 +25,10 @@ test: ## Fast tests (CPU, a few minutes)
 
 test-slow: ## Slow tests only: real models, real data in ../shared/data, multiruns
 	$(PYTHON) -m pytest -q -m slow
+
+bench: ## Memory and step-time tables of every method on MODEL (default minilm; MODEL=smollm2-135m)
+	$(PYTHON) scripts/benchmark_memory.py --model $(MODEL)
+	$(PYTHON) scripts/benchmark_speed.py --model $(MODEL)
 
 lint: ## ruff check
 	$(PYTHON) -m ruff check adazeta tests scripts
