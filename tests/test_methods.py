@@ -3,13 +3,10 @@ perturbation; the ZO update rules against hand computations."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 
-import adazeta.train  # noqa: F401  (registers the config schemas)
 from adazeta.methods import build_method
 from adazeta.models import load_model
 from adazeta.objectives import Objective
@@ -18,16 +15,10 @@ from adazeta.tasks import build_task
 from adazeta.updates import RULES
 from adazeta.zo import SPSA, Trainable, query_seed
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="config", overrides=["task.num_train=16", "task.num_dev=8", *overrides])
-
 
 def setup(method: str, model: str = "tiny-llama", *extra: str):
-    cfg = compose_cfg(f"method={method}", f"model={model}", *extra)
+    overrides = ["task.num_train=16", "task.num_dev=8", f"method={method}", f"model={model}", *extra]
+    cfg = compose_config(overrides, hydra_config=False)
     torch.manual_seed(0)
     task = build_task(cfg.task)
     splits = task.load()
