@@ -106,12 +106,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     n_trainable = sum(t.param.numel() for t in trainables)
     if loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt:
         blank = Example(fields={f: "" for f in task.text_fields}, label=0)
-        prompts = [task.mlm_template(blank, " " + word).strip() for word in task.label_words]  # LM-BFF words take a leading space
+        # LM-BFF label words take their leading space from the tokenizer side: add it here.
+        prompts = [task.mlm_template(blank, " " + word).strip() for word in task.label_words]
         prompt_init_head(model, objective, prompts, device)
     reset_peak(device)  # the training peak: weights, method state, activations; not model loading
     schedule = instantiate(cfg.schedule)
     steps_per_epoch = max(len(splits.train) // bs, 1)
-    schedule.bind(steps_per_epoch=steps_per_epoch, max_steps=cfg.train.max_steps)
+    schedule.bind(steps_per_epoch=steps_per_epoch, max_steps=max(cfg.train.max_steps, 1))
     log.info(
         "%s on %s/%s: %d trainable parameters, %d train / %d dev / %d test examples, %d steps",
         cfg.method.name, cfg.task.name, cfg.model.name, n_trainable,
@@ -122,6 +123,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     best = {"step": -1, f"eval/{metric}": -1.0, "eval/loss": math.inf}
     best_path = run_dir / "best_trainable.safetensors"
     forward_passes, window = 0, []
+
+    def evaluate_dev(step: int) -> dict[str, float]:
+        """Dev metrics now; keeps the trainable weights if they are the best so far."""
+        nonlocal best
+        dev = {f"eval/{k}": v for k, v in objective.evaluate(model, dev_batches, device).items()}
+        if (dev[f"eval/{metric}"], -dev["eval/loss"]) > (best[f"eval/{metric}"], -best["eval/loss"]):
+            best = {"step": step, **dev}
+            save_trainables(trainables, best_path)
+        log.info("step %d: dev loss %.4f, dev %s %.4f", step, dev["eval/loss"], metric, dev[f"eval/{metric}"])
+        return dev
+
+    if cfg.train.max_steps == 0:  # zero-shot: evaluate the untrained model on dev (and test)
+        loggers.log_dict({"forward_passes": 0, **evaluate_dev(0)}, 0)
     bar = tqdm(range(1, cfg.train.max_steps + 1), disable=not cfg.train.progress, desc=cfg.method.name)
     for step in bar:
         t0 = time.perf_counter()
@@ -147,12 +161,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 metrics["zo/projected_grad"] = sum(w[1] for w in window) / n
             window = []
         if step % cfg.train.eval_steps == 0 or step == cfg.train.max_steps:
-            dev = {f"eval/{k}": v for k, v in objective.evaluate(model, dev_batches, device).items()}
-            metrics.update({"forward_passes": forward_passes, **dev})
-            if (dev[f"eval/{metric}"], -dev["eval/loss"]) > (best[f"eval/{metric}"], -best["eval/loss"]):
-                best = {"step": step, **dev}
-                save_trainables(trainables, best_path)
-            log.info("step %d: dev loss %.4f, dev %s %.4f", step, dev["eval/loss"], metric, dev[f"eval/{metric}"])
+            metrics.update({"forward_passes": forward_passes, **evaluate_dev(step)})
         if metrics:
             loggers.log_dict(metrics, step)
 

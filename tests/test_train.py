@@ -228,3 +228,14 @@ def test_multirun_sweeps_seeds_into_separate_folders_and_replays(tmp_path, entry
     replay = [(r["train/loss"], r["zo/projected_grad"]) for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")
               if "train/loss" in r]
     assert replay == curves[0]
+
+
+def test_zero_steps_evaluates_the_untrained_model(tmp_path, entrypoint):
+    """train.max_steps=0 is a zero-shot evaluation: dev at step 0, then test on those weights."""
+    proc = entrypoint("model=tiny-llama", "method=mezo", *TINY_RUN, "train.max_steps=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert rows[0]["step"] == 0 and rows[0]["forward_passes"] == 0 and "eval/accuracy" in rows[0]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best/step"] == 0 and summary["forward_passes"] == 0
+    assert summary["best/eval_accuracy"] == rows[0]["eval/accuracy"] and "test/accuracy" in summary
