@@ -6,8 +6,11 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 MODEL ?= minilm
+# Real SST-2 for `make compare` when the shared data folder is beside the repo; else the built-in sample.
+SST2_DIR ?= $(wildcard $(CURDIR)/../shared/data/sst2)
+COMPARE_DIR ?= outputs/compare
 
-.PHONY: help install train test test-slow bench lint format clean
+.PHONY: help install train test test-slow bench compare lint format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -29,6 +32,12 @@ test-slow: ## Slow tests only: real models, real data in ../shared/data, multiru
 bench: ## Memory and step-time tables of every method on MODEL (default minilm; MODEL=smollm2-135m)
 	$(PYTHON) scripts/benchmark_memory.py --model $(MODEL)
 	$(PYTHON) scripts/benchmark_speed.py --model $(MODEL)
+
+compare: ## CPU-sized comparison: 4 methods x 2 seeds on MiniLM/SST-2, then figures + table in COMPARE_DIR
+	$(if $(SST2_DIR),ADAZETA_SST2_DIR=$(SST2_DIR)) adazeta-train -m seed=0,1 \
+	  experiment=cpu_sst2_adazeta,cpu_sst2_mezo,cpu_sst2_mezo_lora,cpu_sst2_sparse_mezo \
+	  train.progress=false hydra.sweep.dir=$(COMPARE_DIR)/runs
+	adazeta-compare $(COMPARE_DIR)/runs -o $(COMPARE_DIR)
 
 lint: ## ruff check
 	$(PYTHON) -m ruff check adazeta tests scripts

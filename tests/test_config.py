@@ -78,6 +78,8 @@ def test_groups_are_discovered():
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_option_composes_to_the_typed_schema(group, option):
+    if group == "hparams_search":  # its sweeper is an optional extra (in .[dev])
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason='pip install -e ".[optuna]"')
     cfg = compose_config([f"{group}={option}"])
     assert cfg.hydra.runtime.choices[group] == option  # the option chosen is the option used
     job = job_config(cfg)
