@@ -157,31 +157,21 @@ def test_optuna_runs_its_trials_and_writes_results(tmp_path):
         assert 1e-7 <= cfg["method"]["lr"] <= 1e-3 and 1e-4 <= cfg["method"]["eps"] <= 1e-2
 
 
-def test_joblib_launcher_runs_two_jobs(tmp_path):
-    need("joblib")
+@pytest.mark.parametrize(("launcher", "plugin"), [("local_joblib", "joblib"), ("local_submitit", "submitit")])
+def test_launcher_runs_two_jobs_under_the_sweep_dir(tmp_path, launcher, plugin):
+    need(plugin)
     sweep = tmp_path / "sweep"
     proc = run_entrypoint(
-        [*SMOKE, "hydra/launcher=local_joblib", "seed=0,1", f"hydra.sweep.dir={sweep}"],
+        [*SMOKE, f"hydra/launcher={launcher}", "seed=0,1", f"hydra.sweep.dir={sweep}"],
         tmp_path,
         multirun=True,
     )
     dirs = check_ok(proc, 2, sweep)
     assert [run_config(d)["seed"] for d in dirs] == [0, 1]
-    assert "Joblib" in output(proc)
-
-
-def test_submitit_local_launcher_runs_two_jobs_under_the_sweep_dir(tmp_path):
-    need("submitit")
-    sweep = tmp_path / "sweep"
-    proc = run_entrypoint(
-        [*SMOKE, "hydra/launcher=local_submitit", "seed=0,1", f"hydra.sweep.dir={sweep}"],
-        tmp_path,
-        multirun=True,
-    )
-    dirs = check_ok(proc, 2, sweep)
-    assert [run_config(d)["seed"] for d in dirs] == [0, 1]
-    # submitit's pickles and logs stay in the sweep folder, not in the cwd.
-    submitit = sweep / ".submitit"
-    assert submitit.is_dir() and any(submitit.rglob("*_result.pkl")), output(proc)[-3000:]
-    leaked = {p.name for p in tmp_path.iterdir()} - {"sweep", "home"}
-    assert not leaked, leaked
+    if plugin == "joblib":
+        assert "Joblib" in output(proc)
+    else:  # submitit's pickles and logs stay in the sweep folder, not in the cwd.
+        submitit = sweep / ".submitit"
+        assert submitit.is_dir() and any(submitit.rglob("*_result.pkl")), output(proc)[-3000:]
+        leaked = {p.name for p in tmp_path.iterdir()} - {"sweep", "home"}
+        assert not leaked, leaked
