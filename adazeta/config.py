@@ -101,6 +101,9 @@ class ModelConfig:
     """Longest tokenised input; longer inputs are truncated from the passage side, with a warning."""
     trust_remote_code: bool = False
     """Passed to from_pretrained; only when you trust the model repository's code."""
+    device_map: str | None = None
+    """`auto`: spread a model larger than one GPU over the node's GPUs (accelerate); forward-only
+    methods only. null: the whole model on `device`."""
 
 
 @dataclass
@@ -241,6 +244,37 @@ class TrainConfig:
 
 
 @dataclass
+class ZOConfig:
+    parallel_queries: bool = False
+    """Evaluate a step's 2Q perturbed forwards as batched forwards over replicas of the batch, each
+    replica with its own perturbed adapter weights (trainable=tt_adapter or lora; base shared)."""
+    max_replicas: int | None = None
+    """Most perturbed replicas in one batched forward (null: all 2Q at once); lower it when the
+    replicated activations would not fit in memory."""
+    fused_update: bool = True
+    """With one query and update_rule=sgd, restore and update in one pass over the weights (one
+    regeneration of z fewer; exact up to float rounding)."""
+
+
+class DistMode(Enum):
+    query = "query"  # the Q queries of a step are split across ranks; all ranks see the whole batch
+    data = "data"  # every rank runs every query on its own shard of the batch
+
+
+@dataclass
+class DistConfig:
+    """Used when launched with torchrun (WORLD_SIZE > 1); ignored in a single process."""
+
+    mode: DistMode = DistMode.query
+    """`query`: split the queries of each step across ranks; `data`: split the batch."""
+    backend: str = "auto"
+    """`auto` (nccl on CUDA, gloo on CPU), `gloo` or `nccl`."""
+    check_steps: int = 100
+    """Every this many steps compare a checksum of the trainable parameters across ranks and
+    re-broadcast rank 0's on a mismatch (0: never)."""
+
+
+@dataclass
 class LoggerConfig:
     """Base schema of the `logger` group."""
 
@@ -277,6 +311,8 @@ class Config:
     schedule: ScheduleConfig = MISSING
     logger: LoggerConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    zo: ZOConfig = field(default_factory=ZOConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 0
     """Training seed: data order, head init and every ZO query seed derive from it."""
 

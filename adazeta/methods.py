@@ -24,6 +24,8 @@ class StepResult:
     loss: float  # the loss at theta (ZO: the mean of L+ and L- over queries)
     projected_grad: float | None  # mean g_q over the step's queries (ZO only)
     forward_passes: int
+    seeds: list[int] | None = None  # ZO: the query seeds of this step, in query order
+    grads: list[float] | None = None  # ZO: g_q per query (what the replay log records)
 
 
 @dataclass
@@ -33,8 +35,20 @@ class Method:
     step: Callable[[LossFn, int, int], StepResult]
 
 
+# estimate(loss_fn, seeds) -> float tensor [len(seeds), 2] of (g_q, (L+ + L-) / 2) per query.
+Estimate = Callable[[LossFn, list[int]], torch.Tensor]
+# guard(step, losses, grads): raises to stop the step before any weight moves.
+Guard = Callable[[int, list[float], list[float]], None]
+
+
 class ZOStep:
-    """Q queries of two-sided SPSA, then the update rule."""
+    """Q queries of two-sided SPSA, then the update rule:
+
+        seeds -> estimate (sequential, batched replicas, or split across ranks) -> guard -> apply
+
+    `estimate` returns only scalars, so it can be swapped (parallel replicas, torch.distributed)
+    without touching the update; `guard` sees the step's losses and projected gradients before any
+    weight is written."""
 
     def __init__(self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int):
         mask = None
@@ -51,17 +65,27 @@ class ZOStep:
             kwargs = {"betas": tuple(cfg.betas), "adam_eps": cfg.adam_eps}
         self.rule = RULES[cfg.update_rule.value](self.spsa, cfg.lr, cfg.weight_decay, **kwargs)
         self.seed = seed
+        self.estimate: Estimate = self.sequential
+        self.guard: Guard | None = None
+
+    def sequential(self, loss_fn: LossFn, seeds: list[int]) -> torch.Tensor:
+        """One query after another, each restoring the weights it perturbed."""
+        return torch.tensor([self.spsa.projected_grad(loss_fn, s) for s in seeds], dtype=torch.float64)
 
     def __call__(self, loss_fn: LossFn, step: int, q: int) -> StepResult:
         seeds = [query_seed(self.seed, step, i) for i in range(q)]
         if self.in_place_masks:
             self.mask.store(self.spsa.trainables)  # from the unperturbed weights of this step
-        results = [self.spsa.projected_grad(loss_fn, s) for s in seeds]
-        grads = [g for g, _ in results]
-        extra = self.rule.apply(seeds, grads, loss_fn)
-        if self.in_place_masks:
-            self.mask.release()
-        return StepResult(sum(loss for _, loss in results) / q, sum(grads) / q, 2 * q + extra)
+        try:
+            results = self.estimate(loss_fn, seeds).tolist()
+            grads, losses = [g for g, _ in results], [loss for _, loss in results]
+            if self.guard is not None:
+                self.guard(step, losses, grads)
+            extra = self.rule.apply(seeds, grads, loss_fn)
+        finally:
+            if self.in_place_masks:
+                self.mask.release()
+        return StepResult(sum(losses) / q, sum(grads) / q, 2 * q + extra, seeds, grads)
 
 
 class FOStep:

@@ -49,6 +49,8 @@ CHECKS: list[Check] = [
     ("task.num_dev", AT_LEAST_1, ">= 1 (or null)"),
     ("task.num_test", AT_LEAST_1, ">= 1 (or null: all)"),
     ("task.k_shot", AT_LEAST_1, ">= 1 (or null)"),
+    ("zo.max_replicas", lambda v: v >= 2, ">= 2, one +/- pair (or null: all 2Q)"),
+    ("dist.check_steps", NON_NEGATIVE, ">= 0 (0: never)"),
 ]
 
 
