@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from adazeta import distributed
 from adazeta.config import Head, HeadInit
 from adazeta.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
 from adazeta.memory import get_memory_stats, peak_gib, reset_peak
@@ -86,6 +87,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)  # only the new head's init draws from the global RNG
 
+    dist = distributed.setup(cfg.dist, cfg.model, cfg.method, cfg.train.batch_size)  # no-op without torchrun
     task = build_task(cfg.task)
     splits = task.load()
     loaded = load_model(cfg.model, num_labels=task.num_labels)
@@ -103,6 +105,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed)
     model, trainables = method.model, method.trainables
+    distributed.distribute(method.step, dist)  # no-op without torchrun
     n_trainable = sum(t.param.numel() for t in trainables)
     if loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt:
         blank = Example(fields={f: "" for f in task.text_fields}, label=0)
@@ -118,11 +121,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         cfg.method.name, cfg.task.name, cfg.model.name, n_trainable,
         len(splits.train), len(splits.dev), len(splits.test), cfg.train.max_steps,
     )
-    loggers = build_loggers(cfg, run_dir)
+    loggers = build_loggers(cfg, run_dir) if dist.is_main else Loggers([])  # only rank 0 writes
     metric = objective.metric  # accuracy, or f1 for SQuAD/DROP
     best = {"step": -1, f"eval/{metric}": -1.0, "eval/loss": math.inf}
     best_path = run_dir / "best_trainable.safetensors"
-    forward_passes, window = 0, []
+    forward_passes, window, resyncs = 0, [], 0
 
     def evaluate_dev(step: int) -> dict[str, float]:
         """Dev metrics now; keeps the trainable weights if they are the best so far."""
@@ -134,18 +137,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("step %d: dev loss %.4f, dev %s %.4f", step, dev["eval/loss"], metric, dev[f"eval/{metric}"])
         return dev
 
-    if cfg.train.max_steps == 0:  # zero-shot: evaluate the untrained model on dev (and test)
+    if cfg.train.max_steps == 0 and dist.is_main:  # zero-shot: evaluate the untrained model on dev (and test)
         loggers.log_dict({"forward_passes": 0, **evaluate_dev(0)}, 0)
-    bar = tqdm(range(1, cfg.train.max_steps + 1), disable=not cfg.train.progress, desc=cfg.method.name)
+    bar = tqdm(range(1, cfg.train.max_steps + 1), disable=not (cfg.train.progress and dist.is_main), desc=cfg.method.name)
     for step in bar:
         t0 = time.perf_counter()
-        batch = to_device(objective.encode(next(stream), train=True), device)
+        batch = to_device(objective.encode(dist.shard(next(stream)), train=True), device)
         q = schedule(step - 1)  # schedules count steps from 0
         result = method.step(lambda b=batch: objective.forward(model, b)[0].mean(), step, q)
         forward_passes += result.forward_passes
         step_s = time.perf_counter() - t0
         window.append((result.loss, result.projected_grad, q, step_s))
         bar.set_postfix(loss=f"{result.loss:.4f}", q=q, step_s=f"{step_s:.2f}")
+
+        if dist.enabled and cfg.dist.check_steps and step % cfg.dist.check_steps == 0:
+            resyncs += distributed.check_drift(trainables, dist, step)
 
         metrics = {}
         if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps:
@@ -157,10 +163,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 "time/step_s": sum(w[3] for w in window) / n,
                 **get_memory_stats(device),
             }
+            if dist.enabled:
+                metrics["dist/resyncs"] = resyncs
             if window[-1][1] is not None:  # first-order methods have no projected gradient
                 metrics["zo/projected_grad"] = sum(w[1] for w in window) / n
             window = []
-        if step % cfg.train.eval_steps == 0 or step == cfg.train.max_steps:
+        if dist.is_main and (step % cfg.train.eval_steps == 0 or step == cfg.train.max_steps):
             metrics.update({"forward_passes": forward_passes, **evaluate_dev(step)})
         if metrics:
             loggers.log_dict(metrics, step)
@@ -174,6 +182,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "data/train": len(splits.train), "data/dev": len(splits.dev), "data/test": len(splits.test),
         "data/truncated": objective.truncated,
     }
+    if dist.enabled:  # bit-identical replicas have equal digests
+        summary["dist/world_size"], summary["dist/mode"] = dist.world, cfg.dist.mode.value
+        summary["dist/checksums"] = distributed.gather_checksums(trainables, dist)
+        summary["dist/resyncs"] = resyncs
+        dist.close()
+        if not dist.is_main:
+            return summary
     if cfg.train.eval_on_test and best_path.exists():
         load_trainables(trainables, best_path)
         summary.update({f"test/{k}": v for k, v in objective.evaluate(model, test_batches, device).items()})

@@ -67,6 +67,10 @@ class ZOStep:
         self.seed = seed
         self.estimate: Estimate = self.sequential
         self.guard: Guard | None = None
+        # Whether `estimate` perturbs the weights in place (+eps z, -2 eps z, +eps z). Float addition
+        # does not undo exactly, so the weights after a step carry the rounding of the queries it ran:
+        # a query-parallel rank replays the others' round trips to round as one process would.
+        self.writes_weights = not (mask is not None and cfg.in_forward)
 
     def sequential(self, loss_fn: LossFn, seeds: list[int]) -> torch.Tensor:
         """One query after another, each restoring the weights it perturbed."""

@@ -100,6 +100,8 @@ def load_tokenizer(cfg: ModelConfig, model_path: str) -> PreTrainedTokenizerBase
 def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
     """Build the model with the head the task needs, on `model.device` in `model.dtype`."""
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    if cfg.device_map is not None and cfg.device_map not in DEVICE_MAPS:
+        raise ConfigError(f"model.device_map={cfg.device_map!r} is not one of {list(DEVICE_MAPS)} (or null)")
     if cfg.init == Init.random:
         if not cfg.arch or "model_type" not in cfg.arch:
             raise ConfigError(
@@ -133,15 +135,25 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
         hf_config.pad_token_id = tokenizer.pad_token_id
     if head == Head.classification and cfg.pooling == Pooling.mean:
         auto_cls = AutoModel  # the bare encoder; MeanPoolClassifier adds the head
+    if cfg.device_map is not None and auto_cls is AutoModel:
+        raise ConfigError("model.device_map needs the model's own head; use model.pooling=cls or model.device_map=null")
     if cfg.init == Init.random:
         model = auto_cls.from_config(hf_config, dtype=dtype)
+        if cfg.device_map is not None:
+            model = dispatch(model, cfg.device_map)
     else:
+        # With a device_map the weights load straight onto their devices, never whole on one.
         model = auto_cls.from_pretrained(
-            path, config=hf_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            path, config=hf_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+            **({"device_map": cfg.device_map} if cfg.device_map is not None else {}),
         )
     if auto_cls is AutoModel:
         model = MeanPoolClassifier(model, num_labels)
-    model.to(device)
+    if cfg.device_map is None:
+        model.to(device)
+    else:  # inputs go where the embeddings are; accelerate's hooks move activations between devices
+        device = model.get_input_embeddings().weight.device
+        log.info("device_map=%s: %s", cfg.device_map, dict(model.hf_device_map))
     model.eval()  # ZO forwards run without dropout; first-order methods switch to train() themselves
     if head == Head.classification:
         # The new head is trainable and must stay fp32 whatever the base dtype (DESIGN.md 2.1).
@@ -151,6 +163,23 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
         )
     log.info("loaded %s (%s head, %s, %s)", cfg.name, head.value, dtype, device)
     return LoadedModel(model=model, tokenizer=tokenizer, head=head, device=device)
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def dispatch(model: PreTrainedModel, device_map: str) -> PreTrainedModel:
+    """Spread a model built in memory over the node's GPUs, as from_pretrained(device_map=...) does."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = getattr(model, "_no_split_modules", None) or []
+    max_memory = None if device_map == "sequential" else get_balanced_memory(
+        model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+    )
+    placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    model.hf_device_map = placement
+    return dispatch_model(model, device_map=placement)
 
 
 class MeanPoolClassifier(torch.nn.Module):

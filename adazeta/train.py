@@ -12,6 +12,7 @@ once; the loop lives in adazeta/loop.py and is imported when a run starts.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate(cfg)  # ranges, before torch and the model are loaded
@@ -40,11 +41,29 @@ def main(cfg: DictConfig) -> float | None:
         summary = run(cfg, run_dir)
     except AdazetaError as e:
         log.error("%s", e)
-        (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
+        if int(os.environ.get("RANK", "0")) == 0:  # other torchrun ranks have no run folder
+            (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         sys.exit(f"error: {e}")
     return summary.get(f"best/eval_{summary['metric']}")
+
+
+# Under torchrun only rank 0 writes: the other ranks get no output folder, config copy or log file.
+NON_MAIN_RANK_OVERRIDES = [
+    "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+]
+
+
+def main() -> None:
+    """The console script: `adazeta-train`, `python -m adazeta.train`, or under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if "-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]:
+            sys.exit("error: torchrun runs one job across processes; sweep with -m outside torchrun "
+                     "(e.g. with hydra/launcher=slurm), not inside it")
+        if int(os.environ.get("RANK", "0")) > 0:
+            sys.argv += NON_MAIN_RANK_OVERRIDES
+    hydra_main()
 
 
 if __name__ == "__main__":

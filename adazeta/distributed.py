@@ -1,0 +1,182 @@
+"""One ZO run across processes and nodes with torchrun (torch.distributed).
+
+    torchrun --nproc_per_node 2 -m adazeta.train dist.mode=query schedule=constant schedule.q=4
+
+A ZO step exchanges scalars only, never gradients:
+- `dist.mode=query`: the Q queries of a step are dealt out across ranks (query i to rank i mod W).
+  Each rank draws z for its queries from query_seed(seed, step, i), the same pure function a
+  single process uses, so no two ranks share a seed by accident and the union of the ranks'
+  queries is exactly the single-process step. One all_gather of the (g_q, loss_q) pairs per step;
+  every rank then applies the same update from the same seeds, so the replicas stay identical.
+- `dist.mode=data`: every rank runs every query with the same seeds on its own shard of the batch;
+  one all_reduce (mean) of the (g_q, loss_q) pairs per step. With equal shards the mean of the
+  shard losses is the loss of the whole batch, so the step is the single-process step.
+
+Only rank 0 logs, writes files and shows the progress bar. Every `dist.check_steps` steps the ranks
+compare a checksum of their trainable parameters; on a mismatch rank 0's are broadcast to all and
+the event is logged as `dist/resyncs`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as td
+
+from adazeta.config import DistConfig, DistMode, MethodConfig, ModelConfig, Optimizer
+from adazeta.errors import ConfigError
+from adazeta.zo import Trainable
+
+log = logging.getLogger("adazeta")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+def launched() -> bool:
+    """True in a process started by torchrun (or any launcher setting WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@dataclass
+class Dist:
+    """This process's place in the run; world == 1 when not launched by torchrun."""
+
+    rank: int = 0
+    world: int = 1
+    mode: DistMode = DistMode.query
+    comm_device: torch.device = torch.device("cpu")  # where the collectives' tensors live
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, examples: list) -> list:
+        """Data mode: this rank's contiguous shard of a training batch (batch % world == 0)."""
+        if not self.enabled or self.mode != DistMode.data:
+            return examples
+        n = len(examples) // self.world
+        return examples[self.rank * n : (self.rank + 1) * n]
+
+    def close(self) -> None:
+        if self.enabled and td.is_initialized():
+            td.destroy_process_group()
+
+
+def setup(cfg: DistConfig, model: ModelConfig, method: MethodConfig, batch_size: int) -> Dist:
+    """Join the process group torchrun set up the environment for (no-op in a single process).
+    On CUDA each rank takes the GPU of its LOCAL_RANK, so `model.device=auto|cuda` is that GPU."""
+    if not launched():
+        return Dist()
+    from adazeta.models import resolve_device
+
+    if method.optimizer != Optimizer.zo:
+        raise ConfigError(f"method={method.name} is first-order; torchrun runs the ZO methods only")
+    if model.device_map is not None:
+        raise ConfigError(
+            f"model.device_map={model.device_map} spreads one model over the node's GPUs; under torchrun each "
+            "rank holds a whole model on its own GPU: set model.device_map=null, or run without torchrun"
+        )
+    device = resolve_device(model.device)
+    if device.type == "cuda" and device.index is None:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"dist.backend={cfg.backend!r} is not one of {list(BACKENDS)}")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError(f"dist.backend=nccl needs CUDA devices, but model.device is {device}; use gloo or auto")
+    world = int(os.environ["WORLD_SIZE"])
+    if cfg.mode == DistMode.data and batch_size % world:
+        raise ConfigError(
+            f"dist.mode=data splits each batch across {world} ranks: train.batch_size={batch_size} must be "
+            f"a multiple of {world}"
+        )
+    if not td.is_initialized():
+        # Rank 0 evaluates on dev alone while the others wait at the next collective: a long timeout.
+        td.init_process_group(backend=backend, timeout=timedelta(hours=2))
+    comm = device if backend == "nccl" else torch.device("cpu")
+    d = Dist(rank=td.get_rank(), world=td.get_world_size(), mode=cfg.mode, comm_device=comm)
+    log.info("torch.distributed: rank %d of %d, backend %s, mode %s", d.rank, d.world, backend, cfg.mode.value)
+    return d
+
+
+def distribute(step, d: Dist) -> None:
+    """Make a ZOStep's estimate (seeds -> [Q, 2] of (g_q, loss_q)) share its work across ranks."""
+    if not d.enabled:
+        return
+    estimate, spsa = step.estimate, step.spsa
+    if d.mode == DistMode.data:
+        def data_parallel(loss_fn, seeds):
+            local = estimate(loss_fn, seeds).to(d.comm_device)
+            td.all_reduce(local, op=td.ReduceOp.SUM)  # g and the loss are linear in the shard means
+            return (local / d.world).cpu()
+        step.estimate = data_parallel
+        return
+
+    def query_parallel(loss_fn, seeds):
+        per_rank = math.ceil(len(seeds) / d.world)
+        local = torch.full((per_rank, 2), math.nan, dtype=torch.float64)
+        if step.writes_weights:
+            # Query i runs on rank i mod W; the other ranks replay its in-place round trip (z only,
+            # no forward), so every rank's weights round exactly as in a single process.
+            for i, seed in enumerate(seeds):
+                if i % d.world == d.rank:
+                    local[i // d.world] = estimate(loss_fn, [seed])[0]
+                else:
+                    spsa.perturb(seed, +1.0)
+                    spsa.perturb(seed, -2.0)
+                    spsa.perturb(seed, +1.0)
+        elif mine := seeds[d.rank :: d.world]:
+            local[: len(mine)] = estimate(loss_fn, mine)
+        local = local.to(d.comm_device)
+        gathered = [torch.empty_like(local) for _ in range(d.world)]
+        td.all_gather(gathered, local)
+        gathered = [g.cpu() for g in gathered]
+        return torch.stack([gathered[i % d.world][i // d.world] for i in range(len(seeds))])
+    step.estimate = query_parallel
+
+
+def checksum(trainables: list[Trainable]) -> str:
+    """sha256 of the trainable parameters' bytes: equal iff the replicas are bit-identical."""
+    h = hashlib.sha256()
+    for t in trainables:
+        h.update(t.param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def gather_checksums(trainables: list[Trainable], d: Dist) -> list[str]:
+    digest = checksum(trainables)
+    if not d.enabled:
+        return [digest]
+    out: list[str | None] = [None] * d.world
+    td.all_gather_object(out, digest)
+    return [str(x) for x in out]
+
+
+@torch.no_grad()
+def check_drift(trainables: list[Trainable], d: Dist, step: int) -> bool:
+    """Compare the ranks' checksums; on a mismatch broadcast rank 0's parameters. Returns True if
+    the ranks had drifted (and were resynchronised)."""
+    if not d.enabled:
+        return False
+    digests = gather_checksums(trainables, d)
+    if len(set(digests)) == 1:
+        return False
+    if d.is_main:
+        log.warning("step %d: trainable parameters differ across ranks (%s); broadcasting rank 0's",
+                    step, ", ".join(x[:8] for x in digests))
+    for t in trainables:
+        buf = t.param.data if d.comm_device == t.param.device else t.param.data.to(d.comm_device)
+        td.broadcast(buf, src=0)
+        if buf is not t.param.data:
+            t.param.data.copy_(buf)
+    return True
