@@ -161,7 +161,7 @@ class TTAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
-        out = h + self.scale * self.up(torch.relu(self.down(h)))
+        out = torch.add(h, self.up(torch.relu(self.down(h))), alpha=self.scale)  # one pass, no scaled copy
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from adazeta.config import AdapterConfig, Head, MethodConfig, Optimizer, TrainableSet
+from adazeta.config import AdapterConfig, Head, MethodConfig, Optimizer, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
+from adazeta.parallel import ParallelQueries, check_parallel
 from adazeta.sparse import InForwardPerturbation, SparseMask
 from adazeta.trainable import make_trainable
 from adazeta.updates import RULES
@@ -48,9 +49,18 @@ class ZOStep:
 
     `estimate` returns only scalars, so it can be swapped (parallel replicas, torch.distributed)
     without touching the update; `guard` sees the step's losses and projected gradients before any
-    weight is written."""
+    weight is written.
 
-    def __init__(self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int):
+    Fused restore (`zo.fused_update`, plain SGD or sign rules, in-place perturbation): the
+    sequential estimate leaves the last query's weights at theta - eps z (`spsa.displaced`), and the
+    update folds the restore into its own pass over that z. Whatever stops the step in between
+    (the guard, an error) restores the weights instead. Under torch.distributed the queries of a
+    step are split across ranks, so every query restores on its own and no rank fuses."""
+
+    def __init__(
+        self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig | None = None
+    ):
+        zo = zo if zo is not None else ZOConfig()
         mask = None
         if cfg.trainable == TrainableSet.sparse:
             mask = SparseMask(trainables, cfg.mask.value, cfg.sparsity, cfg.keep_ratio)
@@ -71,22 +81,39 @@ class ZOStep:
         # does not undo exactly, so the weights after a step carry the rounding of the queries it ran:
         # a query-parallel rank replays the others' round trips to round as one process would.
         self.writes_weights = not (mask is not None and cfg.in_forward)
+        if zo.parallel_queries:
+            check_parallel(cfg.trainable.value)
+            self.estimate = ParallelQueries(model, self.spsa, zo.max_replicas)
+            self.writes_weights = False  # each replica has its own copy: the weights are never written
+        self.fuse = zo.fused_update and self.rule.fusable and self.writes_weights
+        self.defer_restore = False  # set for the duration of a step that fuses
 
     def sequential(self, loss_fn: LossFn, seeds: list[int]) -> torch.Tensor:
-        """One query after another, each restoring the weights it perturbed."""
-        return torch.tensor([self.spsa.projected_grad(loss_fn, s) for s in seeds], dtype=torch.float64)
+        """One query after another, each restoring the weights it perturbed; in a step that fuses,
+        the last one leaves them at theta - eps z for the update to restore."""
+        last = len(seeds) - 1
+        out = [self.spsa.projected_grad(loss_fn, s, restore=not (self.defer_restore and k == last)) for k, s in enumerate(seeds)]
+        return torch.tensor(out, dtype=torch.float64)
 
     def __call__(self, loss_fn: LossFn, step: int, q: int) -> StepResult:
         seeds = [query_seed(self.seed, step, i) for i in range(q)]
         if self.in_place_masks:
             self.mask.store(self.spsa.trainables)  # from the unperturbed weights of this step
+        self.defer_restore = self.fuse and not distributed_run()
         try:
             results = self.estimate(loss_fn, seeds).tolist()
             grads, losses = [g for g, _ in results], [loss for _, loss in results]
             if self.guard is not None:
                 self.guard(step, losses, grads)
-            extra = self.rule.apply(seeds, grads, loss_fn)
+            if self.spsa.displaced and self.rule.fusable:  # the weights sit at theta - eps z_last
+                self.spsa.sgd_update(seeds, self.rule.coefficients(grads), self.rule.lr, self.rule.wd, restore=True)
+                extra = 0
+            else:
+                self.spsa.restore()
+                extra = self.rule.apply(seeds, grads, loss_fn)
         finally:
+            self.defer_restore = False
+            self.spsa.restore()  # a no-op, unless the step stopped (guard, error) with the weights displaced
             if self.in_place_masks:
                 self.mask.release()
         return StepResult(sum(losses) / q, sum(grads) / q, 2 * q + extra, seeds, grads)
@@ -102,11 +129,17 @@ class FOStep:
         ]
         self.model = model
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps)
+        self.guard: Guard | None = None  # sees the loss before backward: a bad loss moves no weight
 
     def __call__(self, loss_fn: LossFn, step: int, q: int) -> StepResult:
         self.model.train()  # dropout on, as in ordinary fine-tuning
         with torch.enable_grad():
             loss = loss_fn()
+            if self.guard is not None:
+                try:
+                    self.guard(step, [float(loss.detach())], [])
+                finally:
+                    self.model.eval()
             loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -114,7 +147,17 @@ class FOStep:
         return StepResult(float(loss.detach()), None, 1)
 
 
-def build_method(model, cfg: MethodConfig, adapter: AdapterConfig, head: Head, seed: int) -> Method:
+def distributed_run() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def build_method(
+    model, cfg: MethodConfig, adapter: AdapterConfig, head: Head, seed: int, zo: ZOConfig | None = None
+) -> Method:
+    """The method of `cfg` on `model`. `zo` (default: ZOConfig()) configures the ZO estimator;
+    first-order methods have no queries: they ignore zo.fused_update and zo.max_replicas, and
+    refuse zo.parallel_queries=true rather than silently run sequentially."""
     if cfg.optimizer == Optimizer.fo and cfg.trainable == TrainableSet.sparse:
         raise ConfigError(
             "method.trainable=sparse is Sparse-MeZO's perturbation mask and needs method.optimizer=zo; "
@@ -122,7 +165,13 @@ def build_method(model, cfg: MethodConfig, adapter: AdapterConfig, head: Head, s
         )
     model, trainables = make_trainable(model, cfg, adapter, head)
     if cfg.optimizer == Optimizer.fo:
+        if zo is not None and zo.parallel_queries:
+            raise ConfigError(
+                f"zo.parallel_queries=true runs the perturbed forwards of ZO queries side by side; "
+                f"method={cfg.name} is first-order (one forward and backward per step, no queries). "
+                "Use a ZO method (adazeta, mezo_lora) or set zo.parallel_queries=false"
+            )
         step = FOStep(model, trainables, cfg)
     else:
-        step = ZOStep(model, trainables, cfg, seed)
+        step = ZOStep(model, trainables, cfg, seed, zo)
     return Method(model=model, trainables=trainables, step=step)

@@ -309,6 +309,22 @@ class Objective:
         logits = logits.float()
         return F.cross_entropy(logits, batch["labels"], reduction="none"), logits.argmax(dim=-1)
 
+    def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> BatchLoss:
+        """The training loss of `batch` as a callable for `method.step` (see `BatchLoss`)."""
+        return BatchLoss(self, model, batch)
+
+    def replicate(self, batch: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        """`batch` repeated r times along its first dimension, replica k in rows [k n, (k+1) n):
+        every tensor of the batch is per row or per example, so `forward` on the result gives the
+        r replicas' per-example losses one after another. Candidate row indices (causal LM) are
+        shifted to their replica's rows."""
+        out = {k: v.repeat(r, *([1] * (v.dim() - 1))) for k, v in batch.items()}
+        if "cand_row" in batch:
+            rows = batch["input_ids"].shape[0]
+            offsets = rows * torch.arange(r, device=batch["cand_row"].device).unsqueeze(1)
+            out["cand_row"] = (batch["cand_row"].unsqueeze(0) + offsets).flatten()
+        return out
+
     def candidate_scores(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean log-prob of each candidate's own tokens: a (batch, max candidates) tensor, -inf
         where an example has fewer candidates than the widest one."""
@@ -399,6 +415,47 @@ class Objective:
         )
         texts = self.tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [first_line(t) for t in texts]
+
+
+class BatchLoss:
+    """The loss of one training batch, as the ZO estimators call it.
+
+    `loss()` is the mean per-example loss at the model's current weights (what every method
+    uses); `loss.replicated(r)` evaluates the batch repeated r times in one forward and returns
+    the r per-replica mean losses, for an estimator that gives each replica its own perturbed
+    weights (`adazeta.parallel`). Replicated batches are built once per r and kept for the step.
+    """
+
+    def __init__(self, objective: Objective, model, batch: dict[str, torch.Tensor]):
+        self.objective, self.model, self.batch = objective, model, batch
+        self._replicas: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self) -> torch.Tensor:
+        return self.objective.forward(self.model, self.batch)[0].mean()
+
+    def replicated(self, r: int) -> torch.Tensor:
+        if r not in self._replicas:
+            self._replicas[r] = self.objective.replicate(self.batch, r)
+        losses = self.objective.forward(self.model, self._replicas[r])[0]
+        return losses.view(r, -1).mean(1)
+
+    def replica_bytes(self) -> int:
+        """A rough upper estimate of the activation memory one more replica adds to a no-grad
+        forward: per token a few hidden-sized tensors, the MLP's intermediate ones and one row of
+        eager attention scores per head; plus the fp32 logits the head keeps (all positions for
+        a masked LM, the candidates' positions and their log-softmax for a causal LM)."""
+        config = getattr(self.model, "config", None)
+        hidden = getattr(config, "hidden_size", 1024)
+        inter = getattr(config, "intermediate_size", None) or 4 * hidden
+        heads = getattr(config, "num_attention_heads", 16)
+        vocab = getattr(config, "vocab_size", 0)
+        rows, length = self.batch["input_ids"].shape
+        total = rows * length * (6 * hidden + 2 * inter + heads * length) * 4
+        if self.objective.head == Head.masked_lm:
+            total += rows * length * vocab * 4
+        elif self.objective.head == Head.causal_lm:
+            total += rows * int(self.batch["cand_lens"].max()) * vocab * 4 * 2
+        return int(total)
 
 
 def first_line(text: str) -> str:

@@ -49,11 +49,16 @@ class SparseMask:
         self.h = thresholds(trainables, sparsity) if kind == "magnitude" else []
         self.generators: dict[torch.device, torch.Generator] = {}
         self.stored: dict[int, torch.Tensor] | None = None  # in-place mode: masks of the step
+        self.buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
 
-    def compute(self, index: int, weight: torch.Tensor, seed: int) -> torch.Tensor:
+    def compute(self, index: int, weight: torch.Tensor, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """m(theta) for tensor `index`, into `out` (a bool tensor of weight's shape) if given."""
         if self.kind == "magnitude":  # |w| <= h without a float temporary of the tensor's size
             h = self.h[index]
-            return (weight <= h).logical_and_(weight >= -h)
+            if out is None:
+                return (weight <= h).logical_and_(weight >= -h)
+            scratch = self.scratch(weight)
+            return torch.le(weight, h, out=out).logical_and_(torch.ge(weight, -h, out=scratch))
         gen = self.generators.setdefault(weight.device, torch.Generator(device=weight.device))
         gen.manual_seed(tensor_seed(seed ^ 0x5EED, index))
         u = torch.rand(weight.shape, generator=gen, device=weight.device)
@@ -62,7 +67,17 @@ class SparseMask:
     def __call__(self, index: int, weight: torch.Tensor, seed: int) -> torch.Tensor:
         if self.stored is not None and self.kind == "magnitude":
             return self.stored[index]
+        if self.kind == "magnitude":  # recomputed per call: into a reused buffer, not a new one
+            return self.compute(index, weight, seed, out=self.scratch(weight, 1))
         return self.compute(index, weight, seed)
+
+    def scratch(self, weight: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """Two reusable bool buffers per device, grown to the largest tensor seen."""
+        key = (weight.device, slot)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < weight.numel():
+            buf = self.buffers[key] = torch.empty(weight.numel(), dtype=torch.bool, device=weight.device)
+        return buf[: weight.numel()].view_as(weight)
 
     @torch.no_grad()
     def store(self, trainables: list[Trainable]) -> None:
@@ -83,6 +98,10 @@ class InForwardPerturbation:
         self.active: tuple[int, float] | None = None  # (seed, scale) while a loss is evaluated
         index_of = {id(t.param): i for i, t in enumerate(spsa.trainables)}
         self.handles = []
+        # The perturbed copies of a module's tensors live in a work buffer that every module reuses
+        # (the largest module's size): no allocation, and no fresh pages, per layer and forward.
+        self.work: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.top: dict[tuple[torch.device, torch.dtype], int] = {}  # first free value of each buffer
         for module in model.modules():
             owned = [(name, index_of[id(p)]) for name, p in module.named_parameters(recurse=False) if id(p) in index_of]
             if owned:
@@ -94,14 +113,25 @@ class InForwardPerturbation:
             if self.active is None:
                 return
             seed, scale = self.active
-            module._adazeta_saved = {}
+            module._adazeta_saved, module._adazeta_top = {}, dict(self.top)
             for name, i in owned:
                 weight = module._parameters[name]
                 module._adazeta_saved[name] = weight
-                # W + scale * eps * m(W) * z: a transient of this one tensor's size.
-                perturbed = torch.add(weight, self.spsa.z(i, seed), alpha=scale * self.spsa.eps)
-                module._parameters[name] = perturbed
+                # W + scale * eps * m(W) * z, in the work buffer: a stack, so that a module running
+                # inside another one (both owning trainables) takes the space above its parent's.
+                out = self.take(weight)
+                module._parameters[name] = torch.add(weight, self.spsa.z(i, seed), alpha=scale * self.spsa.eps, out=out)
         return hook
+
+    def take(self, weight: torch.Tensor) -> torch.Tensor:
+        key, n = (weight.device, weight.dtype), weight.numel()
+        start = self.top.get(key, 0)
+        buf = self.work.get(key)
+        if buf is None or buf.numel() < start + n:
+            # A larger buffer; slices of the old one still in use keep it alive until released.
+            buf = self.work[key] = torch.empty(start + n, device=weight.device, dtype=weight.dtype)
+        self.top[key] = start + n
+        return buf[start : start + n].view_as(weight)
 
     def post_hook(self, owned: list[tuple[str, int]]) -> Callable:
         def hook(module, args, output):
@@ -110,11 +140,12 @@ class InForwardPerturbation:
                 for name, weight in saved.items():
                     module._parameters[name] = weight
                 module._adazeta_saved = {}
+                self.top = module._adazeta_top
         return hook
 
     @contextlib.contextmanager
     def perturbed(self, seed: int, scale: float):
-        self.active = (seed, scale)
+        self.active, self.top = (seed, scale), {}
         try:
             yield
         finally:

@@ -22,9 +22,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TTLinear", "factorize"]
+__all__ = ["TTLinear", "factorize", "tt_factors"]
 
 
 def factorize(n: int, num_modes: int = 3) -> tuple[int, ...]:
@@ -60,6 +61,21 @@ def factorize(n: int, num_modes: int = 3) -> tuple[int, ...]:
         return (factors.count(1), sum(math.log(f) ** 2 for f in factors), factors)
 
     return min(candidates(n, num_modes, 1), key=key)
+
+
+def tt_factors(cores, num_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = the first ``num_in`` cores contracted over their ranks, B = the others:
+    cores (..., r_{k-1}, n_k, r_k) -> A (..., prod n_in, r_M), B (..., r_M, prod n_out)."""
+    lead = cores[0].shape[:-3]
+    a = cores[0].reshape(*lead, -1, cores[0].shape[-1])  # (..., n_1, r_1): r_0 = 1
+    for core in cores[1:num_in]:
+        r_left, n_k, r_right = core.shape[-3:]
+        a = (a @ core.reshape(*lead, r_left, n_k * r_right)).reshape(*lead, -1, r_right)
+    b = cores[-1].reshape(*lead, cores[-1].shape[-3], -1)  # (..., r_{K-1}, n_K): r_K = 1
+    for core in reversed(cores[num_in:-1]):
+        r_left, n_k, r_right = core.shape[-3:]
+        b = (core.reshape(*lead, r_left * n_k, r_right) @ b).reshape(*lead, r_left, -1)
+    return a, b
 
 
 def _check_modes(name: str, modes, dim: int) -> tuple[int, ...]:
@@ -140,22 +156,15 @@ class TTLinear(nn.Module):
             bound = 1.0 / math.sqrt(self.d_out)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, cores=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Contract the cores into A (d_in x r_M) and B (r_M x d_out), with W = A @ B.
 
-        A loop over the (few) modes, never over the batch: each step is one small matmul.
+        ``cores`` (default: this layer's own) may carry leading replica dimensions, e.g.
+        (R, r_{k-1}, n_k, r_k) per core: then A is (R, d_in, r_M) and B (R, r_M, d_out), one pair
+        per replica (parallel queries, ``adazeta.parallel``). A loop over the (few) modes, never
+        over the batch: each step is one small (batched) matmul.
         """
-        m = len(self.in_modes)
-        cores = list(self.cores)
-        a = cores[0].reshape(-1, self.ranks[1])  # (n_1, r_1): r_0 = 1
-        for core in cores[1:m]:
-            r_left, n_k, r_right = core.shape
-            a = (a @ core.reshape(r_left, n_k * r_right)).reshape(-1, r_right)
-        b = cores[-1].reshape(self.ranks[-2], -1)  # (r_{K-1}, n_K): r_K = 1
-        for core in reversed(cores[m:-1]):
-            r_left, n_k, r_right = core.shape
-            b = (core.reshape(r_left * n_k, r_right) @ b).reshape(r_left, -1)
-        return a, b
+        return tt_factors(list(self.cores) if cores is None else cores, len(self.in_modes))
 
     def dense_weight(self) -> torch.Tensor:
         """The full (d_in, d_out) weight, so that forward(x) == x @ dense_weight() + bias.
@@ -168,8 +177,11 @@ class TTLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = (x @ A) @ B + bias for x of shape (..., d_in)."""
         a, b = self.factors()
-        y = (x @ a) @ b
-        return y if self.bias is None else y + self.bias
+        # As F.linear with A^T and B^T laid out contiguously (copies of r x d values): CPU GEMMs
+        # with a skinny right-hand side are up to 14x faster that way than x @ A with A row-major
+        # (measured on AVX2: 0.55 ms against 7.5 ms for 1024 tokens, 64 -> 5 -> 1536); the bias
+        # add rides along in the second GEMM.
+        return F.linear(F.linear(x, a.t().contiguous()), b.t().contiguous(), self.bias)
 
     def extra_repr(self) -> str:
         return (

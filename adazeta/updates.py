@@ -9,6 +9,9 @@ The rules of the ZO-LLM benchmark (Zhang et al., arXiv 2402.11592), selected by 
 - adam:         Adam moments on g_hat (bias-corrected), decoupled weight decay  (ZO-Adam)
 where g_hat = (1/Q) sum_q g_q z_q. sgd and sign need no state; momentum and adam keep one or two
 fp32 buffers per trainable tensor (that is what they cost).
+
+`state_dict()` / `load_state_dict()` carry a rule's state through a checkpoint: tensors (saved as
+safetensors) and scalars (saved as JSON), never a pickle.
 """
 
 from __future__ import annotations
@@ -26,9 +29,32 @@ class UpdateRule:
     def __init__(self, spsa: SPSA, lr: float, weight_decay: float):
         self.spsa, self.lr, self.wd = spsa, lr, weight_decay
 
+    # True when the update is plain SGD on `coefficients(grads)`, theta -= lr ((1/Q) sum_q c_q z_q
+    # + wd theta): ZOStep may then fold the last query's restore into it (`zo.fused_update`).
+    fusable = False
+
     def apply(self, seeds: list[int], grads: list[float], loss_fn: Callable[[], torch.Tensor]) -> int:
         self.spsa.sgd_update(seeds, grads, self.lr, self.wd)
         return 0
+
+    def coefficients(self, grads: list[float]) -> list[float]:
+        raise NotImplementedError(f"update_rule {type(self).__name__} is not plain SGD; it cannot be fused")
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, scalars): everything that, with the trainables, fixes the next updates."""
+        return dict(self.buffers()), {"lr": self.lr}
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        self.lr = scalars["lr"]
+        for name, buffer in self.buffers().items():
+            if name not in tensors or tensors[name].shape != buffer.shape:
+                raise KeyError(f"update-rule state {name!r} missing or of the wrong shape")
+            buffer.copy_(tensors[name])
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The rule's state tensors by name (none for sgd and sign)."""
+        return {}
 
     def estimates(self, seeds: list[int], grads: list[float]):
         """Yield (index, trainable, g_hat) per tensor, g_hat in a reused buffer."""
@@ -43,13 +69,20 @@ class UpdateRule:
 
 
 class SGD(UpdateRule):
-    pass
+    fusable = True
+
+    def coefficients(self, grads: list[float]) -> list[float]:
+        return list(grads)
 
 
 class Sign(UpdateRule):
+    fusable = True
+
+    def coefficients(self, grads: list[float]) -> list[float]:
+        return [float((g > 0) - (g < 0)) for g in grads]
+
     def apply(self, seeds, grads, loss_fn) -> int:
-        signs = [float((g > 0) - (g < 0)) for g in grads]
-        self.spsa.sgd_update(seeds, signs, self.lr, self.wd)
+        self.spsa.sgd_update(seeds, self.coefficients(grads), self.lr, self.wd)
         return 0
 
 
@@ -58,6 +91,9 @@ class Momentum(UpdateRule):
         super().__init__(spsa, lr, weight_decay)
         self.beta = momentum
         self.m = [torch.zeros_like(t.param) for t in spsa.trainables]
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {f"m.{i}": m for i, m in enumerate(self.m)}
 
     @torch.no_grad()
     def apply(self, seeds, grads, loss_fn) -> int:
@@ -76,6 +112,17 @@ class Adam(UpdateRule):
         self.m = [torch.zeros_like(t.param) for t in spsa.trainables]
         self.v = [torch.zeros_like(t.param) for t in spsa.trainables]
 
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {**{f"m.{i}": m for i, m in enumerate(self.m)}, **{f"v.{i}": v for i, v in enumerate(self.v)}}
+
+    def state_dict(self):
+        tensors, scalars = super().state_dict()
+        return tensors, {**scalars, "t": self.t}
+
+    def load_state_dict(self, tensors, scalars) -> None:
+        super().load_state_dict(tensors, scalars)
+        self.t = scalars["t"]
+
     @torch.no_grad()
     def apply(self, seeds, grads, loss_fn) -> int:
         self.t += 1
@@ -84,12 +131,14 @@ class Adam(UpdateRule):
         for i, t, g_hat in self.estimates(seeds, grads):
             self.m[i].mul_(self.b1).add_(g_hat, alpha=1 - self.b1)
             self.v[i].mul_(self.b2).addcmul_(g_hat, g_hat, value=1 - self.b2)
-            denom = (self.v[i] / c2).sqrt_().add_(self.adam_eps)
+            denom = torch.div(self.v[i], c2, out=g_hat).sqrt_().add_(self.adam_eps)  # g_hat is spent: reuse it
             t.param.addcdiv_(self.m[i], denom, value=-self.lr / c1)
         return 0
 
 
 class Conservative(UpdateRule):
+    last_losses: list[float] = []  # the step's three losses, for the replay log
+
     @torch.no_grad()
     def apply(self, seeds, grads, loss_fn) -> int:
         sgd = self.spsa.sgd_update
@@ -98,6 +147,7 @@ class Conservative(UpdateRule):
         loss_minus = float(loss_fn())
         sgd(seeds, [-2 * g for g in grads], self.lr, 0.0)  # theta + lr g_hat
         loss_plus = float(loss_fn())
+        self.last_losses = [loss_here, loss_minus, loss_plus]
         best = min(loss_here, loss_minus, loss_plus)
         if best == loss_here:
             sgd(seeds, grads, self.lr, 0.0)

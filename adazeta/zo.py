@@ -7,7 +7,13 @@ is needed and never stored (MeZO, arXiv 2305.17333, Algorithm 1):
     theta <- theta - lr * ((1/Q) sum_q g_q z_q + wd * theta)      (wd skipped for biases and norms)
 
 The perturbation is applied in place: +eps z, forward; -2 eps z, forward; +eps z to restore.
-A method may restrict z with a mask per tensor (Sparse-MeZO: z_hat = m(theta) * z).
+A method may restrict z with a mask per tensor (Sparse-MeZO: z_hat = m(theta) * z). With plain SGD
+the last restore can ride along in the update's own pass over that z (`sgd_update(restore=True)`):
+with d = 1 - lr wd (1 where weight decay is skipped) and the weights at theta - eps z,
+
+    p <- d p + (d eps - lr g) z    =    d theta - lr g z,
+
+one regeneration of z fewer per step (3 instead of 4 passes over the weights for Q = 1).
 
 Each tensor i draws its z from its own seed, tensor_seed(s_q, i), so that one tensor's noise can be
 regenerated without the others' (per-layer perturbation inside a forward, per-tensor updates).
@@ -15,12 +21,21 @@ regenerated without the others' (per-layer perturbation inside a forward, per-te
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 MASK64 = (1 << 64) - 1
+# A large tensor's z is drawn CHUNK values at a time into a small per-thread buffer and added while
+# it is still in cache: no parameter-sized scratch, and every add stays under torch's intra-op grain
+# size (32768), so it never starts an OpenMP team (which stalls when another process holds a core).
+CHUNK = 1 << 14
+# Passes over fewer trainable values than this run on the calling thread only (adapters, LoRA).
+THREADED_MIN = 1 << 20
 
 
 def splitmix64(x: int) -> int:
@@ -53,37 +68,132 @@ class Trainable:
 MaskFn = Callable[[int, torch.Tensor, int], "torch.Tensor | None"]
 
 
+@functools.cache
+def chunks_exact(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether normal_ drawn chunk by chunk from one generator gives the values one call over the
+    whole tensor gives (true for torch's CPU kernels: uniforms in order, transformed in blocks of
+    16, the tail block redrawn at the end; not on CUDA, whose offsets depend on the launch).
+    Checked once per device type and dtype, so a torch that changes this only costs speed."""
+    if device_type != "cpu":
+        return False
+    n = 3 * CHUNK + 21
+    whole = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    return torch.equal(whole, _chunked_normal(n, torch.Generator().manual_seed(1), dtype))
+
+
+def _chunked_normal(n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(n, dtype=dtype)
+    for a, b in chunk_bounds(n):
+        out[a:b].normal_(generator=gen)
+    return out
+
+
+def chunk_bounds(n: int) -> list[tuple[int, int]]:
+    """[a, b) spans of CHUNK values (multiples of 16); the last one takes the remainder, so it is
+    never shorter than 16 (a tensor's z then equals one normal_ call over it)."""
+    out, a = [], 0
+    while a < n:
+        b = n if n - a < 2 * CHUNK else a + CHUNK
+        out.append((a, b))
+        a = b
+    return out
+
+
+class Lane:
+    """One thread's share of a pass over the weights: its tensors, its own generators (one per
+    query of the pass) and its own chunk buffer, so lanes never share state."""
+
+    def __init__(self, indices: list[int]):
+        self.indices = indices
+        self.generators: dict[torch.device, list[torch.Generator]] = {}
+        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def gens(self, device: torch.device, n: int) -> list[torch.Generator]:
+        have = self.generators.setdefault(device, [])
+        while len(have) < n:
+            have.append(torch.Generator(device=device))
+        return have[:n]
+
+    def buffer(self, p: torch.Tensor, numel: int) -> torch.Tensor:
+        key = (p.device, p.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[key] = torch.empty(max(numel, 2 * CHUNK), device=p.device, dtype=p.dtype)
+        return buf[:numel]
+
+
 class SPSA:
     """Two-sided SPSA over a fixed, ordered list of trainable tensors.
 
-    z is drawn into a reusable scratch buffer from one explicit torch.Generator per device, so a
-    step allocates nothing parameter-sized and never touches the global RNG.
+    A pass over the weights (perturb, update) adds to each tensor its z, drawn from an explicit
+    torch.Generator seeded by tensor_seed(seed, index): never the global RNG. Without a mask, z is
+    drawn in cache-sized chunks and never exists whole; the tensors are dealt to `workers` threads
+    (torch's normal_ is single-threaded; each tensor's z depends only on its own seed, so the
+    result does not depend on the number of threads). A step allocates nothing parameter-sized.
+
+    `displaced` records where the weights sit relative to theta: {seed: s} for theta + s eps z(seed)
+    (every in-place write goes through `perturb`); `restore()` brings them back.
     """
 
-    def __init__(self, trainables: list[Trainable], eps: float, mask: MaskFn | None = None):
+    def __init__(
+        self, trainables: list[Trainable], eps: float, mask: MaskFn | None = None, workers: int | None = None
+    ):
         if eps <= 0:
             raise ValueError(f"method.eps must be > 0, got {eps}")
         self.trainables, self.eps, self.mask = trainables, eps, mask
         # How the pair L(theta + eps z), L(theta - eps z) is evaluated: in place by default;
         # Sparse-MeZO's memory-efficient mode swaps in a perturbation inside each layer's forward.
         self.loss_pair: Callable[[Callable[[], torch.Tensor], int], tuple] = self.losses
+        self.displaced: dict[int, float] = {}
+        # z() for one tensor at a time (parallel replicas, in-forward perturbation, stateful rules):
+        # one generator per device and a scratch buffer of the largest tensor, made on first use.
         self.generators: dict[torch.device, torch.Generator] = {}
         self.scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        for t in trainables:
-            p = t.param
-            if p.device not in self.generators:
-                self.generators[p.device] = torch.Generator(device=p.device)
-            key = (p.device, p.dtype)
-            numel = max(p.numel(), self.scratch[key].numel() if key in self.scratch else 0)
-            self.scratch[key] = torch.empty(numel, device=p.device, dtype=p.dtype)
+        # Per tensor, the chunks its z is drawn in by a pass (None: drawn whole by z()).
+        self.bounds = [
+            chunk_bounds(t.param.numel())
+            if mask is None and t.param.is_contiguous() and t.param.numel() >= 2 * CHUNK
+            and chunks_exact(t.param.device.type, t.param.dtype) else None
+            for t in trainables
+        ]
+        workers = torch.get_num_threads() if workers is None else workers
+        total = sum(t.param.numel() for t in trainables)
+        threaded = (
+            workers > 1 and mask is None and total >= THREADED_MIN
+            and all(t.param.device.type == "cpu" for t in trainables)
+        )
+        self.lanes = self.deal(workers if threaded else 1)
+        self.pool = None
+        if len(self.lanes) > 1:  # the calling thread runs the first lane itself
+            self.pool = ThreadPoolExecutor(len(self.lanes) - 1, "spsa")
+            weakref.finalize(self, self.pool.shutdown, wait=False)
 
-    def z(self, index: int, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def deal(self, n: int) -> list[Lane]:
+        """Split the tensors into n lanes of about equal size (largest first to the lightest)."""
+        lanes, load = [Lane([]) for _ in range(n)], [0] * n
+        for i in sorted(range(len(self.trainables)), key=lambda i: -self.trainables[i].param.numel()):
+            k = load.index(min(load))
+            lanes[k].indices.append(i)
+            load[k] += self.trainables[i].param.numel()
+        for lane in lanes:
+            lane.indices.sort()
+        return [lane for lane in lanes if lane.indices] or [Lane([])]
+
+    def z(self, index: int, seed: int, out: torch.Tensor | None = None, generator=None) -> torch.Tensor:
         """z_q for tensor `index` (masked if the method masks), written into `out` or the scratch
         buffer: valid until the next call."""
         p = self.trainables[index].param
         if out is None:
-            out = self.scratch[(p.device, p.dtype)][: p.numel()].view_as(p)
-        gen = self.generators[p.device]
+            key = (p.device, p.dtype)
+            if key not in self.scratch:
+                numel = max(t.param.numel() for t in self.trainables if (t.param.device, t.param.dtype) == key)
+                self.scratch[key] = torch.empty(numel, device=p.device, dtype=p.dtype)
+            out = self.scratch[key][: p.numel()].view_as(p)
+        gen = generator
+        if gen is None:
+            gen = self.generators.get(p.device)
+            if gen is None:
+                gen = self.generators[p.device] = torch.Generator(device=p.device)
         gen.manual_seed(tensor_seed(seed, index))
         out.normal_(generator=gen)
         if self.mask is not None:
@@ -97,25 +207,86 @@ class SPSA:
             yield t, self.z(i, seed)
 
     @torch.no_grad()
-    def perturb(self, seed: int, scale: float) -> None:
-        """theta <- theta + scale * eps * z(seed)."""
-        for t, z in self.noise(seed):
-            t.param.add_(z, alpha=scale * self.eps)
+    def add_noise(
+        self, seeds: list[int], coeffs: list[float], factor: float = 1.0, decayed: list[float] | None = None
+    ) -> None:
+        """One pass over the weights: p <- f p + sum_k c_k z(seed_k) for every tensor, with f =
+        `factor` and c = `decayed` (default: `coeffs`) where weight decay applies, f = 1 and
+        c = `coeffs` elsewhere. Each z is regenerated once; no host sync."""
+        decayed = coeffs if decayed is None else decayed
+        if self.pool is None:
+            self.run_lane(self.lanes[0], seeds, coeffs, factor, decayed)
+            return
+        futures = [self.pool.submit(self.run_lane, lane, seeds, coeffs, factor, decayed) for lane in self.lanes[1:]]
+        self.run_lane(self.lanes[0], seeds, coeffs, factor, decayed)
+        for f in futures:
+            f.result()
 
     @torch.no_grad()
-    def losses(self, loss_fn: Callable[[], torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """L(theta + eps z) and L(theta - eps z), weights restored afterwards (in place)."""
+    def run_lane(self, lane: Lane, seeds: list[int], coeffs: list[float], factor: float, decayed: list[float]) -> None:
+        own = self.pool is not None  # on a worker thread: the lane's own generators and buffers
+        for i in lane.indices:
+            t = self.trainables[i]
+            f, cs = (factor, decayed) if t.decay else (1.0, coeffs)
+            p = t.param
+            if self.bounds[i] is None:  # whole tensor: small, masked, or not chunkable
+                if f != 1.0:
+                    p.mul_(f)
+                for seed, c in zip(seeds, cs, strict=True):
+                    out = lane.buffer(p, p.numel()).view_as(p) if own else None
+                    z = self.z(i, seed, out=out, generator=lane.gens(p.device, 1)[0] if own else None)
+                    p.add_(z, alpha=c)
+                continue
+            gens = lane.gens(p.device, len(seeds))
+            for gen, seed in zip(gens, seeds, strict=True):
+                gen.manual_seed(tensor_seed(seed, i))
+            flat, buf = p.view(-1), lane.buffer(p, 2 * CHUNK)
+            for a, b in self.bounds[i]:  # each z chunk is added while it is still in cache
+                dst, z = flat[a:b], buf[: b - a]
+                if f != 1.0:
+                    dst.mul_(f)
+                for gen, c in zip(gens, cs, strict=True):
+                    z.normal_(generator=gen)
+                    dst.add_(z, alpha=c)
+
+    @torch.no_grad()
+    def perturb(self, seed: int, scale: float) -> None:
+        """theta <- theta + scale * eps * z(seed)."""
+        self.add_noise([seed], [scale * self.eps])
+        s = self.displaced.pop(seed, 0.0) + scale
+        if s != 0.0:
+            self.displaced[seed] = s
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo what is left of the in-place perturbations (`displaced`); a no-op when none is."""
+        for seed, s in list(self.displaced.items()):
+            self.perturb(seed, -s)
+
+    @torch.no_grad()
+    def losses(
+        self, loss_fn: Callable[[], torch.Tensor], seed: int, restore: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L(theta + eps z) and L(theta - eps z), in place. The weights are restored afterwards,
+        or with restore=False left at theta - eps z for the caller to restore or to fold the
+        restore into the update (`sgd_update(..., restore=True)`)."""
         self.perturb(seed, +1.0)
         loss_plus = loss_fn()
         self.perturb(seed, -2.0)
         loss_minus = loss_fn()
-        self.perturb(seed, +1.0)
+        if restore:
+            self.perturb(seed, +1.0)
         return loss_plus, loss_minus
 
-    def projected_grad(self, loss_fn: Callable[[], torch.Tensor], seed: int) -> tuple[float, float]:
+    def projected_grad(
+        self, loss_fn: Callable[[], torch.Tensor], seed: int, restore: bool = True
+    ) -> tuple[float, float]:
         """g = (L+ - L-) / (2 eps) for one query. Returns (g, (L+ + L-) / 2), the latter an
-        estimate of the loss at theta."""
-        loss_plus, loss_minus = self.loss_pair(loss_fn, seed)
+        estimate of the loss at theta. restore=False: see `losses` (in-place pairs only)."""
+        if restore or self.loss_pair != self.losses:
+            loss_plus, loss_minus = self.loss_pair(loss_fn, seed)
+        else:
+            loss_plus, loss_minus = self.losses(loss_fn, seed, restore=False)
         # One host sync per query for both scalars, not one per parameter.
         lp, lm = torch.stack([loss_plus.float(), loss_minus.float()]).tolist()
         return (lp - lm) / (2 * self.eps), (lp + lm) / 2
@@ -136,9 +307,22 @@ class SPSA:
                     t.param.mul_(1.0 - lr * weight_decay)
 
     @torch.no_grad()
-    def sgd_update(self, seeds: list[int], grads: list[float], lr: float, weight_decay: float) -> None:
-        """theta <- theta - lr * ((1/Q) sum_q g_q z_q + wd * theta), decay only where t.decay."""
-        self.decay(lr, weight_decay)
-        for seed, g in zip(seeds, grads, strict=True):
-            for t, z in self.noise(seed):
-                t.param.add_(z, alpha=-lr * g / len(seeds))
+    def sgd_update(
+        self, seeds: list[int], grads: list[float], lr: float, weight_decay: float, restore: bool = False
+    ) -> None:
+        """theta <- theta - lr * ((1/Q) sum_q g_q z_q + wd * theta), decay only where t.decay, in
+        one pass over the weights. restore=True: the weights sit at theta + s eps z(seed) for a
+        seed of this step (`displaced`, e.g. s = -1 after the last query's L-): with d the decay
+        factor, that query's term becomes (-d s eps - lr g_q / Q) z_q, so the restore costs no
+        regeneration of z of its own."""
+        d = 1.0 - lr * weight_decay
+        plain = [-lr * g / len(seeds) for g in grads]
+        decayed = list(plain)
+        if restore:
+            for seed in [s for s in self.displaced if s not in seeds]:
+                self.perturb(seed, -self.displaced[seed])  # not this step's: restore on its own
+            for k, seed in enumerate(seeds):
+                s = self.displaced.pop(seed, 0.0)
+                plain[k] -= s * self.eps
+                decayed[k] -= d * s * self.eps
+        self.add_noise(seeds, plain, factor=d, decayed=decayed)

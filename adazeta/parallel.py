@@ -1,0 +1,234 @@
+"""Parallel queries: a step's 2Q perturbed forwards as batched forwards over replicas of the batch.
+
+AdaZeta (arXiv 2406.18060) names as a limitation that its queries run one after another. Here the
+batch is repeated R = 2Q times and replica r = 2q + s runs with its own trainable weights
+
+    theta_r = theta + eps z_q  (s = 0),    theta_r = theta - eps z_q  (s = 1),
+
+z_q regenerated from the query's seed exactly as the sequential path does (`SPSA.z`), so
+g_q = (L_{2q} - L_{2q+1}) / (2 eps) is the same projected gradient, within float rounding.
+
+The base model is shared by all replicas and never written: only the modules that own trainable
+parameters compute per replica, each from a stack of R copies of its own tensors (R x the
+trainable size: small for TT adapters, LoRA and a classification head; that is why full-weight
+methods cannot run this way). During a replicated forward such a module's `forward` is swapped
+for a batched one that splits its input into the R replicas' row blocks:
+
+- nn.Linear (LoRA's A and B, classification heads): y_r = x_r W_r^T + b_r, one `baddbmm`;
+- TTLinear (AdaZeta's adapters): A_r, B_r from the replica's cores by batched contractions of
+  the fast-forward path, then y_r = (x_r A_r) B_r + b_r, two `bmm`s.
+
+Replicas are evaluated in chunks of at most `zo.max_replicas`; when that is null, as many as an
+estimate of the replicated activations allows (half the free memory, see `BatchLoss.replica_bytes`).
+A chunk may split a query's pair: the losses are gathered before any g_q is formed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adazeta.errors import ConfigError
+from adazeta.tt import TTLinear
+from adazeta.zo import SPSA
+
+# Replicated activations may take at most this fraction of the free memory (automatic chunking).
+MEMORY_FRACTION = 0.5
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on `device`: the CUDA driver's free bytes, or MemAvailable on a Linux host."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class ParallelQueries:
+    """estimate(loss_fn, seeds) -> [Q, 2] float64 of (g_q, (L+ + L-) / 2), like
+    `ZOStep.sequential`, from batched forwards over per-replica trainable weights.
+
+    `loss_fn` must offer `replicated(r)` (the r per-replica mean losses of the batch repeated r
+    times: `adazeta.objectives.BatchLoss`); `replica_bytes()`, if it has one, drives the
+    automatic chunking.
+    """
+
+    def __init__(self, model: nn.Module, spsa: SPSA, max_replicas: int | None = None):
+        if max_replicas is not None and max_replicas < 1:
+            raise ConfigError(f"zo.max_replicas={max_replicas} must be >= 1 (or null: all 2Q at once)")
+        self.spsa, self.max_replicas = spsa, max_replicas
+        self.owners = owners(model, spsa)
+        # Per trainable tensor, a reusable (capacity, *shape) stack of replica copies.
+        self.stacks: list[torch.Tensor | None] = [None] * len(spsa.trainables)
+        self.device = spsa.trainables[0].param.device
+
+    def __call__(self, loss_fn: Callable[[], torch.Tensor], seeds: list[int]) -> torch.Tensor:
+        replicated = getattr(loss_fn, "replicated", None)
+        if replicated is None:
+            raise TypeError(
+                "zo.parallel_queries=true needs a loss that can evaluate replicas of its batch "
+                f"(a `replicated(r)` method, e.g. adazeta.objectives.BatchLoss), got {loss_fn!r}"
+            )
+        total = 2 * len(seeds)
+        chunk = self.chunk_size(loss_fn, total)
+        losses = torch.empty(total, dtype=torch.float64)
+        for start in range(0, total, chunk):
+            n = min(chunk, total - start)
+            self.fill(seeds, start, n)
+            with torch.no_grad(), self.replicas(n):
+                # One host sync per chunk, for n scalars.
+                losses[start : start + n] = replicated(n).float().cpu().double()
+        plus, minus = losses[0::2], losses[1::2]
+        return torch.stack([(plus - minus) / (2 * self.spsa.eps), (plus + minus) / 2], dim=1)
+
+    def chunk_size(self, loss_fn, total: int) -> int:
+        if self.max_replicas is not None:
+            return min(self.max_replicas, total)
+        estimate = getattr(loss_fn, "replica_bytes", None)
+        free = available_bytes(self.device)
+        if estimate is None or free is None:
+            return total
+        return max(1, min(total, int(MEMORY_FRACTION * free) // max(estimate(), 1)))
+
+    def stack(self, index: int, n: int) -> torch.Tensor:
+        p = self.spsa.trainables[index].param
+        buf = self.stacks[index]
+        if buf is None or buf.shape[0] < n:  # grows with Q (adaptive schedules), then is reused
+            buf = self.stacks[index] = torch.empty((n, *p.shape), device=p.device, dtype=p.dtype)
+        return buf[:n]
+
+    @torch.no_grad()
+    def fill(self, seeds: list[int], start: int, n: int) -> None:
+        """Replicas start .. start + n - 1 of every trainable tensor: theta +/- eps z_q, each
+        z_q regenerated once per tensor and chunk."""
+        eps = self.spsa.eps
+        queries = range(start // 2, (start + n + 1) // 2)
+        for i, t in enumerate(self.spsa.trainables):
+            out = self.stack(i, n)
+            for q in queries:
+                z = self.spsa.z(i, seeds[q])
+                for r, sign in ((2 * q, 1.0), (2 * q + 1, -1.0)):
+                    if start <= r < start + n:
+                        torch.add(t.param, z, alpha=sign * eps, out=out[r - start])
+
+    @contextlib.contextmanager
+    def replicas(self, n: int) -> Iterator[None]:
+        """Swap each owner's forward for its per-replica version over the first n stacks."""
+        saved: list[tuple[nn.Module, Callable | None]] = []
+        try:
+            for module, owned in self.owners:
+                original = module.__dict__.get("forward")
+                module.forward = replica_forward(module, {name: self.stacks[i][:n] for name, i in owned}, n)
+                saved.append((module, original))
+            yield
+        finally:
+            for module, original in saved:
+                if original is None:
+                    del module.forward  # back to the class's forward
+                else:
+                    module.forward = original  # e.g. an accelerate hook's wrapper
+
+
+def owners(model: nn.Module, spsa: SPSA) -> list[tuple[nn.Module, list[tuple[str, int]]]]:
+    """The modules that compute with trainable tensors, each with [(its name for the tensor,
+    trainable index)]. A TTLinear owns its cores (held by a ParameterList child)."""
+    index = {id(t.param): i for i, t in enumerate(spsa.trainables)}
+    found, claimed = [], set()
+    for module in model.modules():
+        if isinstance(module, TTLinear):
+            params = module.named_parameters()
+        elif isinstance(module, nn.ParameterList):
+            continue  # TTLinear cores: claimed by their TTLinear above
+        else:
+            params = module.named_parameters(recurse=False)
+        owned = [(name, index[id(p)]) for name, p in params if id(p) in index and id(p) not in claimed]
+        if not owned:
+            continue
+        if not isinstance(module, (nn.Linear, TTLinear)):
+            raise ConfigError(
+                f"zo.parallel_queries=true: trainable {[n for n, _ in owned]} of a "
+                f"{type(module).__name__} cannot get per-replica copies (supported: nn.Linear, "
+                "TTLinear, i.e. trainable=tt_adapter or lora with a linear classification head); "
+                "set zo.parallel_queries=false"
+            )
+        claimed.update(id(spsa.trainables[i].param) for _, i in owned)
+        found.append((module, owned))
+    missing = [t.name for t in spsa.trainables if id(t.param) not in claimed]
+    if missing:
+        raise ConfigError(
+            f"zo.parallel_queries=true: no module of the model computes with trainable {missing[:3]}; "
+            "set zo.parallel_queries=false"
+        )
+    return found
+
+
+def replica_forward(module: nn.Module, params: dict[str, torch.Tensor], n: int) -> Callable:
+    """The module's forward over an input of n row blocks, block r with weights params[.][r]."""
+    if isinstance(module, TTLinear):
+        cores = [params.get(f"cores.{k}", core.expand(n, *core.shape)) for k, core in enumerate(module.cores)]
+        bias = params.get("bias", module.bias)
+        a, b = module.factors(cores)  # (n, d_in, r), (n, r, d_out): once per forward, not per row
+        # Right-hand sides as transposed views of contiguous (n, r, d) copies: the layout CPU GEMMs
+        # are fast with for a skinny operand (see TTLinear.forward).
+        a, b = a.mT.contiguous().mT, b.mT.contiguous().mT
+
+        def tt_forward(x: torch.Tensor) -> torch.Tensor:
+            xs = _blocks(x, n, module)
+            h = torch.bmm(xs, a)
+            y = torch.bmm(h, b) if bias is None else torch.baddbmm(_rows(bias), h, b)
+            return y.reshape(*x.shape[:-1], module.d_out)
+
+        return tt_forward
+
+    weight = params.get("weight", module.weight)
+    bias = params.get("bias", module.bias)
+
+    def linear_forward(x: torch.Tensor) -> torch.Tensor:
+        xs = _blocks(x, n, module)
+        w = weight.transpose(-1, -2)  # (n, in, out), or (in, out) when only the bias is trainable
+        if bias is None:
+            y = xs @ w
+        elif w.dim() == 3:
+            y = torch.baddbmm(_rows(bias), xs, w)
+        else:
+            y = xs @ w + _rows(bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    return linear_forward
+
+
+def _rows(bias: torch.Tensor) -> torch.Tensor:
+    """A per-replica bias (n, d) as (n, 1, d); a shared one (d,) as is: both broadcast."""
+    return bias.unsqueeze(1) if bias.dim() == 2 else bias
+
+
+def _blocks(x: torch.Tensor, n: int, module: nn.Module) -> torch.Tensor:
+    """(n * rows, ..., d) -> (n, rows * ..., d): replica r's rows are the r-th block."""
+    if x.shape[0] % n:
+        raise RuntimeError(
+            f"parallel queries: a {type(module).__name__} got {x.shape[0]} rows, not a multiple "
+            f"of the {n} replicas; its input is not batch-first"
+        )
+    return x.reshape(n, -1, x.shape[-1])
+
+
+def check_parallel(trainable: str) -> None:
+    """Parallel queries hold R copies of the trainable set: adapters and LoRA only."""
+    valid = ["tt_adapter", "lora"]
+    if trainable not in valid:
+        raise ConfigError(
+            f"zo.parallel_queries=true needs per-replica copies of the trainable set, which "
+            f"method.trainable={trainable} (every weight of the model) cannot afford; valid "
+            f"trainable sets: {valid}. Set zo.parallel_queries=false for this method"
+        )
+
