@@ -241,6 +241,48 @@ class TrainConfig:
     """Show a tqdm progress bar."""
     threads: int | None = None
     """torch CPU threads (null: torch's default)."""
+    save_steps: int = 100
+    """Save a checkpoint every this many steps and at the end, in <run>/checkpoints/step-<N>/:
+    the trainable parameters (safetensors), the update rule's state, step, RNG states, data
+    position and log window; 0: only at the end (and on SIGINT/SIGTERM or a stopped divergence)."""
+    save_total_limit: int = 2
+    """Keep the newest this many checkpoints (>= 1); older ones are deleted. The best-dev weights
+    (best_trainable.safetensors) are kept apart and never deleted."""
+    resume: str | None = None
+    """Continue a run from its newest checkpoint: its run folder, one of its
+    checkpoints/step-<N> folders, or `auto`: the newest checkpoint under the output root
+    (outputs/runs; outputs/multirun in a sweep) of a run with the same config apart from this key,
+    or a fresh start if there is none. The resumed run writes a new run folder that starts with the
+    old one's metrics up to the checkpoint; on CPU it reproduces the uninterrupted run's metrics
+    exactly. Method, model, task, seed and trainable set must match; other keys (train.max_steps,
+    method.lr, ...) may change, and a changed method.lr replaces the checkpoint's."""
+    replay_log: bool = True
+    """ZO methods: append each step's query seeds, projected gradients and lr to
+    <run>/replay.jsonl, from which `adazeta-replay <run>` rebuilds the trainable parameters."""
+
+
+class GuardAction(Enum):
+    stop = "stop"  # stop the run with a message naming the step and values (checkpoint saved)
+    rollback = "rollback"  # restore the last checkpoint, multiply the lr by guard.lr_factor, go on
+
+
+@dataclass
+class GuardConfig:
+    """The divergence guard (adazeta/guard.py): checks each step's losses and projected gradients
+    before the update is applied, so a bad step never moves a weight."""
+
+    explode_factor: float | None = 10.0
+    """A step whose loss exceeds this factor times the running mean of the last `window`
+    accepted losses is not applied (> 1); null: only non-finite values stop a step."""
+    window: int = 20
+    """Accepted step losses in the running mean; the explosion check starts once it is full."""
+    action: GuardAction = GuardAction.stop
+    """`stop`: save a checkpoint and stop with a clear message; `rollback`: restore the last
+    checkpoint and multiply the lr by `lr_factor` (at most `max_rollbacks` times)."""
+    lr_factor: float = 0.5
+    """Learning-rate multiplier applied at each rollback, in (0, 1)."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed in one run (>= 1) before the run stops as with action=stop."""
 
 
 @dataclass
@@ -311,6 +353,7 @@ class Config:
     schedule: ScheduleConfig = MISSING
     logger: LoggerConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     zo: ZOConfig = field(default_factory=ZOConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 0

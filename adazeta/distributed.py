@@ -66,6 +66,22 @@ class Dist:
         n = len(examples) // self.world
         return examples[self.rank * n : (self.rank + 1) * n]
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is True on any (e.g. a signal that reached one rank first)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=self.comm_device)
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return bool(t.item())
+
+    def from_main(self, value):
+        """Rank 0's value of a picklable object, on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self) -> None:
         if self.enabled and td.is_initialized():
             td.destroy_process_group()

@@ -4,6 +4,11 @@ The loop: each step draws a batch, asks the query schedule for Q, estimates Q pr
 with two-sided SPSA (2Q forward passes, no autograd) and applies the update; every
 `train.eval_steps` it evaluates on dev and keeps the best-dev weights; at the end it evaluates
 those on test. Everything the run writes goes into its Hydra output folder.
+
+Reliability is a few named calls: the divergence guard checks each step before its update
+(adazeta/guard.py); checkpoints are saved every `train.save_steps` and restored by `train.resume`
+(adazeta/checkpoint.py); SIGINT/SIGTERM stop the run after the current step with a checkpoint
+(adazeta/interrupt.py); ZO steps are appended to a replay log (adazeta/replay.py).
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import json
 import logging
 import math
 import random
+import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,28 +30,34 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from adazeta import distributed
-from adazeta.config import Head, HeadInit
+from adazeta import checkpoint, distributed
+from adazeta.config import GuardAction, Head, HeadInit, Optimizer
+from adazeta.errors import ConfigError, DivergenceError, Interrupted
+from adazeta.guard import Guard, check_precision, get_lr, set_lr
+from adazeta.interrupt import interruption, resume_command
 from adazeta.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
 from adazeta.memory import get_memory_stats, peak_gib, reset_peak
-from adazeta.methods import build_method
+from adazeta.methods import Method, build_method
 from adazeta.models import load_model, prompt_init_head
 from adazeta.objectives import Objective
-from adazeta.tasks import Example, build_task
+from adazeta.replay import ReplayLog
+from adazeta.tasks import Example, Splits, Task, build_task
 from adazeta.zo import Trainable
 
 log = logging.getLogger("adazeta")
 
 
-def batches(examples: list[Example], batch_size: int, seed: int):
-    """Endless stream of training batches; a new shuffle each epoch, from its own RNG."""
-    epoch = 0
+def batches(examples: list[Example], batch_size: int, seed: int, start: int = 0):
+    """Endless stream of training batches; a new shuffle each epoch, from its own RNG. `start`
+    skips that many batches (a resumed run's data position) without drawing them."""
+    offsets = range(0, len(examples) - batch_size + 1, batch_size) or [0]
+    epoch, skip = divmod(start, len(offsets))
     while True:
         order = list(examples)
         random.Random(seed * 100_003 + epoch).shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size) or [0]:
+        for i in offsets[skip:]:
             yield order[i : i + batch_size]
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -64,6 +77,13 @@ def load_trainables(trainables: list[Trainable], path: Path) -> None:
         t.param.copy_(state[t.name])
 
 
+def find_resume(cfg: DictConfig, run_dir: Path) -> Path:
+    """The checkpoint `train.resume` names (`auto`: searched for under the output root)."""
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    sweep = Path(hc.sweep.dir) if hc is not None and hc.mode == RunMode.MULTIRUN else None
+    return checkpoint.find(cfg.train.resume, cfg, run_dir, sweep)
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> Loggers:
     loggers: list[MetricLogger] = [JsonlLogger(run_dir)]
     if cfg.logger.name == "wandb":
@@ -80,38 +100,62 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> Loggers:
     return out
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train and evaluate; return the summary (also written to <run_dir>/summary.json)."""
-    t_start = time.perf_counter()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)  # only the new head's init draws from the global RNG
+@dataclass
+class Setup:
+    task: Task
+    splits: Splits
+    objective: Objective
+    device: torch.device
+    method: Method
+    inference_gib: float
 
-    dist = distributed.setup(cfg.dist, cfg.model, cfg.method, cfg.train.batch_size)  # no-op without torchrun
+
+def setup(cfg: DictConfig, dist: distributed.Dist | None = None) -> Setup:
+    """Data, model, objective and method, built in the order that fixes the global RNG's draws
+    (random-init weights, new heads, adapters): `adazeta-replay` calls it to rebuild a run's
+    starting weights exactly."""
+    torch.manual_seed(cfg.seed)  # random-init models, new heads and adapters draw from the global RNG
     task = build_task(cfg.task)
     splits = task.load()
     loaded = load_model(cfg.model, num_labels=task.num_labels)
     model, device = loaded.model, loaded.device
     objective = Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length)
-    bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size
-    dev_batches, test_batches = objective.eval_batches(splits.dev, ebs), objective.eval_batches(splits.test, ebs)
-    stream = batches(splits.train, min(bs, len(splits.train)), cfg.seed)
 
     # Inference memory of this model and batch size, measured before any training state exists.
     reset_peak(device)
     with torch.no_grad():
-        objective.forward(model, to_device(objective.encode(splits.train[:bs], train=True), device))
+        objective.forward(model, to_device(objective.encode(splits.train[: cfg.train.batch_size], train=True), device))
     inference_gib = peak_gib(device)
 
-    method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed)
-    model, trainables = method.model, method.trainables
-    distributed.distribute(method.step, dist)  # no-op without torchrun
-    n_trainable = sum(t.param.numel() for t in trainables)
+    method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
+    if dist is not None:
+        distributed.distribute(method.step, dist)  # no-op without torchrun
     if loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt:
         blank = Example(fields={f: "" for f in task.text_fields}, label=0)
         # LM-BFF label words take their leading space from the tokenizer side: add it here.
         prompts = [task.mlm_template(blank, " " + word).strip() for word in task.label_words]
-        prompt_init_head(model, objective, prompts, device)
+        prompt_init_head(method.model, objective, prompts, device)
+    return Setup(task, splits, objective, device, method, inference_gib)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train and evaluate; return the summary (also written to <run_dir>/summary.json)."""
+    t_start = time.perf_counter()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    dist = distributed.setup(cfg.dist, cfg.model, cfg.method, cfg.train.batch_size)  # no-op without torchrun
+    # Fails before anything loads; under torchrun rank 0 finds it (`auto` searches its run folder).
+    resume_from = dist.from_main(find_resume(cfg, run_dir) if cfg.train.resume and dist.is_main else None)
+    if dist.enabled and cfg.guard.action == GuardAction.rollback:
+        raise ConfigError("guard.action=rollback is not available under torchrun (only rank 0 keeps checkpoints); "
+                          "use guard.action=stop and resume with train.resume=<run folder>")
+
+    built = setup(cfg, dist)
+    splits, objective, device, method = built.splits, built.objective, built.device, built.method
+    model, trainables = method.model, method.trainables
+    bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size
+    dev_batches, test_batches = objective.eval_batches(splits.dev, ebs), objective.eval_batches(splits.test, ebs)
+    n_trainable = sum(t.param.numel() for t in trainables)
     reset_peak(device)  # the training peak: weights, method state, activations; not model loading
     schedule = instantiate(cfg.schedule)
     steps_per_epoch = max(len(splits.train) // bs, 1)
@@ -121,63 +165,130 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         cfg.method.name, cfg.task.name, cfg.model.name, n_trainable,
         len(splits.train), len(splits.dev), len(splits.test), cfg.train.max_steps,
     )
-    loggers = build_loggers(cfg, run_dir) if dist.is_main else Loggers([])  # only rank 0 writes
+    guard = Guard(cfg.guard)
+    method.step.guard = guard  # sees each step's losses and projected gradients before its update
+    check_precision(trainables, zo=cfg.method.optimizer == Optimizer.zo)
+    rows, records = [], []
+    if resume_from is not None and dist.is_main:
+        rows, records = checkpoint.carry_over(resume_from, run_dir)
+    replay = None
+    if cfg.train.replay_log and cfg.method.optimizer == Optimizer.zo and dist.is_main:
+        replay = ReplayLog(run_dir / "replay.jsonl", method.step, records)
+    ckpt = checkpoint.Checkpointer(run_dir, cfg, method, guard, objective, replay, writes=dist.is_main)
     metric = objective.metric  # accuracy, or f1 for SQuAD/DROP
-    best = {"step": -1, f"eval/{metric}": -1.0, "eval/loss": math.inf}
+    state = checkpoint.LoopState(best={"step": -1, f"eval/{metric}": -1.0, "eval/loss": math.inf})
+    if resume_from is not None:
+        state = ckpt.restore(resume_from)
+    loggers = build_loggers(cfg, run_dir) if dist.is_main else Loggers([])  # only rank 0 writes
+    for row in rows:  # a resumed run's folder starts with the old run's curve up to its checkpoint
+        loggers.log_dict({k: v for k, v in row.items() if k != "step"}, row["step"])
+    if cfg.guard.action == GuardAction.rollback and ckpt.last is None:
+        ckpt.save(state)  # a good state to roll back to before the first periodic checkpoint
     best_path = run_dir / "best_trainable.safetensors"
-    forward_passes, window, resyncs = 0, [], 0
+    resyncs = 0
 
     def evaluate_dev(step: int) -> dict[str, float]:
         """Dev metrics now; keeps the trainable weights if they are the best so far."""
-        nonlocal best
         dev = {f"eval/{k}": v for k, v in objective.evaluate(model, dev_batches, device).items()}
-        if (dev[f"eval/{metric}"], -dev["eval/loss"]) > (best[f"eval/{metric}"], -best["eval/loss"]):
-            best = {"step": step, **dev}
+        if (dev[f"eval/{metric}"], -dev["eval/loss"]) > (state.best[f"eval/{metric}"], -state.best["eval/loss"]):
+            state.best = {"step": step, **dev}
             save_trainables(trainables, best_path)
         log.info("step %d: dev loss %.4f, dev %s %.4f", step, dev["eval/loss"], metric, dev[f"eval/{metric}"])
         return dev
 
+    def diverged(e: DivergenceError) -> checkpoint.LoopState:
+        """guard.action=rollback: back to the last checkpoint with a lower lr. Otherwise stop, with
+        the weights of the last good step saved (the bad step was not applied)."""
+        lr = get_lr(method.step)
+        if cfg.guard.action == GuardAction.rollback and state.rollbacks < cfg.guard.max_rollbacks:
+            set_lr(method.step, lr * cfg.guard.lr_factor)
+            back = ckpt.restore(ckpt.last, rollback=True)
+            back.rollbacks, back.best = state.rollbacks + 1, state.best  # best-dev weights stay valid
+            log.warning("%s; rollback %d of %d to step %d (%s), lr %.3g -> %.3g", e, back.rollbacks,
+                        cfg.guard.max_rollbacks, back.step, ckpt.last, lr, get_lr(method.step))
+            checkpoint.rewind_metrics(run_dir, back.step)
+            event = {"guard/rollbacks": back.rollbacks, "guard/diverged_step": e.step, "train/lr": get_lr(method.step)}
+            loggers.log_dict(event, back.step)
+            return back
+        if replay is not None:
+            replay.reject(e.step)  # its round trips happened (they round the saved weights)
+        folder = ckpt.save(state)
+        tried = f" after {state.rollbacks} rollbacks (guard.max_rollbacks={cfg.guard.max_rollbacks})" if state.rollbacks else ""
+        raise DivergenceError(
+            f"{e}{tried}. The weights of step {state.step} are saved in {folder}. Lower method.lr (now {lr:.3g}) "
+            f"or method.eps and resume with train.resume={run_dir}"
+            + ("" if tried else ", or let the run roll back and lower the lr itself with guard.action=rollback"),
+            e.step,
+        ) from None
+
     if cfg.train.max_steps == 0 and dist.is_main:  # zero-shot: evaluate the untrained model on dev (and test)
         loggers.log_dict({"forward_passes": 0, **evaluate_dev(0)}, 0)
-    bar = tqdm(range(1, cfg.train.max_steps + 1), disable=not (cfg.train.progress and dist.is_main), desc=cfg.method.name)
-    for step in bar:
-        t0 = time.perf_counter()
-        batch = to_device(objective.encode(dist.shard(next(stream)), train=True), device)
-        q = schedule(step - 1)  # schedules count steps from 0
-        result = method.step(lambda b=batch: objective.forward(model, b)[0].mean(), step, q)
-        forward_passes += result.forward_passes
-        step_s = time.perf_counter() - t0
-        window.append((result.loss, result.projected_grad, q, step_s))
-        bar.set_postfix(loss=f"{result.loss:.4f}", q=q, step_s=f"{step_s:.2f}")
+    stream = batches(splits.train, min(bs, len(splits.train)), cfg.seed, start=state.step)
+    bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (cfg.train.progress and dist.is_main),
+               desc=cfg.method.name)
+    with interruption() as stop:  # SIGINT/SIGTERM: checkpoint and exit after the current step
+        while state.step < cfg.train.max_steps:
+            step = state.step + 1
+            t0 = time.perf_counter()
+            batch = to_device(objective.encode(dist.shard(next(stream)), train=True), device)
+            q = schedule(step - 1)  # schedules count steps from 0
+            try:
+                result = method.step(objective.batch_loss(model, batch), step, q)
+            except DivergenceError as e:  # raised by the guard before the update: no weight moved
+                state = diverged(e)
+                stream = batches(splits.train, min(bs, len(splits.train)), cfg.seed, start=state.step)
+                continue
+            state.step, state.forward_passes = step, state.forward_passes + result.forward_passes
+            if replay is not None:
+                replay.append(step, result.seeds, result.grads, get_lr(method.step))
+            step_s = time.perf_counter() - t0
+            state.window.append([result.loss, result.projected_grad, q, step_s])
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{result.loss:.4f}", q=q, step_s=f"{step_s:.2f}")
 
-        if dist.enabled and cfg.dist.check_steps and step % cfg.dist.check_steps == 0:
-            resyncs += distributed.check_drift(trainables, dist, step)
+            if dist.enabled and cfg.dist.check_steps and step % cfg.dist.check_steps == 0:
+                resyncs += distributed.check_drift(trainables, dist, step)
 
-        metrics = {}
-        if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps:
-            n = len(window)
-            metrics = {
-                "forward_passes": forward_passes,
-                "train/loss": sum(w[0] for w in window) / n,
-                "zo/queries": window[-1][2],
-                "time/step_s": sum(w[3] for w in window) / n,
-                **get_memory_stats(device),
-            }
-            if dist.enabled:
-                metrics["dist/resyncs"] = resyncs
-            if window[-1][1] is not None:  # first-order methods have no projected gradient
-                metrics["zo/projected_grad"] = sum(w[1] for w in window) / n
-            window = []
-        if dist.is_main and (step % cfg.train.eval_steps == 0 or step == cfg.train.max_steps):
-            metrics.update({"forward_passes": forward_passes, **evaluate_dev(step)})
-        if metrics:
-            loggers.log_dict(metrics, step)
+            metrics = {}
+            if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps:
+                window, n = state.window, len(state.window)
+                metrics = {
+                    "forward_passes": state.forward_passes,
+                    "train/loss": sum(w[0] for w in window) / n,
+                    "train/lr": get_lr(method.step),
+                    "zo/queries": window[-1][2],
+                    "time/step_s": sum(w[3] for w in window) / n,
+                    **get_memory_stats(device),
+                }
+                if dist.enabled:
+                    metrics["dist/resyncs"] = resyncs
+                if window[-1][1] is not None:  # first-order methods have no projected gradient
+                    metrics["zo/projected_grad"] = sum(w[1] for w in window) / n
+                state.window = []
+            if dist.is_main and (step % cfg.train.eval_steps == 0 or step == cfg.train.max_steps):
+                metrics.update({"forward_passes": state.forward_passes, **evaluate_dev(step)})
+            if metrics:
+                loggers.log_dict(metrics, step)
+            stopping = dist.any(bool(stop.signum))  # every rank stops at the same step
+            if stopping and not stop.signum:  # another rank was signalled first
+                stop.signum = signal.SIGTERM
+            if ckpt.due(step) or step == cfg.train.max_steps or stopping:
+                ckpt.save(state)
+            if stopping:
+                bar.close()
+                loggers.close()
+                raise Interrupted(f"interrupted by {stop.name} at step {step}: checkpoint saved in {ckpt.last}; "
+                                  f"resume with: {resume_command(run_dir)}", stop.signum)
+    bar.close()
+    if replay is not None:
+        replay.close()
 
     summary = {
         "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "seed": cfg.seed,
-        "steps": cfg.train.max_steps, "forward_passes": forward_passes,
-        "metric": metric, "best/step": best["step"],
-        **{f"best/{k.replace('/', '_')}": v for k, v in best.items() if k != "step"},
+        "steps": cfg.train.max_steps, "forward_passes": state.forward_passes,
+        "metric": metric, "best/step": state.best["step"],
+        **{f"best/{k.replace('/', '_')}": v for k, v in state.best.items() if k != "step"},
+        "guard/rollbacks": state.rollbacks, "resumed_from": str(resume_from) if resume_from else None,
         "trainable_params": n_trainable,
         "data/train": len(splits.train), "data/dev": len(splits.dev), "data/test": len(splits.test),
         "data/truncated": objective.truncated,
@@ -194,7 +305,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         summary.update({f"test/{k}": v for k, v in objective.evaluate(model, test_batches, device).items()})
     peak = peak_gib(device)
     summary.update({
-        "mem/peak_gib": peak, "mem/inference_gib": inference_gib, "mem/peak_over_inference": peak / inference_gib,
+        "mem/peak_gib": peak, "mem/inference_gib": built.inference_gib, "mem/peak_over_inference": peak / built.inference_gib,
         "time/wall_s": time.perf_counter() - t_start, "device": str(device),
     })
     loggers.log_dict({k: v for k, v in summary.items() if k.startswith(("test/", "best/"))}, cfg.train.max_steps)

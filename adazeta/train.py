@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -22,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from adazeta.config import register_configs
-from adazeta.errors import AdazetaError
+from adazeta.errors import AdazetaError, Interrupted
 from adazeta.validate import validate
 
 log = logging.getLogger("adazeta")
@@ -31,20 +32,36 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
 
 
+# Run folders of this sweep's failed jobs (Hydra's basic launcher runs the jobs in this process):
+# a failed job does not stop the sweep, and the command exits non-zero at the end.
+FAILED: list[str] = []
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         validate(cfg)  # ranges, before torch and the model are loaded
         from adazeta.loop import run
 
         summary = run(cfg, run_dir)
-    except AdazetaError as e:
-        log.error("%s", e)
+    except Interrupted as e:  # SIGINT/SIGTERM: a checkpoint is saved; the whole sweep stops too
+        log.warning("%s", e)
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Exception as e:
+        expected = isinstance(e, AdazetaError)  # the user's to fix: one message, no traceback
         if int(os.environ.get("RANK", "0")) == 0:  # other torchrun ranks have no run folder
-            (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
+            (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n" if expected else traceback.format_exc())
+        if multirun:
+            log.error("this job failed, the sweep goes on: %s: %s (details in %s)",
+                      type(e).__name__, e, run_dir / "error.txt")
+            FAILED.append(str(run_dir))
+            return None
+        if not expected:
+            raise  # a bug: Hydra prints the traceback (it is also in error.txt)
+        log.error("%s", e)
         sys.exit(f"error: {e}")
     return summary.get(f"best/eval_{summary['metric']}")
 
@@ -64,6 +81,9 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) > 0:
             sys.argv += NON_MAIN_RANK_OVERRIDES
     hydra_main()
+    if FAILED:
+        sys.exit(f"error: {len(FAILED)} job(s) of the sweep failed, each with its error in error.txt: "
+                 + ", ".join(FAILED))
 
 
 if __name__ == "__main__":

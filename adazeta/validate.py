@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -51,6 +52,13 @@ CHECKS: list[Check] = [
     ("task.k_shot", AT_LEAST_1, ">= 1 (or null)"),
     ("zo.max_replicas", lambda v: v >= 2, ">= 2, one +/- pair (or null: all 2Q)"),
     ("dist.check_steps", NON_NEGATIVE, ">= 0 (0: never)"),
+    ("train.threads", AT_LEAST_1, ">= 1 (or null: torch's default)"),
+    ("train.save_steps", NON_NEGATIVE, ">= 0 (0: a checkpoint only at the end)"),
+    ("train.save_total_limit", AT_LEAST_1, ">= 1 (how many of the newest checkpoints to keep)"),
+    ("guard.explode_factor", lambda v: v > 1, "> 1 (or null: only non-finite values stop a step)"),
+    ("guard.window", AT_LEAST_1, ">= 1"),
+    ("guard.lr_factor", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("guard.max_rollbacks", AT_LEAST_1, ">= 1"),
 ]
 
 
@@ -71,6 +79,13 @@ def validate(cfg: DictConfig) -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value) or not ok(value):
             raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
+    resume = lookup(cfg, "train.resume")
+    if resume is not None and resume != "auto" and not Path(resume).expanduser().is_dir():
+        what = "is a file" if Path(resume).expanduser().is_file() else "does not exist"
+        raise ConfigError(
+            f"train.resume={resume!r} {what}: give the folder of an earlier run "
+            "(outputs/runs/<date>/<time>_...), one of its checkpoints/step-<N> folders, or auto"
+        )
     betas = lookup(cfg, "method.betas")
     if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
         raise ConfigError(f"method.betas={list(betas)} must be two values in [0, 1)")

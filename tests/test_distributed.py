@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from conftest import TINY_RUN, output, read_jsonl, subprocess_env
 from safetensors.torch import load_file
 
-from adazeta.config import DistMode, MethodConfig, TrainableSet
+from adazeta.config import DistMode, MethodConfig, TrainableSet, ZOConfig
 from adazeta.distributed import Dist, check_drift, checksum, distribute
 from adazeta.methods import ZOStep
 from adazeta.trainable import collect
@@ -25,7 +25,9 @@ STEPS, Q, BATCH = 3, 3, 8  # Q = 3 does not divide across 2 ranks: one rank runs
 
 
 def toy_step(seed: int = 0) -> tuple[torch.nn.Module, ZOStep, torch.Tensor, torch.Tensor]:
-    """A small regression model with every weight trainable, and its data."""
+    """A small regression model with every weight trainable, and its data. No fused restore: under
+    torch.distributed every query restores its own perturbation, and the single-process reference
+    must round the same way to be bit-identical."""
     gen = torch.Generator().manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
     with torch.no_grad():
@@ -33,7 +35,7 @@ def toy_step(seed: int = 0) -> tuple[torch.nn.Module, ZOStep, torch.Tensor, torc
             p.copy_(torch.randn(p.shape, generator=gen))
     x, y = torch.randn(BATCH, 6, generator=gen), torch.randn(BATCH, 1, generator=gen)
     cfg = MethodConfig(name="mezo", trainable=TrainableSet.full, lr=1e-2, eps=1e-3, weight_decay=0.1)
-    return model, ZOStep(model, collect(model), cfg, seed=seed), x, y
+    return model, ZOStep(model, collect(model), cfg, seed=seed, zo=ZOConfig(fused_update=False)), x, y
 
 
 def train_toy(step: ZOStep, model, x, y, shard: slice = slice(None)) -> list[list[float]]:
@@ -64,6 +66,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         "resynced": check_drift(step.spsa.trainables, d, STEPS),
         "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
     }
+    # A signal that reached rank 1 only stops both; rank 0's choice of resume folder reaches both.
+    results["any"] = {"one": d.any(rank == 1), "none": d.any(False), "main": d.from_main(f"rank{rank}")}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     td.destroy_process_group()
 
@@ -106,6 +110,11 @@ def test_drift_check_rebroadcasts_rank_0(ranks):
     assert torch.equal(ranks[0]["drift"]["params"]["0.weight"], ranks[0]["data"]["params"]["0.weight"])
 
 
+def test_ranks_agree_on_stopping_and_on_rank_0s_values(ranks):
+    for r in ranks:
+        assert r["any"] == {"one": True, "none": False, "main": "rank0"}
+
+
 def test_checksum_sees_one_ulp():
     model, step, _, _ = toy_step()
     before = checksum(step.spsa.trainables)
@@ -131,7 +140,7 @@ def test_torchrun_query_parallel_equals_a_single_process(tmp_path, entrypoint):
         cwd=tmp_path, env=subprocess_env(home), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, output(proc)[-3000:]
-    single = entrypoint(*TORCHRUN_RUN)
+    single = entrypoint(*TORCHRUN_RUN, "zo.fused_update=false")  # rounds as the ranks do
     assert single.returncode == 0, output(single)[-3000:]
 
     summary = json.loads((run / "summary.json").read_text())

@@ -1,0 +1,430 @@
+"""Checkpoints: save, find, check and restore everything a run needs to continue exactly.
+
+    <run>/checkpoints/step-0000040/
+        trainable.safetensors       the trainable parameters
+        state.safetensors           the update rule's tensors (momentum, Adam moments; AdamW's for
+                                    first-order methods) and the torch RNG states
+        state.json                  step, data position, forward passes, the open log window, best
+                                    dev metrics, the guard's recent losses, lr and rule scalars,
+                                    Python/NumPy RNG states, the schedule, and the run's identity
+                                    (method, model, task, seed, trainable names and shapes) + config
+        best_trainable.safetensors  the best-dev weights as of this step (a hard link when possible)
+
+A checkpoint is written into a temporary folder and renamed into place, so a crash never leaves a
+half-written one; state.json is written last. Tensors are read with safetensors and scalars with
+json: nothing is ever unpickled. `train.save_total_limit` newest checkpoints are kept; the run's
+best_trainable.safetensors is kept apart.
+
+Schedules and query seeds are pure functions of the step and the data order a pure function of
+(seed, epoch), so the step and the number of batches consumed restore them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from adazeta.errors import CheckpointError
+from adazeta.guard import Guard, get_lr, set_lr
+from adazeta.zo import Trainable
+
+log = logging.getLogger("adazeta")
+FORMAT = 1
+PREFIX = "step-"
+IDENTITY_KEYS = ("method", "optimizer", "update_rule", "trainable", "model", "task", "seed")
+# Keys a resumed run may change without the checkpoint becoming someone else's.
+FREE_KEYS = ("train.resume",)
+
+
+@dataclass
+class LoopState:
+    """What the training loop carries from one step to the next, besides the weights and the
+    update rule: all of it goes into a checkpoint."""
+
+    step: int = 0  # steps applied; also the data position (one batch per step)
+    forward_passes: int = 0
+    window: list[list] = field(default_factory=list)  # [loss, g, q, step_s] since the last train log
+    best: dict = field(default_factory=dict)  # step and dev metrics of the best-dev weights
+    rollbacks: int = 0
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a CheckpointError saying what is wrong with it."""
+    if not path.is_file():
+        found = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
+        pickles = [n for n in found if n.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt"))]
+        hint = (f" (found {', '.join(pickles)}: checkpoints are read as safetensors only, never "
+                "unpickled, because loading a pickle can run arbitrary code)") if pickles else ""
+        raise CheckpointError(f"checkpoint file {path} is missing{hint}; resume from a complete checkpoint folder")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        with path.open("rb") as f:
+            head = f.read(2)
+        what = "a pickle, not safetensors" if head[:1] == b"\x80" or head == b"PK" else "damaged or truncated"
+        raise CheckpointError(
+            f"cannot read {path} ({e}): the file is {what}. Checkpoints are loaded with safetensors "
+            "only; resume from another checkpoint of the run, or from its run folder"
+        ) from e
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} ({e}): the checkpoint is incomplete or damaged; "
+                              "resume from another checkpoint of the run") from e
+
+
+def complete(root: Path) -> list[Path]:
+    """The run's complete checkpoints (state.json present), oldest first."""
+    if not root.is_dir():
+        return []
+    folders = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(folders, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def identity(cfg: DictConfig, trainables: list[Trainable]) -> dict:
+    """What makes a checkpoint this run's: the method, model, task, seed and trainable set."""
+    m = cfg.method
+    return {
+        "method": m.name, "optimizer": m.optimizer.value, "update_rule": m.update_rule.value,
+        "trainable": m.trainable.value, "model": cfg.model.name, "task": cfg.task.name, "seed": cfg.seed,
+        "trainables": [[t.name, list(t.param.shape), str(t.param.dtype).removeprefix("torch.")] for t in trainables],
+    }
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    out = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    out.pop("hydra", None)
+    return out
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    old, new = flatten(saved), flatten(current)
+    keys = sorted((old.keys() | new.keys()) - set(FREE_KEYS))
+    return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+# -- RNG and optimiser state -----------------------------------------------------------------
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every global RNG: torch (CPU, CUDA), Python, NumPy. ZO seeds and the data order use
+    explicit generators seeded from pure functions; the global ones matter for dropout (first-order
+    methods) and for anything a library draws."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    scalars = {"python": [version, list(state), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+    return tensors, scalars
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = scalars["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def optimizer_state(stepper) -> tuple[dict[str, torch.Tensor], dict]:
+    """The update rule's state (ZO) or AdamW's (first order), as tensors + JSON scalars."""
+    if hasattr(stepper, "rule"):
+        tensors, scalars = stepper.rule.state_dict()
+        return {f"rule.{k}": v for k, v in tensors.items()}, scalars
+    sd = stepper.opt.state_dict()
+    tensors, per_param = {}, {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{i}.{k}"] = v
+            else:
+                per_param.setdefault(str(i), {})[k] = v
+    return tensors, {"lr": get_lr(stepper), "param_groups": sd["param_groups"], "state": per_param}
+
+
+def load_optimizer_state(stepper, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    if hasattr(stepper, "rule"):
+        stepper.rule.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}, scalars)
+        return
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    for i, st in scalars["state"].items():
+        state.setdefault(int(i), {}).update(st)
+    groups = [{**g, "betas": tuple(g["betas"])} for g in scalars["param_groups"]]
+    stepper.opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# -- the checkpointer ------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves, prunes and restores the checkpoints of one run (only rank 0 writes)."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, method, guard: Guard, objective, replay=None, writes=True):
+        self.run_dir, self.root = run_dir, run_dir / "checkpoints"
+        self.every, self.limit = cfg.train.save_steps, cfg.train.save_total_limit
+        self.method, self.guard, self.objective, self.writes = method, guard, objective, writes
+        self.replay = replay  # the ReplayLog, whose position a checkpoint records
+        self.identity = identity(cfg, method.trainables)
+        self.config = plain_config(cfg)
+        self.last: Path | None = None  # the newest checkpoint written or restored
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    @torch.no_grad()
+    def save(self, state: LoopState) -> Path:
+        """Write checkpoints/step-<N> atomically; returns its folder."""
+        final = self.root / f"{PREFIX}{state.step:07d}"
+        if not self.writes:
+            return final
+        tmp = self.root / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainables = {t.name: t.param.detach().contiguous().cpu() for t in self.method.trainables}
+        opt_tensors, opt_scalars = optimizer_state(self.method.step)
+        rng_tensors, rng_scalars = rng_state()
+        save_file(trainables, str(tmp / "trainable.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in {**opt_tensors, **rng_tensors}.items()},
+                  str(tmp / "state.safetensors"))
+        best = self.run_dir / "best_trainable.safetensors"
+        if best.exists():
+            try:  # the best file is replaced (never rewritten in place), so a link keeps this version
+                os.link(best, tmp / best.name)
+            except OSError:
+                shutil.copyfile(best, tmp / best.name)
+        payload = {
+            "format": FORMAT, **asdict(state), "data_position": state.step,
+            "truncated": self.objective.truncated, "optimizer": opt_scalars, "guard": self.guard.state_dict(),
+            "replay_records": self.replay.count if self.replay is not None else None,
+            "rng": rng_scalars, "identity": self.identity, "config": self.config, "time": time.time(),
+        }
+        (tmp / "state.json").write_text(json.dumps(payload))
+        for p in tmp.iterdir():
+            fsync(p)
+        if final.exists():  # reached again after a rollback
+            shutil.rmtree(final)
+        tmp.rename(final)
+        fsync(self.root)
+        self.last = final
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        for old in complete(self.root)[: -self.limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def check(self, folder: Path, saved: dict) -> None:
+        """Refuse a checkpoint written by another method, model, task, seed or trainable set."""
+        mine, theirs = self.identity, saved["identity"]
+        mismatch(folder, theirs, mine)
+        have = {n: (s, d) for n, s, d in mine["trainables"]}
+        got = {n: (s, d) for n, s, d in theirs["trainables"]}
+        if have != got:
+            parts = {
+                "not in the checkpoint": sorted(have.keys() - got.keys()),
+                "not in this run": sorted(got.keys() - have.keys()),
+                "shape/dtype differs (checkpoint vs this run)": [
+                    f"{n}: {got[n][0]} {got[n][1]} vs {have[n][0]} {have[n][1]}"
+                    for n in sorted(have.keys() & got.keys()) if have[n] != got[n]
+                ],
+            }
+            shown = "; ".join(f"{what}: {', '.join(names[:2])}{' ...' if len(names) > 2 else ''} ({len(names)})"
+                              for what, names in parts.items() if names)
+            raise CheckpointError(
+                f"checkpoint {folder} has a different trainable set: {shown}. Resume with the same "
+                "method, adapter and LoRA settings and model.dtype as the run that wrote it"
+            )
+
+    @torch.no_grad()
+    def restore(self, folder: Path, rollback: bool = False) -> LoopState:
+        """Load a checkpoint into the trainables, the update rule, the guard and the RNGs; return
+        the loop state. A rollback keeps the lr it has just lowered and rewinds the replay log."""
+        saved = read_json(folder / "state.json")
+        self.check(folder, saved)
+        trainables = read_tensors(folder / "trainable.safetensors")
+        tensors = read_tensors(folder / "state.safetensors")
+        for t in self.method.trainables:
+            t.param.copy_(trainables[t.name])
+        lr = get_lr(self.method.step)
+        try:
+            load_optimizer_state(self.method.step, tensors, saved["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {folder}: the update rule's state does not fit this run ({e})") from e
+        changes = config_changes(saved["config"], self.config)
+        if rollback:
+            set_lr(self.method.step, lr)
+            if self.replay is not None:
+                self.replay.rewind(saved["replay_records"])
+        elif changes:
+            log.warning("resuming with a changed config: %s", "; ".join(changes))
+            if saved["config"]["method"]["lr"] != self.config["method"]["lr"]:  # the new method.lr wins
+                set_lr(self.method.step, self.config["method"]["lr"])
+        set_rng_state(tensors, saved["rng"])
+        self.guard.load_state_dict(saved["guard"])
+        self.objective.truncated = saved["truncated"]
+        self.last = folder
+        return LoopState(**{k: saved[k] for k in ("step", "forward_passes", "window", "best", "rollbacks")})
+
+
+# -- resuming --------------------------------------------------------------------------------
+
+
+def output_root(run_dir: Path, sweep_dir: Path | None) -> Path:
+    """Where `train.resume=auto` looks: outputs/runs for single runs (run folders are
+    <root>/<date>/<time>_...), outputs/multirun for sweep jobs (<root>/<date>/<time>/<job>)."""
+    return sweep_dir.parent.parent if sweep_dir is not None else run_dir.parent.parent
+
+
+def find(resume: str, cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Path | None:
+    """The checkpoint folder `train.resume` names: a checkpoint folder, a run folder's newest
+    checkpoint, or (`auto`) the newest checkpoint under the output root of a run with this config,
+    None if there is none (so the same command starts a run and resumes it after a pre-emption)."""
+    if resume == "auto":
+        root = output_root(run_dir, sweep_dir)
+        mine = plain_config(cfg)
+        candidates = []
+        states = [*root.glob(f"*/*/checkpoints/{PREFIX}*/state.json"), *root.glob(f"*/*/*/checkpoints/{PREFIX}*/state.json")]
+        for state in states:
+            try:
+                saved = json.loads(state.read_text())
+            except (OSError, ValueError):
+                continue
+            if not config_changes(saved.get("config", {}), mine):
+                candidates.append((saved.get("time", 0.0), state.parent))
+        if not candidates:
+            log.info("train.resume=auto: no checkpoint of a run with this config under %s; starting afresh", root)
+            return None
+        folder = max(candidates)[1]
+        log.info("train.resume=auto: resuming from %s (the newest of %d checkpoints of runs with this config)",
+                 folder, len(candidates))
+        return folder
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume={resume!r} is not a folder: give a run folder, one of its "
+                              "checkpoints/step-<N> folders, or auto")
+    if (path / "state.json").is_file():
+        return precheck(path, cfg)
+    if path.name.startswith(PREFIX):
+        raise CheckpointError(f"train.resume={resume!r} is an incomplete checkpoint (no state.json): the run was "
+                              "stopped while writing it; resume from its run folder to take the newest complete one")
+    found = complete(path / "checkpoints")
+    if not found:
+        raise CheckpointError(
+            f"train.resume={resume!r} has no checkpoint (no checkpoints/{PREFIX}<N>/state.json in it): "
+            "runs save one every train.save_steps steps, at the end and on SIGINT/SIGTERM; start this run "
+            "afresh, or give the folder of a run that saved one"
+        )
+    return precheck(found[-1], cfg)
+
+
+def precheck(folder: Path, cfg: DictConfig) -> Path:
+    """What can be checked before the model loads: the run's identity and the step."""
+    saved = read_json(folder / "state.json")
+    if saved.get("format") != FORMAT or "identity" not in saved:
+        raise CheckpointError(f"{folder / 'state.json'} is not an adazeta checkpoint of format {FORMAT}; "
+                              "resume from a checkpoint written by this version of adazeta-train")
+    mine = {"method": cfg.method.name, "optimizer": cfg.method.optimizer.value, "update_rule": cfg.method.update_rule.value,
+            "trainable": cfg.method.trainable.value, "model": cfg.model.name, "task": cfg.task.name, "seed": cfg.seed}
+    mismatch(folder, saved["identity"], mine)
+    if saved["step"] > cfg.train.max_steps:
+        raise CheckpointError(f"checkpoint {folder} is at step {saved['step']}, past train.max_steps={cfg.train.max_steps}: "
+                              f"set train.max_steps >= {saved['step']} to continue the run")
+    return folder
+
+
+def mismatch(folder: Path, theirs: dict, mine: dict) -> None:
+    diff = [f"{k}={theirs.get(k)!r} (this run: {mine[k]!r})" for k in IDENTITY_KEYS if theirs.get(k) != mine[k]]
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {folder} belongs to a different run: {', '.join(diff)}. Resume with the "
+            "same method, model, task and seed as the run that wrote it (other keys may change)"
+        )
+
+
+def rows_until(path: Path, step: int) -> list[dict]:
+    """The JSONL rows of a run up to `step`, without the end-of-run best/test rows."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= step and not any(k.startswith(("best/", "test/")) for k in r)]
+
+
+def carry_over(folder: Path, run_dir: Path) -> tuple[list[dict], list[str]]:
+    """Prepare a resumed run's folder: returns the old run's metric rows up to the checkpoint (to
+    log again, so every logger sees the whole curve) and its replay records; copies the best-dev
+    weights. Resuming into the old run's own folder rewinds it to the checkpoint."""
+    old_run = folder.parent.parent
+    saved = read_json(folder / "state.json")
+    step, count = saved["step"], saved.get("replay_records") or 0
+    rows = rows_until(old_run / "metrics.jsonl", step)
+    replay = old_run / "replay.jsonl"
+    records = replay.read_text().splitlines()[:count] if replay.is_file() else []
+    for name in ("metrics.jsonl", "replay.jsonl", "summary.json"):
+        (run_dir / name).unlink(missing_ok=True)  # only non-empty when resuming in place
+    for later in complete(run_dir / "checkpoints"):
+        if int(later.name[len(PREFIX):]) > step:
+            shutil.rmtree(later)
+    best = folder / "best_trainable.safetensors"
+    if best.exists():
+        tmp = run_dir / "best_trainable.safetensors.tmp"
+        shutil.copyfile(best, tmp)
+        tmp.replace(run_dir / "best_trainable.safetensors")
+    (run_dir / "resumed_from.txt").write_text(f"{folder}\n")
+    log.info("resuming from %s (step %d of run %s)", folder, step, old_run)
+    return rows, records
+
+
+def rewind_metrics(run_dir: Path, step: int) -> None:
+    """After a rollback: move the rows logged after `step` to metrics_rolled_back.jsonl, so
+    metrics.jsonl stays one curve (the log file keeps the whole story)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    with (run_dir / "metrics_rolled_back.jsonl").open("a") as f:
+        f.writelines(line for line in lines if json.loads(line)["step"] > step)
+    path.write_text("".join(keep))  # same file: the logger's append-mode handle writes after it

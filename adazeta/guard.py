@@ -1,0 +1,97 @@
+"""The divergence guard: a step whose loss or projected gradient is not finite, or whose loss
+explodes past `guard.explode_factor` times the running mean of the recent accepted losses, is not
+applied.
+
+The guard sits between the estimate and the update (`ZOStep`: seeds -> estimate -> guard ->
+apply; `FOStep`: loss -> guard -> backward -> AdamW), so it raises before any weight moves. The
+loop then either stops (checkpoint saved, message naming the step and values) or rolls back to
+the last checkpoint with a lower learning rate (`guard.action=rollback`).
+
+Also here: the precision check of the trainable set. The in-place +eps z / -2 eps z / +eps z round
+trip of two-sided SPSA restores fp32 weights to within one rounding, but bf16/fp16 weights drift
+by a visible fraction of eps at every query (DESIGN.md 2.1); adapters, LoRA and new heads are kept
+in fp32, and a full-parameter ZO method on a low-precision model is warned about.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+
+import torch
+
+from adazeta.config import GuardConfig
+from adazeta.errors import DivergenceError
+from adazeta.zo import Trainable
+
+log = logging.getLogger("adazeta")
+
+
+def show(values: list[float], limit: int = 8) -> str:
+    shown = ", ".join(f"{v:.6g}" for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+class Guard:
+    """`guard(step, losses, grads)` raises DivergenceError or accepts the step's loss into the
+    running mean. `losses` are the per-query losses at theta, `grads` the projected gradients
+    g_q (empty for first-order methods)."""
+
+    def __init__(self, cfg: GuardConfig):
+        self.factor, self.window = cfg.explode_factor, cfg.window
+        self.recent: deque[float] = deque(maxlen=cfg.window)
+
+    def __call__(self, step: int, losses: list[float], grads: list[float]) -> None:
+        if not all(math.isfinite(v) for v in [*losses, *grads]):
+            what = "loss" if not all(math.isfinite(v) for v in losses) else "projected gradient"
+            raise DivergenceError(
+                f"step {step}: the {what} is not finite (losses {show(losses)}, projected gradients "
+                f"{show(grads)}); the step was not applied",
+                step,
+            )
+        if self.factor is not None and len(self.recent) == self.window:
+            mean = sum(self.recent) / len(self.recent)
+            worst = max(losses)
+            if mean > 0 and worst > self.factor * mean:
+                raise DivergenceError(
+                    f"step {step}: the loss exploded: {worst:.6g} > guard.explode_factor={self.factor:g} x "
+                    f"{mean:.6g} (the mean of the last {len(self.recent)} step losses; losses "
+                    f"{show(losses)}, projected gradients {show(grads)}); the step was not applied",
+                    step,
+                )
+        self.recent.append(sum(losses) / len(losses))
+
+    def state_dict(self) -> dict:
+        return {"recent": list(self.recent)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent = deque(state["recent"], maxlen=self.window)
+
+
+def get_lr(stepper) -> float:
+    """The learning rate of a method's step: the ZO update rule's, or AdamW's."""
+    if hasattr(stepper, "rule"):
+        return stepper.rule.lr
+    return stepper.opt.param_groups[0]["lr"]
+
+
+def set_lr(stepper, lr: float) -> None:
+    if hasattr(stepper, "rule"):
+        stepper.rule.lr = lr
+    else:
+        for group in stepper.opt.param_groups:
+            group["lr"] = lr
+
+
+def check_precision(trainables: list[Trainable], zo: bool) -> list[str]:
+    """Warn when a ZO method perturbs low-precision weights in place; returns their names."""
+    low = [t for t in trainables if t.param.dtype in (torch.float16, torch.bfloat16)]
+    if low and zo:
+        log.warning(
+            "%d of %d trainable tensors are %s (e.g. %s): the in-place SPSA round trip +eps/-2eps/+eps "
+            "does not restore them exactly and they drift at every query. Use model.dtype=float32, or "
+            "an adapter method (adazeta, mezo_lora) whose trainable parameters are kept in float32.",
+            len(low), len(trainables), low[0].param.dtype, low[0].name,
+        )
+    return [t.name for t in low]

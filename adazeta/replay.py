@@ -1,0 +1,232 @@
+"""The replay log of a ZO run, and `adazeta-replay`, which rebuilds the trainable parameters from
+the base model and that log alone (no forward pass) and checks them against a checkpoint.
+
+    adazeta-replay outputs/runs/2026-11-24/10-00-00_mezo_sst2_minilm
+    adazeta-replay <run> --checkpoint <run>/checkpoints/step-0000200 --save rebuilt.safetensors
+
+A ZO run's whole update history is (seed_q, g_q) per step (DESIGN.md 2.1): z_q is regenerated
+from its seed, so each step's update can be applied again from the logged projected gradients.
+<run>/replay.jsonl has one line per applied step:
+
+    {"step": 12, "seeds": [s_0, ...], "grads": [g_0, ...], "lr": 1e-4, "perturbs": "round_trip"}
+
+`perturbs` records the in-place writes the estimate made: "round_trip" (+eps z, -2 eps z, +eps z
+per query, in order: in fp32 the round trip restores theta only to within a rounding, and an exact
+replay repeats it), "round_trip_fused" (the same, but the last query's +eps z restore is folded
+into the update: `zo.fused_update`), "none" (the in-forward perturbation of Sparse-MeZO, parallel
+replicas, or any estimate that never writes the weights), or an explicit [[seed, scale], ...]
+list. The replay runs each step through the method's own ZOStep with an estimate that repeats
+these writes and returns the logged g_q, so the update (fused or not, masks, rule state) is the
+run's own code. update_rule=conservative also logs
+the three losses it compared (`rule_losses`), so it replays without a forward too. A step the
+divergence guard rejected is logged as {"step": k, "applied": false, "perturbs": [...]}: its round
+trips happened, its update did not. A checkpoint records how many records precede it.
+First-order methods (ft, lora_fo) have no replay log: backprop gradients are not a function of
+seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from adazeta.errors import AdazetaError, CheckpointError
+from adazeta.zo import query_seed
+
+log = logging.getLogger("adazeta")
+ROUND_TRIP = (1.0, -2.0, 1.0)
+
+
+class ReplayLog:
+    """Appends one record per applied ZO step to <run>/replay.jsonl (`train.replay_log`)."""
+
+    def __init__(self, path: Path, zo_step, records: list[str] = ()):
+        self.path, self.rule, self.spsa = path, zo_step.rule, zo_step.spsa
+        self.file = path.open("a", encoding="utf-8")
+        self.file.writelines(line + "\n" for line in records)  # a resumed run's history
+        self.file.flush()
+        self.count = len(records)  # records written; a checkpoint saves it
+        self.perturbs: list[tuple[int, float]] = []
+        self.recording = False
+        # Record the in-place writes the estimate makes (every one goes through SPSA.perturb).
+        inner_perturb, inner_estimate = self.spsa.perturb, zo_step.estimate
+
+        def perturb(seed: int, scale: float) -> None:
+            if self.recording:
+                self.perturbs.append((seed, scale))
+            inner_perturb(seed, scale)
+
+        def estimate(loss_fn, seeds):
+            self.perturbs, self.recording = [], True
+            try:
+                return inner_estimate(loss_fn, seeds)
+            finally:
+                self.recording = False
+
+        self.spsa.perturb, zo_step.estimate = perturb, estimate
+
+    def append(self, step: int, seeds: list[int], grads: list[float], lr: float) -> None:
+        record = {"step": step, "seeds": seeds, "grads": grads, "lr": lr, "perturbs": encode(self.perturbs, seeds)}
+        if getattr(self.rule, "last_losses", None):
+            record["rule_losses"] = self.rule.last_losses
+        self.write(record)
+
+    def reject(self, step: int) -> None:
+        """A step the guard stopped before its update: only its in-place round trips happened."""
+        self.write({"step": step, "applied": False, "perturbs": [list(p) for p in self.perturbs]})
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.count += 1
+
+    def rewind(self, count: int) -> None:
+        """After a rollback: keep the first `count` records (those before the checkpoint)."""
+        self.file.close()
+        self.path.write_text("".join(self.path.read_text().splitlines(keepends=True)[:count]))
+        self.file = self.path.open("a", encoding="utf-8")
+        self.count = count
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def patterns(seeds: list[int]) -> dict[str, list[tuple[int, float]]]:
+    full = [(s, scale) for s in seeds for scale in ROUND_TRIP]
+    return {"none": [], "round_trip": full, "round_trip_fused": full[:-1]}
+
+
+def encode(perturbs: list[tuple[int, float]], seeds: list[int]):
+    named = [name for name, writes in patterns(seeds).items() if writes == perturbs]
+    return named[0] if named else [list(p) for p in perturbs]
+
+
+def decode(perturbs, seeds: list[int]) -> list[tuple[int, float]]:
+    if isinstance(perturbs, str):
+        return patterns(seeds)[perturbs]
+    return [(int(s), float(scale)) for s, scale in perturbs]
+
+
+@torch.no_grad()
+def replay_step(zo_step, record: dict, perturb) -> None:
+    """Apply one logged step through the method's own ZOStep (mask store/release, update rule),
+    with an estimate that repeats the logged in-place writes and returns the logged g_q."""
+    if not record.get("applied", True):  # rejected by the guard: its round trips only, then
+        for seed, scale in decode(record["perturbs"], []):  # the restore ZOStep does on any stop
+            perturb(seed, scale)
+        zo_step.spsa.restore()
+        return
+    step, seeds, grads = record["step"], record["seeds"], record["grads"]
+    expected = [query_seed(zo_step.seed, step, i) for i in range(len(seeds))]
+    if seeds != expected:
+        raise CheckpointError(f"replay.jsonl step {step}: the logged seeds are not this config's "
+                              f"query seeds (seed={zo_step.seed}); the log belongs to another run")
+    writes = decode(record["perturbs"], seeds)
+
+    def estimate(loss_fn, seeds):
+        for seed, scale in writes:
+            perturb(seed, scale)
+        return torch.tensor([[g, 0.0] for g in grads], dtype=torch.float64)
+
+    tape = iter(record.get("rule_losses", []))
+    zo_step.estimate, zo_step.guard = estimate, None
+    zo_step.rule.lr = record["lr"]
+    zo_step(lambda: torch.tensor(next(tape), dtype=torch.float64), step, len(seeds))
+
+
+def run_config(run_dir: Path):
+    """The run's config: the resolved values it saved in <run>/config.yaml, typed by the schema
+    (the schedule and logger options, which have schemas of their own, are picked from them)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from adazeta.train import CONF_DIR
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml); give a folder adazeta-train wrote")
+    saved = OmegaConf.load(path)
+    schedule = saved.schedule._target_.rsplit(".", 1)[-1].removesuffix("Schedule").lower()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"schedule={schedule}", f"logger={saved.logger.name}"])
+    with open_dict(cfg):  # open: free-form nodes (model.arch, adapter.modes) take the run's keys
+        cfg.pop("hydra", None)
+        return OmegaConf.merge(cfg, saved)
+
+
+def replay(run_dir: Path, checkpoint: Path | None = None, save: Path | None = None) -> dict:
+    """Rebuild the trainable parameters of `run_dir` at its newest checkpoint (or `checkpoint`)
+    from the base model and replay.jsonl; compare them with the checkpoint's."""
+    from adazeta import checkpoint as ckpt
+    from adazeta.config import Optimizer
+    from adazeta.loop import setup
+
+    cfg = run_config(run_dir)
+    if cfg.method.optimizer != Optimizer.zo:
+        raise CheckpointError(f"method={cfg.method.name} is first-order: backprop updates cannot be "
+                              "replayed from seeds; adazeta-replay works for ZO runs")
+    if checkpoint is None:
+        found = ckpt.complete(run_dir / "checkpoints")
+        if not found:
+            raise CheckpointError(f"{run_dir} has no checkpoint to compare with (checkpoints/step-<N>/state.json)")
+        checkpoint = found[-1]
+    saved = ckpt.read_json(checkpoint / "state.json")
+    target_step, count = saved["step"], saved.get("replay_records")
+    target = ckpt.read_tensors(checkpoint / "trainable.safetensors")
+    log_path = run_dir / "replay.jsonl"
+    if not log_path.is_file() or count is None:
+        raise CheckpointError(f"{log_path} does not exist: the run was made with train.replay_log=false, so it "
+                              "cannot be replayed (runs keep the log by default)")
+    records = [json.loads(line) for line in log_path.read_text().splitlines()[:count]]
+    if [r["step"] for r in records if r.get("applied", True)] != list(range(1, target_step + 1)):
+        raise CheckpointError(f"{log_path} does not hold every step 1..{target_step} of the checkpoint "
+                              f"(has {len(records)} records): it is incomplete")
+
+    torch.manual_seed(cfg.seed)
+    built = setup(cfg)  # the same model, adapters, head and method as the run, in the same RNG order
+    zo_step = built.method.step
+    perturb = zo_step.spsa.perturb
+    for record in records:
+        replay_step(zo_step, record, perturb)
+
+    rebuilt = {t.name: t.param.detach().cpu() for t in built.method.trainables}
+    if rebuilt.keys() != target.keys():
+        raise CheckpointError(f"{checkpoint} holds other tensors than this run's trainable set")
+    diffs = {n: (rebuilt[n].double() - target[n].double()).abs().max().item() if rebuilt[n].numel() else 0.0
+             for n in rebuilt}
+    unequal = [n for n in rebuilt if not torch.equal(rebuilt[n], target[n])]
+    if save is not None:
+        from safetensors.torch import save_file
+
+        save_file({n: v.contiguous() for n, v in rebuilt.items()}, str(save))
+    return {"steps": target_step, "checkpoint": str(checkpoint), "tensors": len(rebuilt),
+            "values": sum(v.numel() for v in rebuilt.values()), "unequal": unequal,
+            "max_abs_diff": max(diffs.values(), default=0.0), "worst": max(diffs, key=diffs.get) if diffs else None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`adazeta-replay <run folder>`: exit 0 when the rebuilt parameters equal the checkpoint's."""
+    parser = argparse.ArgumentParser(prog="adazeta-replay", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="the run folder (with replay.jsonl and checkpoints/)")
+    parser.add_argument("--checkpoint", type=Path, help="compare with this checkpoint folder (default: the newest)")
+    parser.add_argument("--save", type=Path, help="also write the rebuilt parameters to this safetensors file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        out = replay(args.run, args.checkpoint, args.save)
+    except AdazetaError as e:
+        sys.exit(f"error: {e}")
+    where = f"{out['checkpoint']} ({out['tensors']} tensors, {out['values']} values)"
+    if out["unequal"]:
+        sys.exit(f"MISMATCH after replaying {out['steps']} steps: {len(out['unequal'])} tensors differ from {where}; "
+                 f"max abs diff {out['max_abs_diff']:.3g} in {out['worst']}")
+    print(f"replayed {out['steps']} steps from the base model: the trainable parameters equal {where} exactly")
+
+
+if __name__ == "__main__":
+    main()

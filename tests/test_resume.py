@@ -1,0 +1,125 @@
+"""Checkpoints and resume, in process on two-layer models: a run continued from a checkpoint (one
+that falls mid log window and between evaluations) writes exactly the uninterrupted run's metrics,
+update-rule state, RNG states and data position included; an interrupted run resumes with
+`train.resume=auto`. (tests/test_interrupt.py does the same through the real CLI and SIGTERM.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import compose_config, job_config, read_jsonl
+from safetensors.torch import load_file
+
+from adazeta.errors import Interrupted
+from adazeta.loop import run
+from adazeta.replay import ReplayLog
+from adazeta.validate import validate
+
+BASE = [
+    "train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false",
+    "train.max_steps=10", "train.eval_steps=5", "train.log_steps=4", "train.save_steps=3",
+    "train.save_total_limit=10",
+]
+# Each exercises other state: Adam moments; momentum on every weight of a decoder; AdamW's moments
+# and dropout, which draws from the global torch RNG (first-order methods train with dropout on).
+METHODS = {
+    "adazeta-adam": ["model=tiny-bert", "method=adazeta", "method.update_rule=adam", "method.lr=1e-3"],
+    "mezo-momentum": ["model=tiny-llama", "method=mezo", "method.update_rule=momentum", "method.lr=1e-3"],
+    "ft": ["model=tiny-bert", "method=ft", "method.lr=1e-3"],
+}
+VARYING = ("time/", "mem/")  # wall-clock and memory differ between processes; everything else may not
+
+
+def train(root: Path, name: str, *overrides: str) -> Path:
+    """run() in process, in <root>/runs/day/<name> (so that `auto` searches <root>/runs)."""
+    run_dir = root / "runs" / "day" / name
+    run_dir.mkdir(parents=True)
+    cfg = job_config(compose_config([*BASE, *overrides]))
+    validate(cfg)
+    run(cfg, run_dir)
+    return run_dir
+
+
+def curve(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith(VARYING)} for row in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def assert_same_run(resumed: Path, full: Path) -> None:
+    assert curve(resumed) == curve(full)
+    assert (resumed / "replay.jsonl").exists() == (full / "replay.jsonl").exists()
+    if (full / "replay.jsonl").exists():
+        assert (resumed / "replay.jsonl").read_text() == (full / "replay.jsonl").read_text()
+    a, b = (load_file(str(d / "checkpoints" / "step-0000010" / "trainable.safetensors")) for d in (resumed, full))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (resumed, full))
+    assert {k: v for k, v in sa.items() if not k.startswith(VARYING) and k != "resumed_from"} == \
+        {k: v for k, v in sb.items() if not k.startswith(VARYING) and k != "resumed_from"}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_resume_from_a_mid_window_checkpoint_reproduces_the_run(tmp_path, name):
+    full = train(tmp_path, "full", *METHODS[name])
+    # Step 6: two steps into a log window of 4, one step after the eval at 5.
+    resumed = train(tmp_path, "resumed", *METHODS[name], f"train.resume={full}/checkpoints/step-0000006")
+    losses = [r["train/loss"] for r in curve(full) if "train/loss" in r]
+    assert len(set(losses)) == len(losses) == 3  # the run moves: equal curves are not vacuous
+    assert_same_run(resumed, full)
+    assert (resumed / "resumed_from.txt").read_text().strip() == str(full / "checkpoints" / "step-0000006")
+    state = json.loads((full / "checkpoints" / "step-0000006" / "state.json").read_text())
+    assert state["step"] == state["data_position"] == 6 and len(state["window"]) == 2
+
+
+def test_checkpoints_are_pruned_to_the_limit_and_keep_the_best_apart(tmp_path):
+    run_dir = train(tmp_path, "run", *METHODS["adazeta-adam"], "train.save_total_limit=2")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000009", "step-0000010"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = load_file(str(run_dir / "best_trainable.safetensors"))
+    kept = load_file(str(run_dir / "checkpoints" / "step-0000010" / "best_trainable.safetensors"))
+    assert summary["best/step"] in (5, 10) and all(best[k].equal(kept[k]) for k in best)
+
+
+def test_interrupted_run_resumes_with_auto(tmp_path, monkeypatch):
+    """SIGTERM at step 6 (sent from inside the run) stops it after that step with a checkpoint and
+    the command to resume; `train.resume=auto` with the same config finds it and finishes the run
+    exactly as an uninterrupted one."""
+    overrides = METHODS["adazeta-adam"]
+    full = train(tmp_path / "elsewhere", "full", *overrides)  # another output root: auto must not find it
+    append = ReplayLog.append
+
+    def append_and_signal(self, step, *args):
+        append(self, step, *args)
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ReplayLog, "append", append_and_signal)
+    with pytest.raises(Interrupted) as info:
+        train(tmp_path, "first", *overrides)
+    first = tmp_path / "runs" / "day" / "first"
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert f"interrupted by SIGTERM at step 6: checkpoint saved in {first / 'checkpoints' / 'step-0000006'}" in str(info.value)
+    assert f"train.resume={first}" in str(info.value)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone
+    monkeypatch.setattr(ReplayLog, "append", append)
+
+    resumed = train(tmp_path, "second", *overrides, "train.resume=auto")
+    assert (resumed / "resumed_from.txt").read_text().strip() == str(first / "checkpoints" / "step-0000006")
+    assert_same_run(resumed, full)
+
+
+def test_auto_without_a_checkpoint_starts_afresh(tmp_path):
+    run_dir = train(tmp_path, "run", *METHODS["adazeta-adam"], "train.max_steps=2", "train.resume=auto")
+    assert not (run_dir / "resumed_from.txt").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] is None
+
+
+def test_resume_with_a_changed_lr_uses_the_new_lr(tmp_path):
+    full = train(tmp_path, "full", *METHODS["mezo-momentum"], "train.max_steps=6")
+    resumed = train(tmp_path, "resumed", *METHODS["mezo-momentum"], "train.max_steps=8", "method.lr=5e-4",
+                    f"train.resume={full}")
+    lrs = {r["step"]: r["train/lr"] for r in read_jsonl(resumed / "metrics.jsonl") if "train/lr" in r}
+    assert lrs == {4: 1e-3, 6: 1e-3, 8: 5e-4}
