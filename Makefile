@@ -5,12 +5,15 @@ PYTHON ?= python3
 # or install their own torch first and set TORCH_SPEC= (empty) to keep it.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
-MODEL ?= minilm
 # Real SST-2 for `make compare` when the shared data folder is beside the repo; else the built-in sample.
 SST2_DIR ?= $(wildcard $(CURDIR)/../shared/data/sst2)
 COMPARE_DIR ?= outputs/compare
+BENCH_ARGS ?=
+# `make plan`: the architecture only (no weights); SST-2 lengths measured with SmolLM2's tokenizer,
+# the Llama-family one that ships offline.
+PLAN_ARGS ?= model=llama2-7b train.batch_size=16 model.tokenizer=packaged:smollm2-135m $(if $(SST2_DIR),task.data_dir=$(SST2_DIR))
 
-.PHONY: help install train test test-slow bench compare lint format clean
+.PHONY: help install train test test-slow bench plan compare lint format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -29,9 +32,13 @@ test: ## Fast tests (CPU, a few minutes)
 test-slow: ## Slow tests only: real models, real data in ../shared/data, multiruns
 	$(PYTHON) -m pytest -q -m slow
 
-bench: ## Memory and step-time tables of every method on MODEL (default minilm; MODEL=smollm2-135m)
-	$(PYTHON) scripts/benchmark_memory.py --model $(MODEL)
-	$(PYTHON) scripts/benchmark_speed.py --model $(MODEL)
+bench: ## Benchmark tables of docs/benchmarks.md: MiniLM (all tables), SmolLM2-135M (speed, memory, planner); BENCH_ARGS=--quick
+	$(PYTHON) scripts/benchmark.py --model minilm $(BENCH_ARGS)
+	$(PYTHON) scripts/benchmark.py --model smollm2-135m --tables speed,memory,planner $(BENCH_ARGS)
+
+plan: ## Peak memory of Llama-2-7B (bf16, batch 16, SST-2 lengths) with AdaZeta, MeZO and ft, predicted before downloading it
+	adazeta-plan --methods adazeta,mezo --check 3,4 $(PLAN_ARGS)
+	adazeta-plan --methods ft $(PLAN_ARGS)
 
 compare: ## CPU-sized comparison: 4 methods x 2 seeds on MiniLM/SST-2, then figures + table in COMPARE_DIR
 	$(if $(SST2_DIR),ADAZETA_SST2_DIR=$(SST2_DIR)) adazeta-train -m seed=0,1 \

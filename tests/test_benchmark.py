@@ -1,0 +1,107 @@
+"""scripts/benchmark.py on a tiny model: every table prints its header and finite ratios. Timings
+are not asserted (the machine is shared); counts and shapes are."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, subprocess_env
+
+SCRIPT = REPO / "scripts" / "benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(text: str, header_start: str) -> list[dict[str, str]]:
+    """The rows of the markdown table whose header starts with `header_start`."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(header_start))
+    names = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append(dict(zip(names, [c.strip() for c in ln.strip("|").split("|")], strict=True)))
+    return rows
+
+
+def finite(value: str) -> float:
+    x = float(value)
+    assert math.isfinite(x) and x > 0, value
+    return x
+
+
+def test_speed_table_ratios_and_z_draws(bench):
+    args = bench.parse_args(["--quick", "--model", "tiny-llama", "--methods", "adazeta,mezo,sparse_mezo,ft",
+                             "--qs", "1,2", "model.device=cpu"])
+    rows = table(bench.speed_table(args), "| method | Q |")
+    assert [(r["method"], r["Q"]) for r in rows] == [
+        ("adazeta", "1"), ("adazeta", "2"), ("mezo", "1"), ("mezo", "2"), ("sparse_mezo", "1"),
+        ("sparse_mezo", "2"), ("ft", "1 fwd+bwd")]
+    for r in rows:
+        finite(r["step / bare"])
+        assert r["batch (rows x tokens)"] == "16 x 63"  # tiny-llama: 64-token rows less the candidate
+    for r in rows:
+        if r["method"] == "mezo":
+            # The seed trick draws each query's z at least twice (for +eps z and for -2 eps z).
+            assert finite(r["z draws / step"]) >= 2 * int(r["Q"])
+            assert finite(r["(bare + z floor) / bare"]) > 1
+    mezo = next(r for r in rows if r["method"] == "mezo")
+    assert int(mezo["trainable"].replace(",", "")) > 100 * int(rows[0]["trainable"].replace(",", ""))
+
+
+def test_scaling_and_parallel_tables(bench):
+    args = bench.parse_args(["--quick", "--model", "tiny-llama", "--scaling-methods", "adazeta", "--qs", "1",
+                             "--parallel-methods", "adazeta", "model.device=cpu"])
+    rows = table(bench.scaling_table(args), "| method | axis |")
+    assert [r["batch (rows x tokens)"] for r in rows if r["axis"] == "batch size"] == ["1 x 63", "4 x 63"]
+    assert [r["batch (rows x tokens)"] for r in rows if r["axis"] == "sequence length"] == ["16 x 15", "16 x 31"]
+    for r in rows:
+        finite(r["step / bare"])
+    text = bench.parallel_table(args)
+    if "skipped" in text:  # zo.parallel_queries not in this tree
+        pytest.skip(text)
+    rows = table(text, "| method | batch")
+    assert [r["batch (rows x tokens)"] for r in rows] == ["1 x 31", "4 x 31"]
+    for r in rows:
+        finite(r["speed-up"])
+
+
+def test_cli_prints_the_machine_and_the_table(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--model", "tiny-llama", "--tables", "speed", "--methods", "adazeta",
+         "--qs", "1"], cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("machine: ") and "load average" in first and "torch" in first
+    (row,) = table(proc.stdout, "| method | Q |")
+    finite(row["step / bare"])
+
+
+def test_unknown_table_is_an_error(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tables", "speed,sped"])
+    err = capsys.readouterr().err
+    assert "sped" in err and "speed,memory,scaling" in err
+
+
+@pytest.mark.slow
+def test_memory_table_runs_the_trainer_and_the_planner(bench):
+    args = bench.parse_args(["--quick", "--model", "tiny-llama", "--methods", "adazeta,mezo"])
+    rows = table(bench.memory_table(args), "| method | trainable |")
+    assert [r["method"] for r in rows] == ["adazeta", "mezo"]
+    for r in rows:
+        assert finite(r["trainer: peak / inference"]) >= 0.9
+        assert finite(r["net: peak / inference"]) >= 0.9
+        finite(r["net: weights GiB"])
