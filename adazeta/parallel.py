@@ -68,9 +68,27 @@ class ParallelQueries:
             raise ConfigError(f"zo.max_replicas={max_replicas} must be >= 1 (or null: all 2Q at once)")
         self.spsa, self.max_replicas = spsa, max_replicas
         self.owners = owners(model, spsa)
-        # Per trainable tensor, a reusable (capacity, *shape) stack of replica copies.
-        self.stacks: list[torch.Tensor | None] = [None] * len(spsa.trainables)
         self.device = spsa.trainables[0].param.device
+        # The replicas' weights: per (device, dtype) group of trainables, one (capacity, group
+        # size) buffer, replica r in row r; each tensor's (n, *shape) stack is a view into it.
+        # Flat rows make filling a replica two adds over the group instead of two per tensor.
+        self.groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, t in enumerate(spsa.trainables):
+            self.groups.setdefault((t.param.device, t.param.dtype), []).append(i)
+        self.offsets = [0] * len(spsa.trainables)
+        for indices in self.groups.values():
+            at = 0
+            for i in indices:
+                self.offsets[i], at = at, at + spsa.trainables[i].param.numel()
+        self.sizes = {key: sum(spsa.trainables[i].param.numel() for i in ix) for key, ix in self.groups.items()}
+        self.rows: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # (capacity, size)
+        self.theta = {key: torch.empty(n, device=key[0], dtype=key[1]) for key, n in self.sizes.items()}
+        self.z = {key: torch.empty(n, device=key[0], dtype=key[1]) for key, n in self.sizes.items()}
+        self.z_views = [
+            self.z[(t.param.device, t.param.dtype)][self.offsets[i] : self.offsets[i] + t.param.numel()].view_as(t.param)
+            for i, t in enumerate(spsa.trainables)
+        ]
+        self.stacks: list[torch.Tensor] = []  # per tensor, (capacity, *shape) views of `rows`
 
     def __call__(self, loss_fn: Callable[[], torch.Tensor], seeds: list[int]) -> torch.Tensor:
         replicated = getattr(loss_fn, "replicated", None)
@@ -100,26 +118,31 @@ class ParallelQueries:
             return total
         return max(1, min(total, int(MEMORY_FRACTION * free) // max(estimate(), 1)))
 
-    def stack(self, index: int, n: int) -> torch.Tensor:
-        p = self.spsa.trainables[index].param
-        buf = self.stacks[index]
-        if buf is None or buf.shape[0] < n:  # grows with Q (adaptive schedules), then is reused
-            buf = self.stacks[index] = torch.empty((n, *p.shape), device=p.device, dtype=p.dtype)
-        return buf[:n]
+    def reserve(self, n: int) -> None:
+        """Room for n replicas (grows with Q under an adaptive schedule, then is reused)."""
+        if self.stacks and self.stacks[0].shape[0] >= n:
+            return
+        self.rows = {key: torch.empty((n, size), device=key[0], dtype=key[1]) for key, size in self.sizes.items()}
+        self.stacks = []
+        for i, t in enumerate(self.spsa.trainables):
+            key, numel = (t.param.device, t.param.dtype), t.param.numel()
+            self.stacks.append(self.rows[key][:, self.offsets[i] : self.offsets[i] + numel].view(n, *t.param.shape))
 
     @torch.no_grad()
     def fill(self, seeds: list[int], start: int, n: int) -> None:
-        """Replicas start .. start + n - 1 of every trainable tensor: theta +/- eps z_q, each
-        z_q regenerated once per tensor and chunk."""
-        eps = self.spsa.eps
-        queries = range(start // 2, (start + n + 1) // 2)
-        for i, t in enumerate(self.spsa.trainables):
-            out = self.stack(i, n)
-            for q in queries:
-                z = self.spsa.z(i, seeds[q])
+        """Replicas start .. start + n - 1: theta +/- eps z_q, each z_q regenerated once per chunk
+        (tensor by tensor, from the same seeds as `SPSA.z`), then added over whole groups."""
+        self.reserve(n)
+        eps, trainables = self.spsa.eps, self.spsa.trainables
+        for key, indices in self.groups.items():
+            theta, z = self.theta[key], self.z[key]
+            torch.cat([trainables[i].param.view(-1) for i in indices], out=theta)
+            for q in range(start // 2, (start + n + 1) // 2):
+                for i in indices:
+                    self.spsa.z(i, seeds[q], out=self.z_views[i])
                 for r, sign in ((2 * q, 1.0), (2 * q + 1, -1.0)):
                     if start <= r < start + n:
-                        torch.add(t.param, z, alpha=sign * eps, out=out[r - start])
+                        torch.add(theta, z, alpha=sign * eps, out=self.rows[key][r - start])
 
     @contextlib.contextmanager
     def replicas(self, n: int) -> Iterator[None]:

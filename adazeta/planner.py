@@ -17,7 +17,11 @@ and reports the line's error there: run it with the largest depths that fit your
 
 Memory is measured as the trainer measures it (adazeta/memory.py): torch.cuda.max_memory_allocated
 on CUDA; on CPU the peak resident set (VmHWM), minus the resident set just before the model is
-built, so that the Python runtime and libraries do not count. The batch is the longest one the run
+built, so that the Python runtime and libraries do not count. Two things make the CPU figure
+follow the live tensors, as a GPU allocator's counter does: every weight is read once after
+loading (memory-mapped checkpoint pages are resident only once read), and each measurement runs
+with glibc's mmap threshold fixed (`MALLOC_MMAP_THRESHOLD_`), so that freed tensors go back to the
+system instead of staying in the heap. The batch is the longest one the run
 can draw: the `train.batch_size` longest examples of the task's training sample, encoded with the
 model's tokenizer (`--seq-len N` uses N synthetic tokens per row instead). Token ids are folded
 into the model's vocabulary: with random weights only the shapes matter.

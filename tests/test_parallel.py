@@ -44,10 +44,12 @@ def trainable_state(m) -> list[torch.Tensor]:
 
 
 # Each case: (method, model, extra overrides). A classification head (tiny-bert) is trainable too,
-# so it must be per-replica as well; tiny-llama scores candidates with a causal LM.
+# so it must be per-replica as well; tiny-llama scores candidates with a causal LM, tiny-roberta
+# reads label words at the mask position (masked LM).
 CASES = [
     ("adazeta", "tiny-llama", []),
     ("adazeta", "tiny-bert", []),
+    ("adazeta", "tiny-roberta", []),
     ("mezo_lora", "tiny-bert", []),
     ("mezo_lora", "tiny-llama", []),
 ]
