@@ -91,8 +91,8 @@ class ZOStep:
     def sequential(self, loss_fn: LossFn, seeds: list[int]) -> torch.Tensor:
         """One query after another, each restoring the weights it perturbed; in a step that fuses,
         the last one leaves them at theta - eps z for the update to restore."""
-        last = len(seeds) - 1
-        out = [self.spsa.projected_grad(loss_fn, s, restore=not (self.defer_restore and k == last)) for k, s in enumerate(seeds)]
+        keep = len(seeds) - 1 if self.defer_restore else -1  # the query left displaced, if any
+        out = [self.spsa.projected_grad(loss_fn, s, restore=k != keep) for k, s in enumerate(seeds)]
         return torch.tensor(out, dtype=torch.float64)
 
     def __call__(self, loss_fn: LossFn, step: int, q: int) -> StepResult:
@@ -106,7 +106,8 @@ class ZOStep:
             if self.guard is not None:
                 self.guard(step, losses, grads)
             if self.spsa.displaced and self.rule.fusable:  # the weights sit at theta - eps z_last
-                self.spsa.sgd_update(seeds, self.rule.coefficients(grads), self.rule.lr, self.rule.wd, restore=True)
+                coeffs = self.rule.coefficients(grads)
+                self.spsa.sgd_update(seeds, coeffs, self.rule.lr, self.rule.wd, restore=True)
                 extra = 0
             else:
                 self.spsa.restore()

@@ -183,7 +183,9 @@ def architecture(model_cfg) -> dict:
             f"cannot read the config of model.path={model_cfg.path!r} ({e}); the planner needs the "
             "architecture only: give model.arch (see conf/model/llama2-7b.yaml) or a folder with config.json"
         ) from e
-    return {k: v for k, v in hf.to_dict().items() if k not in NOT_ARCH}
+    # Nested dicts (rope parameters) set no tensor shape, and would reach the strict HF config as
+    # OmegaConf nodes through model.arch: left out.
+    return {k: v for k, v in hf.to_dict().items() if k not in NOT_ARCH and not isinstance(v, dict)}
 
 
 def layer_key(arch: dict) -> str:
