@@ -439,6 +439,10 @@ class BatchLoss:
         losses = self.objective.forward(self.model, self._replicas[r])[0]
         return losses.view(r, -1).mean(1)
 
+    def replica_tokens(self) -> int:
+        """Tokens one replica of the batch adds to a forward (rows x padded length)."""
+        return self.batch["input_ids"].numel()
+
     def replica_bytes(self) -> int:
         """A rough upper estimate of the activation memory one more replica adds to a no-grad
         forward: per token a few hidden-sized tensors, the MLP's intermediate ones and one row of

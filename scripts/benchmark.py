@@ -8,7 +8,7 @@ check on a real model. Prints markdown tables, the machine on top.
     python scripts/benchmark.py --tables parallel --parallel-batches 1,4,16,32,64
     make bench                                                          # MiniLM, then SmolLM2-135M
 
-Tables (`--tables`, comma-separated; default all but planner for SmolLM2 and larger):
+Tables (`--tables`, comma-separated; default: all of them):
 - speed: per method and Q, the median time of one step over the median time of the 2Q bare
   forward passes of the same model object (adapters, LoRA or hooks in place) on the same batch,
   timed alternately so that load drifts hit both. A ZO step can never beat its 2Q forwards; the
@@ -91,7 +91,7 @@ def machine_line() -> str:
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"machine: {cpu}, {os.cpu_count()} cores ({isa}), {ram:.1f} GiB RAM, {gpu}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, float32; load average {load_average()} at start; "
+            f"{torch.get_num_threads()} thread(s), float32; load average {load_average()} at start; "
             f"{time.strftime('%Y-%m-%d %H:%M')}")
 
 
@@ -174,7 +174,8 @@ def setup(model: str, method: str, overrides: list[str], zo: ZOConfig | None = N
         _PRISTINE[key] = load_model(cfg.model, num_labels=task.num_labels), task.num_labels
     loaded, _ = _PRISTINE[key]
     torch.manual_seed(0)
-    kwargs = {"zo": zo} if zo is not None else {}
+    # zo= when build_method takes it: `zo.*` overrides on the command line reach the speed tables.
+    kwargs = {"zo": zo if zo is not None else cfg.zo} if takes_zo() else {}
     m = build_method(copy.deepcopy(loaded.model), cfg.method, cfg.adapter, loaded.head, cfg.seed, **kwargs)
     objective = Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length)
     return Bench(method, cfg, m.model, m.step, sum(t.param.numel() for t in m.trainables), objective, task,

@@ -143,7 +143,8 @@ def test_parallel_step_leaves_the_base_model_untouched(method, model):
 
 def test_automatic_chunking_follows_the_memory_estimate(monkeypatch):
     """With zo.max_replicas=null the chunk is what half the free memory holds by the replica
-    estimate: 2.5 replicas' worth of free memory -> chunks of 1, the same gradients."""
+    estimate (2.5 replicas' worth of free memory -> chunks of 1) and, on CPU, what the token cap
+    allows; the gradients do not change."""
     import adazeta.parallel as parallel
 
     m, obj, task = setup("adazeta", "tiny-bert", "method.eps=1e-2")
@@ -157,6 +158,12 @@ def test_automatic_chunking_follows_the_memory_estimate(monkeypatch):
     monkeypatch.setattr(parallel, "available_bytes", lambda device: int(2.5 * loss_fn.replica_bytes()))
     torch.testing.assert_close(m.step.estimate(loss_fn, seeds), reference, rtol=1e-4, atol=1e-5)
     assert calls == [1, 1, 1, 1]
+    # On CPU a chunk also holds at most CPU_TOKENS tokens: room for 3 replicas -> chunks 3 + 1.
+    monkeypatch.setattr(parallel, "available_bytes", lambda device: None)
+    monkeypatch.setattr(parallel, "CPU_TOKENS", 3 * loss_fn.replica_tokens() + 1)
+    calls.clear()
+    torch.testing.assert_close(m.step.estimate(loss_fn, seeds), reference, rtol=1e-4, atol=1e-5)
+    assert calls == [3, 1]
 
 
 def test_parallel_needs_a_replicable_loss():
