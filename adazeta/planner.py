@@ -534,6 +534,9 @@ def main(argv: list[str] | None = None) -> None:
         result = measure_here(json.loads(Path(args.child).read_text()))
         print(RESULT_TAG + json.dumps(result), flush=True)
         return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from adazeta.errors import AdazetaError
 
     methods = [m for m in args.methods.split(",") if m] or [None]
@@ -545,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
                               q=args.q, steps=args.steps, check_dtype=ints(args.check_dtype), threads=args.threads,
                               log=lambda s: print(s, file=sys.stderr, flush=True)))
             print(report(plans[-1]) + "\n", flush=True)
-    except AdazetaError as e:
+    except (AdazetaError, HydraException, OmegaConfBaseException) as e:  # a bad override: its message, no traceback
         sys.exit(f"error: {e}")
     if len(plans) > 1:
         print(summary_table(plans))

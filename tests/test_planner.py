@@ -89,3 +89,10 @@ def test_bf16_plan_on_cpu_is_measured_in_fp32_and_converted(small_llama_plan):
     a, b = fit_line([1, 2], [one.kept_gib + (one.peak_gib - one.kept_gib) / 2,
                              two.kept_gib + (two.peak_gib - two.kept_gib) / 2])
     assert (p.a, p.b) == (pytest.approx(a), pytest.approx(b))
+
+
+def test_cli_bad_override_is_one_clear_error():
+    with pytest.raises(SystemExit, match="Could not find 'method/nope'"):
+        planner.main(["model=tiny-llama", "method=nope"])
+    with pytest.raises(SystemExit, match="--fit 1: the line needs two or more different depths"):
+        planner.main(["--fit", "1", "model=tiny-llama"])
