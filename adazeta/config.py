@@ -294,8 +294,9 @@ class ZOConfig:
     """Most perturbed replicas in one batched forward (null: all 2Q at once); lower it when the
     replicated activations would not fit in memory."""
     fused_update: bool = True
-    """With one query and update_rule=sgd, restore and update in one pass over the weights (one
-    regeneration of z fewer; exact up to float rounding)."""
+    """With update_rule=sgd or sign and in-place perturbation (any Q), the last query's restore is
+    folded into the update's pass over its z: one regeneration of z fewer per step, equal to the
+    unfused update up to float rounding. Off under torch.distributed."""
 
 
 class DistMode(Enum):
