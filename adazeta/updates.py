@@ -29,16 +29,14 @@ class UpdateRule:
     def __init__(self, spsa: SPSA, lr: float, weight_decay: float):
         self.spsa, self.lr, self.wd = spsa, lr, weight_decay
 
-    # True when the update is plain SGD on `coefficients(grads)`, theta -= lr ((1/Q) sum_q c_q z_q
-    # + wd theta): ZOStep may then fold the last query's restore into it (`zo.fused_update`).
+    # True when the update is plain SGD on `coefficients(grads)` (defined by such rules only),
+    # theta -= lr ((1/Q) sum_q c_q z_q + wd theta): ZOStep may then fold the last query's restore
+    # into it (`zo.fused_update`).
     fusable = False
 
     def apply(self, seeds: list[int], grads: list[float], loss_fn: Callable[[], torch.Tensor]) -> int:
         self.spsa.sgd_update(seeds, grads, self.lr, self.wd)
         return 0
-
-    def coefficients(self, grads: list[float]) -> list[float]:
-        raise NotImplementedError(f"update_rule {type(self).__name__} is not plain SGD; it cannot be fused")
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, scalars): everything that, with the trainables, fixes the next updates."""

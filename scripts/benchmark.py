@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import inspect
 import json
 import logging
 import math
@@ -107,10 +106,6 @@ def compose_cfg(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def takes_zo() -> bool:
-    return "zo" in inspect.signature(build_method).parameters
-
-
 # -- one model, one method, one batch --------------------------------------------------------------------
 _PRISTINE: dict[tuple, tuple] = {}
 
@@ -175,8 +170,8 @@ def setup(model: str, method: str, overrides: list[str], zo: ZOConfig | None = N
     loaded, _ = _PRISTINE[key]
     torch.manual_seed(0)
     # zo= when build_method takes it: `zo.*` overrides on the command line reach the speed tables.
-    kwargs = {"zo": zo if zo is not None else cfg.zo} if takes_zo() else {}
-    m = build_method(copy.deepcopy(loaded.model), cfg.method, cfg.adapter, loaded.head, cfg.seed, **kwargs)
+    zo = zo if zo is not None else cfg.zo
+    m = build_method(copy.deepcopy(loaded.model), cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=zo)
     objective = Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length)
     return Bench(method, cfg, m.model, m.step, sum(t.param.numel() for t in m.trainables), objective, task,
                  loaded.device)
@@ -381,9 +376,6 @@ def scaling_table(args) -> str:
 
 def parallel_table(args) -> str:
     q = args.parallel_q
-    if not takes_zo():
-        return ("parallel queries: skipped: `build_method` takes no `zo=` argument yet in this tree "
-                "(zo.parallel_queries, adazeta/parallel.py); nothing measured")
     rows = [f"Q = {q} on {args.parallel_model}, {args.parallel_seq_len} tokens per row; replicas per forward: "
             "all 2Q, or as many as fit (zo.max_replicas=null)",
             "", "| method | batch (rows x tokens) | bare 2Q forwards s | sequential step s | parallel step s "

@@ -81,6 +81,22 @@ def tiny_model(name: str):
     return load_model(cfg.model, num_labels=2)
 
 
+def build_method_on(overrides: Iterable[str]):
+    """The method, objective and task of a composed config, as the loop builds them (seeded):
+    -> (Method, Objective, Task)."""
+    from adazeta.methods import build_method
+    from adazeta.models import load_model
+    from adazeta.objectives import Objective
+    from adazeta.tasks import build_task
+
+    cfg = compose_config(overrides, hydra_config=False)
+    torch.manual_seed(0)
+    task = build_task(cfg.task)
+    loaded = load_model(cfg.model, num_labels=task.num_labels)
+    m = build_method(loaded.model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
+    return m, Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length), task
+
+
 def subprocess_env(home: Path) -> dict[str, str]:
     """The caller's environment, offline, one thread, and HOME in the test's folder: a run that
     writes caches or logs into the user's home shows up there."""

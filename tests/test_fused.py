@@ -9,27 +9,19 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import build_method_on
 from torch import nn
 
 from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
-from adazeta.methods import ZOStep, build_method
-from adazeta.models import load_model
-from adazeta.objectives import Objective
+from adazeta.methods import ZOStep
 from adazeta.sparse import InForwardPerturbation, SparseMask
-from adazeta.tasks import build_task
 from adazeta.trainable import collect
 from adazeta.zo import CHUNK, SPSA, Trainable, chunk_bounds, tensor_seed
 
 
 def setup(method: str, *extra: str, model: str = "tiny-llama"):
     overrides = ["task.num_train=16", "task.num_dev=8", f"method={method}", f"model={model}", *extra]
-    cfg = compose_config(overrides, hydra_config=False)
-    torch.manual_seed(0)
-    task = build_task(cfg.task)
-    loaded = load_model(cfg.model, num_labels=task.num_labels)
-    m = build_method(loaded.model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
-    obj = Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length)
+    m, obj, task = build_method_on(overrides)
     return m, obj.batch_loss(m.model, obj.encode(task.load().train[:4], train=True))
 
 

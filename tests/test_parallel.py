@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import build_method_on
 
 from adazeta.errors import ConfigError
-from adazeta.methods import build_method
-from adazeta.models import load_model
 from adazeta.objectives import Objective
 from adazeta.parallel import ParallelQueries
-from adazeta.tasks import Example, build_task
+from adazeta.tasks import Example
 from adazeta.zo import query_seed
 
 
@@ -26,13 +24,7 @@ def setup(method: str, model: str, *extra: str, parallel: bool = True, max_repli
         f"zo.parallel_queries={str(parallel).lower()}",
         f"zo.max_replicas={'null' if max_replicas is None else max_replicas}", *extra,
     ]
-    cfg = compose_config(overrides, hydra_config=False)
-    torch.manual_seed(0)
-    task_ = build_task(cfg.task)
-    loaded = load_model(cfg.model, num_labels=task_.num_labels)
-    m = build_method(loaded.model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
-    obj = Objective(task_, loaded.tokenizer, loaded.head, cfg.model.max_length)
-    return m, obj, task_
+    return build_method_on(overrides)
 
 
 def sst2_batch(obj: Objective, task, n: int = 4) -> dict[str, torch.Tensor]:
