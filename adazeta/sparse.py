@@ -10,6 +10,12 @@ Two ways to apply the perturbation:
   weight by theta + eps * m(theta) * z for the duration of that module's forward only, so the
   weights are never written during the two loss evaluations and no model-sized mask exists.
 
+A module whose weight is large (an embedding, a tied LM head, a wide projection: `block_min`
+values or more) is not copied whole: its forward runs over row blocks of about BLOCK values, each
+block perturbed into a small buffer just before use, with its z drawn by the tensor's own generator
+in order, so the values equal the whole-tensor z the update draws (on CPU: `chunks_exact`). The
+step's transient memory is then a few MB whatever the vocabulary size.
+
 `mask=random` (R-MeZO) draws a random mask per step and tensor with keep probability `keep_ratio`,
 from a generator seeded by the query seed, so it is reproducible and never stored either.
 """
@@ -21,7 +27,13 @@ from collections.abc import Callable
 
 import torch
 
-from adazeta.zo import SPSA, Trainable, tensor_seed
+from adazeta.zo import SPSA, Trainable, chunks_exact, tensor_seed
+
+# Weights of at least this many values are perturbed block by block in the forward (see above).
+BLOCK_MIN = 1 << 22
+# About this many values per block (rows x columns); a block's row count is a multiple of 16, so
+# every block but the last holds a multiple of 16 values and the chunked draws equal one whole draw.
+BLOCK = 1 << 20
 
 
 @torch.no_grad()
@@ -46,6 +58,9 @@ class SparseMask:
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"method.keep_ratio must be in (0, 1], got {keep_ratio}")
         self.kind, self.keep_ratio = kind, keep_ratio
+        # A magnitude mask is elementwise in the weights, so SPSA's passes can compute it chunk by
+        # chunk (`chunk`); a random mask is one draw over the whole tensor.
+        self.chunked = kind == "magnitude"
         self.h = thresholds(trainables, sparsity) if kind == "magnitude" else []
         self.generators: dict[torch.device, torch.Generator] = {}
         self.stored: dict[int, torch.Tensor] | None = None  # in-place mode: masks of the step
@@ -63,6 +78,15 @@ class SparseMask:
         gen.manual_seed(tensor_seed(seed ^ 0x5EED, index))
         u = torch.rand(weight.shape, generator=gen, device=weight.device)
         return u < self.keep_ratio
+
+    def chunk(self, index: int, flat: torch.Tensor, a: int, b: int, scratch: torch.Tensor) -> torch.Tensor:
+        """The magnitude mask of values [a, b) of tensor `index`, whose current values are `flat`
+        (the stored mask's slice in in-place mode); `scratch` holds 2 (b - a) bools."""
+        if self.stored is not None:
+            return self.stored[index].view(-1)[a:b]
+        h, n = self.h[index], b - a
+        out, tmp = scratch[:n], scratch[n : 2 * n]
+        return torch.le(flat, h, out=out).logical_and_(torch.ge(flat, -h, out=tmp))
 
     def __call__(self, index: int, weight: torch.Tensor, seed: int) -> torch.Tensor:
         if self.stored is not None and self.kind == "magnitude":
@@ -93,7 +117,7 @@ class InForwardPerturbation:
     """Pre/post forward hooks that swap each module's own trainable tensors for their perturbed
     versions during that module's forward only (never writing the weights)."""
 
-    def __init__(self, model: torch.nn.Module, spsa: SPSA):
+    def __init__(self, model: torch.nn.Module, spsa: SPSA, block_min: int = BLOCK_MIN):
         self.spsa = spsa
         self.active: tuple[int, float] | None = None  # (seed, scale) while a loss is evaluated
         index_of = {id(t.param): i for i, t in enumerate(spsa.trainables)}
@@ -102,11 +126,89 @@ class InForwardPerturbation:
         # (the largest module's size): no allocation, and no fresh pages, per layer and forward.
         self.work: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.top: dict[tuple[torch.device, torch.dtype], int] = {}  # first free value of each buffer
+        self.blocked: list[torch.nn.Module] = []  # modules whose forward runs block by block
+        self.generator: dict[torch.device, torch.Generator] = {}
         for module in model.modules():
             owned = [(name, index_of[id(p)]) for name, p in module.named_parameters(recurse=False) if id(p) in index_of]
-            if owned:
-                self.handles.append(module.register_forward_pre_hook(self.pre_hook(owned)))
-                self.handles.append(module.register_forward_hook(self.post_hook(owned)))
+            if not owned:
+                continue
+            weight = dict(owned).get("weight")
+            if weight is not None and self.blockable(module, block_min):
+                rest = [(name, i) for name, i in owned if name != "weight"]
+                module.forward = self.blocked_forward(module, weight, rest, module.forward)
+                self.blocked.append(module)
+                continue
+            self.handles.append(module.register_forward_pre_hook(self.pre_hook(owned)))
+            self.handles.append(module.register_forward_hook(self.post_hook(owned)))
+
+    def blockable(self, module: torch.nn.Module, block_min: int) -> bool:
+        """A plain Linear or Embedding whose weight is large, contiguous and drawn chunk-exactly,
+        with a magnitude mask (elementwise in the weight, so it can be computed per block)."""
+        w = module.weight
+        if type(module) not in (torch.nn.Linear, torch.nn.Embedding) or w.numel() < block_min:
+            return False
+        if type(module) is torch.nn.Embedding and module.max_norm is not None:
+            return False  # max_norm renormalises the rows it reads, in place
+        if hasattr(module, "_hf_hook"):
+            return False  # accelerate (device_map) already wraps this module's forward
+        mask = self.spsa.mask
+        chunked_mask = mask is None or getattr(mask, "chunked", False)
+        return chunked_mask and w.is_contiguous() and chunks_exact(w.device.type, w.dtype)
+
+    def blocks(self, w: torch.Tensor, index: int, seed: int, scale: float):
+        """(r0, r1, perturbed rows r0:r1) over w's rows in order: z drawn block by block by one
+        generator seeded as the whole tensor's, masked by the block's own (unwritten) weights."""
+        rows, cols = w.shape[0], w[0].numel()
+        per = max(16, BLOCK // max(cols, 1) // 16 * 16)
+        gen = self.generator.setdefault(w.device, torch.Generator(device=w.device))
+        gen.manual_seed(tensor_seed(seed, index))
+        mask = self.spsa.mask
+        r0 = 0
+        while r0 < rows:
+            r1 = rows if rows - r0 < 2 * per else r0 + per
+            blk = w[r0:r1]
+            out = self.take(blk)
+            z = self.take(blk)
+            z.normal_(generator=gen)
+            if mask is not None:
+                z.mul_(mask.compute(index, blk, seed, out=mask.scratch(blk, 1)))
+            yield r0, r1, torch.add(blk, z, alpha=scale * self.spsa.eps, out=out)
+            self.top[(w.device, w.dtype)] -= 2 * blk.numel()  # release out and z
+            r0 = r1
+
+    def blocked_forward(self, module, index: int, rest: list[tuple[str, int]], plain: Callable) -> Callable:
+        """module.forward while a loss is evaluated: its output computed from perturbed row blocks
+        of its weight (`blocks`); its other trainable tensors (a bias) perturbed whole."""
+        embedding = type(module) is torch.nn.Embedding
+
+        def forward(x):
+            if self.active is None:
+                return plain(x)
+            seed, scale = self.active
+            top = dict(self.top)
+            others = {}
+            for name, i in rest:
+                p = module._parameters[name]
+                others[name] = torch.add(p, self.spsa.z(i, seed), alpha=scale * self.spsa.eps, out=self.take(p))
+            w = module.weight
+            try:
+                if embedding:
+                    out = torch.nn.functional.embedding(x, w, module.padding_idx)
+                    ids, flat = x.reshape(-1), out.view(-1, w.shape[1])
+                    for r0, r1, blk in self.blocks(w, index, seed, scale):
+                        sel = ((ids >= r0) & (ids < r1)).nonzero().squeeze(1)
+                        if sel.numel():
+                            flat[sel] = blk[ids[sel] - r0]
+                    return out
+                bias = others.get("bias", module.bias)
+                out = x.new_empty(*x.shape[:-1], w.shape[0])
+                for r0, r1, blk in self.blocks(w, index, seed, scale):
+                    out[..., r0:r1] = torch.nn.functional.linear(x, blk, None if bias is None else bias[r0:r1])
+                return out
+            finally:
+                self.top = top
+
+        return forward
 
     def pre_hook(self, owned: list[tuple[str, int]]) -> Callable:
         def hook(module, args):
@@ -162,3 +264,5 @@ class InForwardPerturbation:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for module in self.blocked:
+            del module.forward  # back to the class's forward

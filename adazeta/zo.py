@@ -114,11 +114,11 @@ class Lane:
             have.append(torch.Generator(device=device))
         return have[:n]
 
-    def buffer(self, p: torch.Tensor, numel: int) -> torch.Tensor:
-        key = (p.device, p.dtype)
+    def buffer(self, p: torch.Tensor, numel: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        key = (p.device, dtype or p.dtype)
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
-            buf = self.buffers[key] = torch.empty(max(numel, 2 * CHUNK), device=p.device, dtype=p.dtype)
+            buf = self.buffers[key] = torch.empty(max(numel, 2 * CHUNK), device=p.device, dtype=key[1])
         return buf[:numel]
 
 
@@ -126,8 +126,9 @@ class SPSA:
     """Two-sided SPSA over a fixed, ordered list of trainable tensors.
 
     A pass over the weights (perturb, update) adds to each tensor its z, drawn from an explicit
-    torch.Generator seeded by tensor_seed(seed, index): never the global RNG. Without a mask, z is
-    drawn in cache-sized chunks and never exists whole; the tensors are dealt to `workers` threads
+    torch.Generator seeded by tensor_seed(seed, index): never the global RNG. Without a mask, or
+    with one that is computed chunk by chunk (Sparse-MeZO's magnitude mask), z is drawn in
+    cache-sized chunks and never exists whole; the tensors are dealt to `workers` threads
     (torch's normal_ is single-threaded; each tensor's z depends only on its own seed, so the
     result does not depend on the number of threads). A step allocates nothing parameter-sized.
 
@@ -146,13 +147,15 @@ class SPSA:
         self.loss_pair: Callable[[Callable[[], torch.Tensor], int], tuple] = self.losses
         self.displaced: dict[int, float] = {}
         # z() for one tensor at a time (parallel replicas, in-forward perturbation, stateful rules):
-        # one generator per device and a scratch buffer of the largest tensor, made on first use.
+        # one generator per device and a scratch buffer grown to the largest tensor asked for.
         self.generators: dict[torch.device, torch.Generator] = {}
         self.scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        # Per tensor, the chunks its z is drawn in by a pass (None: drawn whole by z()).
+        # Per tensor, the chunks its z is drawn in by a pass (None: drawn whole by z()). A mask
+        # that can be cut into chunks (`mask.chunk`, Sparse-MeZO's magnitude mask) keeps this path.
+        chunkable = mask is None or getattr(mask, "chunked", False)
         self.bounds = [
             chunk_bounds(t.param.numel())
-            if mask is None and t.param.is_contiguous() and t.param.numel() >= 2 * CHUNK
+            if chunkable and t.param.is_contiguous() and t.param.numel() >= 2 * CHUNK
             and chunks_exact(t.param.device.type, t.param.dtype) else None
             for t in trainables
         ]
@@ -179,15 +182,16 @@ class SPSA:
             lane.indices.sort()
         return [lane for lane in lanes if lane.indices] or [Lane([])]
 
-    def z(self, index: int, seed: int, out: torch.Tensor | None = None, generator=None) -> torch.Tensor:
-        """z_q for tensor `index` (masked if the method masks), written into `out` or the scratch
-        buffer: valid until the next call."""
+    def z(
+        self, index: int, seed: int, out: torch.Tensor | None = None, generator=None, masked: bool = True
+    ) -> torch.Tensor:
+        """z_q for tensor `index` (masked if the method masks, unless masked=False), written into
+        `out` or the scratch buffer: valid until the next call."""
         p = self.trainables[index].param
-        if out is None:
+        if out is None:  # grown to the largest tensor asked for, not the largest there is
             key = (p.device, p.dtype)
-            if key not in self.scratch:
-                numel = max(t.param.numel() for t in self.trainables if (t.param.device, t.param.dtype) == key)
-                self.scratch[key] = torch.empty(numel, device=p.device, dtype=p.dtype)
+            if key not in self.scratch or self.scratch[key].numel() < p.numel():
+                self.scratch[key] = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
             out = self.scratch[key][: p.numel()].view_as(p)
         gen = generator
         if gen is None:
@@ -196,7 +200,7 @@ class SPSA:
                 gen = self.generators[p.device] = torch.Generator(device=p.device)
         gen.manual_seed(tensor_seed(seed, index))
         out.normal_(generator=gen)
-        if self.mask is not None:
+        if self.mask is not None and masked:
             m = self.mask(index, p, seed)
             if m is not None:
                 out.mul_(m)
@@ -229,24 +233,36 @@ class SPSA:
             t = self.trainables[i]
             f, cs = (factor, decayed) if t.decay else (1.0, coeffs)
             p = t.param
-            if self.bounds[i] is None:  # whole tensor: small, masked, or not chunkable
+            if self.bounds[i] is None:  # whole tensor: small, randomly masked, or not chunkable
+                m = None  # a magnitude mask: from the weights as the pass found them, for every seed
+                if self.mask is not None and getattr(self.mask, "chunked", False):
+                    n = p.numel()
+                    m = self.mask.chunk(i, p.view(-1), 0, n, lane.buffer(p, 2 * n, torch.bool)).view_as(p)
                 if f != 1.0:
                     p.mul_(f)
                 for seed, c in zip(seeds, cs, strict=True):
                     out = lane.buffer(p, p.numel()).view_as(p) if own else None
-                    z = self.z(i, seed, out=out, generator=lane.gens(p.device, 1)[0] if own else None)
+                    gen = lane.gens(p.device, 1)[0] if own else None
+                    z = self.z(i, seed, out=out, generator=gen, masked=m is None)
+                    if m is not None:
+                        z.mul_(m)
                     p.add_(z, alpha=c)
                 continue
             gens = lane.gens(p.device, len(seeds))
             for gen, seed in zip(gens, seeds, strict=True):
                 gen.manual_seed(tensor_seed(seed, i))
             flat, buf = p.view(-1), lane.buffer(p, 2 * CHUNK)
+            masks = lane.buffer(p, 4 * CHUNK, torch.bool) if self.mask is not None else None
             for a, b in self.bounds[i]:  # each z chunk is added while it is still in cache
                 dst, z = flat[a:b], buf[: b - a]
+                # The chunk's mask, from its weights as the pass found them (before any write).
+                m = None if masks is None else self.mask.chunk(i, dst, a, b, masks[: 2 * (b - a)])
                 if f != 1.0:
                     dst.mul_(f)
                 for gen, c in zip(gens, cs, strict=True):
                     z.normal_(generator=gen)
+                    if m is not None:
+                        z.mul_(m)
                     dst.add_(z, alpha=c)
 
     @torch.no_grad()
