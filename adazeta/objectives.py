@@ -336,6 +336,8 @@ class Objective:
             kwargs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         if accepts(model, "logits_to_keep"):
             kwargs["logits_to_keep"] = keep
+        if accepts(model, "use_cache"):  # a scoring forward: no key/value cache to keep
+            kwargs["use_cache"] = False
         logp = torch.log_softmax(
             model(**kwargs).logits[:, -keep:].float(), dim=-1
         )  # (rows, keep, V)
@@ -489,11 +491,14 @@ def pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, t
     return ids, mask
 
 
-_ACCEPTS: dict[tuple[type, str], bool] = {}
+_ACCEPTS: dict[tuple[type, type, str], bool] = {}
 
 
 def accepts(model, arg: str) -> bool:
-    key = (type(model), arg)
+    """Whether the model's forward names `arg`. A peft wrapper's forward passes its **kwargs on
+    to the model it wraps, so that model's signature is the one that counts."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    key = (type(model), type(base), arg)
     if key not in _ACCEPTS:
-        _ACCEPTS[key] = arg in inspect.signature(model.forward).parameters
+        _ACCEPTS[key] = arg in inspect.signature(base.forward).parameters
     return _ACCEPTS[key]

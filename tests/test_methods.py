@@ -179,3 +179,77 @@ def test_conservative_keeps_the_best_of_three():
     loss_fn = lambda: ((w - w0) ** 2).sum()  # noqa: E731  (theta itself is best)
     RULES["conservative"](spsa, lr=0.1, weight_decay=0.0).apply([5], [1.0], loss_fn)
     torch.testing.assert_close(w.detach(), w0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1024, 1 << 20])
+def test_blocked_in_forward_perturbation_equals_in_place(monkeypatch, block):
+    """Large Linear and Embedding weights are perturbed row block by row block inside their
+    forward (adazeta/sparse.py): the losses equal the in-place ones with stored masks, the z of
+    each block is the slice of the tensor's whole z, and no weight is written. block=1024 cuts
+    tiny-llama's 30522 x 64 embedding and LM head into 16-row blocks; 1 << 20 takes them whole."""
+    import adazeta.sparse as sparse
+
+    monkeypatch.setattr(sparse, "BLOCK", block)
+    _, m, obj, batch, before = setup("sparse_mezo", "tiny-llama", "method.eps=1e-2")
+    spsa = m.step.spsa
+    spsa.loss_pair.__self__.remove()  # the method's own hooks (default block_min: nothing blocked)
+    in_forward = sparse.InForwardPerturbation(m.model, spsa, block_min=1 << 14)
+    blocked = {type(mod).__name__ for mod in in_forward.blocked}
+    assert blocked == {"Embedding", "Linear"}, blocked  # the embedding and the LM head
+    loss_fn = lambda: obj.forward(m.model, batch)[0].mean()  # noqa: E731
+    plain = loss_fn()
+    seed = query_seed(0, 3, 1)
+    plus_f, minus_f = in_forward.losses(loss_fn, seed)
+    assert not changed_names(m.model, before), "the blocked forward must not write weights"
+    assert torch.equal(loss_fn(), plain)  # outside a perturbation the forward is the plain one
+    m.step.mask.store(spsa.trainables)
+    plus_i, minus_i = spsa.losses(loss_fn, seed)
+    m.step.mask.release()
+    torch.testing.assert_close(plus_f, plus_i, rtol=0, atol=1e-6)
+    torch.testing.assert_close(minus_f, minus_i, rtol=0, atol=1e-6)
+    assert abs(float(plus_f) - float(minus_f)) > 1e-6
+    in_forward.remove()
+    assert all("forward" not in vars(mod) for mod in in_forward.blocked)
+
+
+def test_masked_update_in_chunks_equals_whole_draws():
+    """Sparse-MeZO's update runs in cache-sized chunks (the magnitude mask computed per chunk from
+    the weights before the pass writes them): the result equals masking whole-tensor draws."""
+    from adazeta.sparse import SparseMask
+    from adazeta.zo import CHUNK, tensor_seed
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3 * CHUNK + 21))
+    small = torch.nn.Parameter(torch.randn(100))
+    trainables = [Trainable("w", w, True), Trainable("small", small, False)]
+    mask = SparseMask(trainables, "magnitude", sparsity=0.5, keep_ratio=1.0)
+    spsa = SPSA(trainables, eps=1e-3, mask=mask)
+    assert spsa.bounds[0] is not None and spsa.bounds[1] is None  # w is drawn in chunks
+    theta = [t.param.detach().clone() for t in trainables]
+    seeds, coeffs = [11, 12], [0.5, -0.25]
+    spsa.add_noise(seeds, coeffs, factor=0.9, decayed=[0.4, -0.3])
+    for i, (t, p0) in enumerate(zip(trainables, theta, strict=True)):
+        m = (p0.abs() <= mask.h[i])
+        f, cs = (0.9, [0.4, -0.3]) if t.decay else (1.0, coeffs)
+        expected = p0 * f
+        for seed, c in zip(seeds, cs, strict=True):
+            z = torch.empty_like(p0).normal_(generator=torch.Generator().manual_seed(tensor_seed(seed, i)))
+            expected.add_(z * m, alpha=c)
+        assert torch.equal(t.param.detach(), expected), t.name
+
+
+@pytest.mark.parametrize("method", ["mezo", "mezo_lora"])
+def test_causal_scoring_computes_only_the_kept_logits(method):
+    """A causal LM scores candidates from the last few positions only (`logits_to_keep`) and
+    without a key/value cache, also through peft's wrapper (whose own forward names neither)."""
+    _, m, obj, batch, _ = setup(method, "tiny-llama")
+    base = m.model.get_base_model() if hasattr(m.model, "get_base_model") else m.model
+    seen = {}
+    h1 = base.lm_head.register_forward_hook(lambda mod, args, out: seen.update(positions=args[0].shape[1]))
+    h2 = base.model.register_forward_hook(lambda mod, args, out: seen.update(cache=out.past_key_values))
+    try:
+        obj.forward(m.model, batch)
+    finally:
+        h1.remove(), h2.remove()
+    assert seen["positions"] == int(batch["cand_lens"].max()) < batch["input_ids"].shape[1]
+    assert seen["cache"] is None

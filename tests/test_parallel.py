@@ -113,7 +113,8 @@ def test_parallel_training_steps_equal_sequential(method, model):
     assert differ < 1e-3 * moved, (differ, moved)
     for a, b in zip(seq_results, par_results, strict=True):
         assert b.forward_passes == a.forward_passes == 6
-        assert b.grads == pytest.approx(a.grads, rel=1e-3, abs=1e-4)
+        # abs: a few float32 ulps of a loss near 0.7 (6e-8 each) over 2 eps = 2e-3 is ~1e-4.
+        assert b.grads == pytest.approx(a.grads, rel=1e-3, abs=2e-4)
 
 
 @pytest.mark.parametrize(("method", "model"), [("adazeta", "tiny-llama"), ("mezo_lora", "tiny-bert")])
