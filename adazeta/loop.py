@@ -36,7 +36,7 @@ from adazeta.errors import ConfigError, DivergenceError, Interrupted
 from adazeta.guard import Guard, check_precision, get_lr, set_lr
 from adazeta.interrupt import interruption, resume_command
 from adazeta.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
-from adazeta.memory import get_memory_stats, peak_gib, reset_peak
+from adazeta.memory import get_memory_stats, make_resident, peak_gib, reset_peak
 from adazeta.methods import Method, build_method
 from adazeta.models import load_model, prompt_init_head
 from adazeta.objectives import Objective
@@ -121,7 +121,9 @@ def setup(cfg: DictConfig, dist: distributed.Dist | None = None) -> Setup:
     model, device = loaded.model, loaded.device
     objective = Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length)
 
-    # Inference memory of this model and batch size, measured before any training state exists.
+    # Inference memory of this model and batch size, measured before any training state exists,
+    # with every weight resident (on CPU, mmapped weights count once read).
+    make_resident(model)
     reset_peak(device)
     with torch.no_grad():
         objective.forward(model, to_device(objective.encode(splits.train[: cfg.train.batch_size], train=True), device))

@@ -41,6 +41,18 @@ def peak_gib(device: torch.device) -> float:
     return rss * (1 if sys.platform == "darwin" else 1024) / GIB
 
 
+@torch.no_grad()
+def make_resident(model: torch.nn.Module) -> None:
+    """Read one value per memory page of every CPU parameter and buffer. Weights loaded from
+    safetensors are memory-mapped and enter the resident set only when read: without this an
+    inference measurement misses the rows of an embedding its batch never looks up, which a training
+    step (that perturbs every weight) does touch."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and t.numel():
+            step = max(1, 4096 // t.element_size())
+            t.detach().reshape(-1)[::step].sum()
+
+
 def get_memory_stats(device: torch.device) -> dict[str, float]:
     stats = {"mem/peak_gib": peak_gib(device)}
     if device.type == "cuda":

@@ -258,7 +258,7 @@ def measure_here(spec: dict) -> dict:
     from omegaconf import open_dict
 
     from adazeta.config import Head
-    from adazeta.memory import peak_gib, reset_peak
+    from adazeta.memory import make_resident, peak_gib, reset_peak
     from adazeta.methods import build_method
     from adazeta.models import classification_head, load_model, resolve_device
     from adazeta.objectives import Objective
@@ -282,9 +282,7 @@ def measure_here(spec: dict) -> dict:
         # Pretrained weights may come as pages of a memory-mapped file, resident only once read;
         # a forward reads only the embedding rows of its tokens. Read everything once, so that
         # inference counts all the weights, as device memory would.
-        with torch.no_grad():
-            for t in [*loaded.model.parameters(), *loaded.model.buffers()]:
-                t.sum()
+        make_resident(loaded.model)
         return loaded, Objective(task, loaded.tokenizer, loaded.head, 10**6)
 
     if spec.get("warmup"):
@@ -308,16 +306,14 @@ def measure_here(spec: dict) -> dict:
     with torch.no_grad():
         objective.forward(model, batch)
     inference = peak_gib(device) - base
-    method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, **zo_kwargs(cfg))
+    method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
     params = list(method.model.parameters())
     kept = [p for p in params if id(p) not in base_params]  # created by the method: fp32
     if loaded.head == Head.classification:  # load_model keeps a new head in fp32
         kept += list(classification_head(model).parameters())
     q = spec.get("q", 1)
 
-    def loss_fn():
-        return objective.forward(method.model, batch)[0].mean()
-
+    loss_fn = objective.batch_loss(method.model, batch)  # replicable: zo.parallel_queries works here
     gc.collect()
     reset_peak(device)
     times = []
@@ -334,15 +330,6 @@ def measure_here(spec: dict) -> dict:
         trainable_params=sum(t.param.numel() for t in method.trainables), step_s=times[-1],
         tokens=list(batch["input_ids"].shape),
     ))
-
-
-def zo_kwargs(cfg) -> dict:
-    """`zo=cfg.zo` for build_method when it takes it (batched parallel queries change the peak)."""
-    import inspect
-
-    from adazeta.methods import build_method
-
-    return {"zo": cfg.zo} if "zo" in inspect.signature(build_method).parameters else {}
 
 
 def measure(spec: dict, timeout: float | None = None) -> Measurement:
