@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -108,7 +109,7 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
                 f"model.init=random needs model.arch with a model_type (model {cfg.name!r} has "
                 f"{dict(cfg.arch) or 'none'}); pick a model config that carries one, e.g. model=tiny-llama"
             )
-        arch = dict(cfg.arch)
+        arch = OmegaConf.to_container(cfg.arch, resolve=True)  # nested values as plain dicts, lists
         hf_config = AutoConfig.for_model(arch.pop("model_type"), **arch)
         path = cfg.path
     else:
