@@ -291,8 +291,9 @@ class ZOConfig:
     """Evaluate a step's 2Q perturbed forwards as batched forwards over replicas of the batch, each
     replica with its own perturbed adapter weights (trainable=tt_adapter or lora; base shared)."""
     max_replicas: int | None = None
-    """Most perturbed replicas in one batched forward (null: all 2Q at once); lower it when the
-    replicated activations would not fit in memory."""
+    """Most perturbed replicas in one batched forward. null (default): automatic, as many as half
+    the free memory holds by an estimate of the replicated activations and, on CPU, at most
+    parallel.CPU_TOKENS (1024) tokens per forward, in chunks of even size."""
     fused_update: bool = True
     """With update_rule=sgd or sign and in-place perturbation (any Q), the last query's restore is
     folded into the update's pass over its z: one regeneration of z fewer per step, equal to the
