@@ -58,7 +58,7 @@ import transformers  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 import adazeta.train  # noqa: E402, F401  (registers the config schemas)
-from adazeta import objectives, planner  # noqa: E402
+from adazeta import planner  # noqa: E402
 from adazeta.config import Optimizer, ZOConfig  # noqa: E402
 from adazeta.methods import build_method  # noqa: E402
 from adazeta.models import load_model  # noqa: E402
@@ -132,10 +132,7 @@ class Bench:
         examples = [Example(fields={f: text for f in self.task.text_fields}, label=i % labels)
                     for i in range(batch_size)]
         self.batch = {k: v.to(self.device) for k, v in self.objective.encode(examples, train=True).items()}
-        if hasattr(objectives, "BatchLoss"):  # the loss object that parallel queries need
-            self.loss = objectives.BatchLoss(self.objective, self.model, self.batch)
-        else:
-            self.loss = lambda: self.objective.forward(self.model, self.batch)[0].mean()
+        self.loss = self.objective.batch_loss(self.model, self.batch)  # replicable: parallel queries
         return self
 
     @property
@@ -375,15 +372,19 @@ def scaling_table(args) -> str:
 
 
 def parallel_table(args) -> str:
+    """Sequential against batched queries, and why batching stops paying: the bare forwards at each
+    batch give this CPU's forward throughput against tokens per forward; the best of them bounds
+    any batched step from below (2Q x rows x tokens at the best rate), hence the speed-up ceiling."""
     q = args.parallel_q
     rows = [f"Q = {q} on {args.parallel_model}, {args.parallel_seq_len} tokens per row; replicas per forward: "
             "all 2Q, or as many as fit (zo.max_replicas=null)",
-            "", "| method | batch (rows x tokens) | bare 2Q forwards s | sequential step s | parallel step s "
-            "| speed-up | parallel / bare |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+            "", "| method | batch (rows x tokens) | tokens per forward: seq / par | bare 2Q forwards s "
+            "| bare tokens/s | sequential step s | parallel step s | speed-up | ceiling | parallel / bare |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for method in args.parallel_methods:
         seq = setup(args.parallel_model, method, args.overrides, zo=ZOConfig(parallel_queries=False))
         par = setup(args.parallel_model, method, args.overrides, zo=ZOConfig(parallel_queries=True))
+        measured = []
         for bs in args.parallel_batches:
             seq.with_batch(bs, args.parallel_seq_len)
             par.with_batch(bs, args.parallel_seq_len)
@@ -391,9 +392,18 @@ def parallel_table(args) -> str:
             par.run_step(q)
             t = timed({"bare": lambda s=seq: s.forwards(2 * q), "seq": lambda s=seq: s.run_step(q),
                        "par": lambda p=par: p.run_step(q)}, max(args.repeats - 1, 1))
-            rows.append(f"| {method} | {seq.shape} | {t['bare']:.3f} | {t['seq']:.3f} | {t['par']:.3f} "
-                        f"| {t['seq'] / t['par']:.2f} | {t['par'] / t['bare']:.2f} |")
+            tokens = seq.batch["input_ids"].numel()
+            per_chunk = par.step.estimate.chunk_size(par.loss, 2 * q) * tokens
+            measured.append((seq.shape, tokens, per_chunk, t))
+        best = max(2 * q * tokens / t["bare"] for _, tokens, _, t in measured)
+        for shape, tokens, per_chunk, t in measured:
+            ceiling = t["seq"] * best / (2 * q * tokens)
+            rows.append(f"| {method} | {shape} | {tokens} / {per_chunk} | {t['bare']:.3f} "
+                        f"| {2 * q * tokens / t['bare']:,.0f} | {t['seq']:.3f} | {t['par']:.3f} "
+                        f"| {t['seq'] / t['par']:.2f} | {ceiling:.2f} | {t['par'] / t['bare']:.2f} |")
         print(f"  parallel: {method} done", file=sys.stderr, flush=True)
+    rows += ["", "ceiling: the sequential step time over 2Q x rows x tokens at the best bare throughput of the "
+             "table, the most any batching of the same forwards could gain."]
     return "\n".join(rows)
 
 

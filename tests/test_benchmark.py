@@ -74,6 +74,11 @@ def test_scaling_and_parallel_tables(bench):
     assert [r["batch (rows x tokens)"] for r in rows] == ["1 x 31", "4 x 31"]
     for r in rows:
         finite(r["speed-up"])
+        seq_tokens, par_tokens = (int(x) for x in r["tokens per forward: seq / par"].split(" / "))
+        assert par_tokens % seq_tokens == 0 and par_tokens >= seq_tokens  # whole replicas per forward
+    # The ceiling is 1 where the bare forwards ran at the table's best throughput, above 1 elsewhere.
+    assert min(float(r["ceiling"]) * float(r["bare 2Q forwards s"]) / float(r["sequential step s"])
+               for r in rows) == pytest.approx(1.0, abs=0.02)  # the table rounds to 2 decimals
 
 
 def test_cli_prints_the_machine_and_the_table(tmp_path):
