@@ -49,6 +49,19 @@ def thresholds(trainables: list[Trainable], sparsity: float) -> list[float]:
     return out
 
 
+def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """[r0, r1) row spans of about BLOCK values and even sizes, each a multiple of 16 rows but the
+    last: every block but the last then holds a multiple of 16 values, and a last one of fewer than
+    16 values joins the one before, so drawing z block by block equals one draw over the tensor."""
+    per = max(16, BLOCK // max(cols, 1) // 16 * 16)
+    n = -(-rows // per)
+    per = -(-(-(-rows // n)) // 16) * 16  # spread the rows evenly over n blocks
+    out = [(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
+    if len(out) > 1 and (out[-1][1] - out[-1][0]) * cols < 16:
+        out[-2:] = [(out[-2][0], rows)]
+    return out
+
+
 class SparseMask:
     """The mask function SPSA calls per tensor: magnitude (fixed thresholds) or random."""
 
@@ -158,23 +171,16 @@ class InForwardPerturbation:
     def blocks(self, w: torch.Tensor, index: int, seed: int, scale: float):
         """(r0, r1, perturbed rows r0:r1) over w's rows in order: z drawn block by block by one
         generator seeded as the whole tensor's, masked by the block's own (unwritten) weights."""
-        rows, cols = w.shape[0], w[0].numel()
-        per = max(16, BLOCK // max(cols, 1) // 16 * 16)
         gen = self.generator.setdefault(w.device, torch.Generator(device=w.device))
         gen.manual_seed(tensor_seed(seed, index))
         mask = self.spsa.mask
-        r0 = 0
-        while r0 < rows:
-            r1 = rows if rows - r0 < 2 * per else r0 + per
+        for r0, r1 in row_blocks(w.shape[0], w[0].numel()):
             blk = w[r0:r1]
-            out = self.take(blk)
-            z = self.take(blk)
-            z.normal_(generator=gen)
+            out = self.take(blk).normal_(generator=gen)  # z, then W + a m z in the same buffer
             if mask is not None:
-                z.mul_(mask.compute(index, blk, seed, out=mask.scratch(blk, 1)))
-            yield r0, r1, torch.add(blk, z, alpha=scale * self.spsa.eps, out=out)
-            self.top[(w.device, w.dtype)] -= 2 * blk.numel()  # release out and z
-            r0 = r1
+                out.mul_(mask.compute(index, blk, seed, out=mask.scratch(blk, 1)))
+            yield r0, r1, torch.add(blk, out, alpha=scale * self.spsa.eps, out=out)
+            self.top[(w.device, w.dtype)] -= blk.numel()  # release the block's buffer
 
     def blocked_forward(self, module, index: int, rest: list[tuple[str, int]], plain: Callable) -> Callable:
         """module.forward while a loss is evaluated: its output computed from perturbed row blocks
@@ -221,8 +227,8 @@ class InForwardPerturbation:
                 module._adazeta_saved[name] = weight
                 # W + scale * eps * m(W) * z, in the work buffer: a stack, so that a module running
                 # inside another one (both owning trainables) takes the space above its parent's.
-                out = self.take(weight)
-                module._parameters[name] = torch.add(weight, self.spsa.z(i, seed), alpha=scale * self.spsa.eps, out=out)
+                out = self.spsa.z(i, seed, out=self.take(weight))  # z, then W + a z in the same buffer
+                module._parameters[name] = torch.add(weight, out, alpha=scale * self.spsa.eps, out=out)
         return hook
 
     def take(self, weight: torch.Tensor) -> torch.Tensor:
