@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,9 @@ def test_interrupted_run_resumes_with_auto(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(ReplayLog, "append", append_and_signal)
+    # The resume hint repeats the command line: make it this run's, not pytest's (whose -m would
+    # read as a sweep).
+    monkeypatch.setattr(sys, "argv", ["adazeta-train", *overrides])
     with pytest.raises(Interrupted) as info:
         train(tmp_path, "first", *overrides)
     first = tmp_path / "runs" / "day" / "first"
