@@ -161,8 +161,10 @@ class SPSA:
         ]
         workers = torch.get_num_threads() if workers is None else workers
         total = sum(t.param.numel() for t in trainables)
+        # A chunked mask is computed from each lane's own weights into the lane's own buffers, so
+        # masked passes thread too; a random mask draws from one shared generator and does not.
         threaded = (
-            workers > 1 and mask is None and total >= THREADED_MIN
+            workers > 1 and chunkable and total >= THREADED_MIN
             and all(t.param.device.type == "cpu" for t in trainables)
         )
         self.lanes = self.deal(workers if threaded else 1)

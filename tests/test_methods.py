@@ -212,19 +212,23 @@ def test_blocked_in_forward_perturbation_equals_in_place(monkeypatch, block):
     assert all("forward" not in vars(mod) for mod in in_forward.blocked)
 
 
-def test_masked_update_in_chunks_equals_whole_draws():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_masked_update_in_chunks_equals_whole_draws(workers):
     """Sparse-MeZO's update runs in cache-sized chunks (the magnitude mask computed per chunk from
-    the weights before the pass writes them): the result equals masking whole-tensor draws."""
+    the weights before the pass writes them), on one thread or dealt to two: the result equals
+    masking whole-tensor draws."""
     from adazeta.sparse import SparseMask
-    from adazeta.zo import CHUNK, tensor_seed
+    from adazeta.zo import CHUNK, THREADED_MIN, tensor_seed
 
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(3 * CHUNK + 21))
+    big = torch.nn.Parameter(torch.randn(THREADED_MIN + 48))
     small = torch.nn.Parameter(torch.randn(100))
-    trainables = [Trainable("w", w, True), Trainable("small", small, False)]
+    trainables = [Trainable("w", w, True), Trainable("big", big, True), Trainable("small", small, False)]
     mask = SparseMask(trainables, "magnitude", sparsity=0.5, keep_ratio=1.0)
-    spsa = SPSA(trainables, eps=1e-3, mask=mask)
-    assert spsa.bounds[0] is not None and spsa.bounds[1] is None  # w is drawn in chunks
+    spsa = SPSA(trainables, eps=1e-3, mask=mask, workers=workers)
+    assert len(spsa.lanes) == workers
+    assert spsa.bounds[0] is not None and spsa.bounds[2] is None  # w is drawn in chunks
     theta = [t.param.detach().clone() for t in trainables]
     seeds, coeffs = [11, 12], [0.5, -0.25]
     spsa.add_noise(seeds, coeffs, factor=0.9, decayed=[0.4, -0.3])
