@@ -24,6 +24,8 @@ Tables (`--tables`, comma-separated; default: all of them):
   (random-weight Llama architectures of growing width and depth).
 - parallel: `zo.parallel_queries=true` (batched replicas, adazeta/parallel.py) against sequential
   queries, Q = 8, at several batch sizes: where batching the 2Q forwards pays, and where it stops.
+  `bare tokens/s` is the forward throughput at each batch's size; `ceiling` is the sequential step
+  over 2Q x rows x tokens at the table's best throughput: the most any batching could gain.
 - planner: `adazeta-plan` on this model: fitted on 1 and 2 layers, checked at deeper sizes up to
   the full depth (a real-size run).
 
