@@ -27,6 +27,7 @@ are gathered before any g_q is formed.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -128,8 +129,8 @@ class ParallelQueries:
         tokens = getattr(loss_fn, "replica_tokens", None)
         if self.device.type == "cpu" and tokens is not None:
             chunk = min(chunk, CPU_TOKENS // max(tokens(), 1))
-        chunk = max(1, chunk)
-        return -(-total // -(-total // chunk))  # as many chunks as needed, of even sizes
+        chunks = math.ceil(total / max(1, chunk))
+        return math.ceil(total / chunks)  # as many chunks as needed, of even sizes
 
     def reserve(self, n: int) -> None:
         """Room for n replicas (grows with Q under an adaptive schedule, then is reused)."""

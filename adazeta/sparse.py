@@ -23,6 +23,7 @@ from a generator seeded by the query seed, so it is reproducible and never store
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import torch
@@ -54,12 +55,17 @@ def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
     last: every block but the last then holds a multiple of 16 values, and a last one of fewer than
     16 values joins the one before, so drawing z block by block equals one draw over the tensor."""
     per = max(16, BLOCK // max(cols, 1) // 16 * 16)
-    n = -(-rows // per)
-    per = -(-(-(-rows // n)) // 16) * 16  # spread the rows evenly over n blocks
+    n = math.ceil(rows / per)
+    per = math.ceil(math.ceil(rows / n) / 16) * 16  # the rows spread evenly over n blocks
     out = [(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
     if len(out) > 1 and (out[-1][1] - out[-1][0]) * cols < 16:
         out[-2:] = [(out[-2][0], rows)]
     return out
+
+
+def within(weight: torch.Tensor, h: float, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """|weight| <= h into the bool tensor `out` (`tmp`: a second one), with no float temporary."""
+    return torch.le(weight, h, out=out).logical_and_(torch.ge(weight, -h, out=tmp))
 
 
 class SparseMask:
@@ -85,8 +91,7 @@ class SparseMask:
             h = self.h[index]
             if out is None:
                 return (weight <= h).logical_and_(weight >= -h)
-            scratch = self.scratch(weight)
-            return torch.le(weight, h, out=out).logical_and_(torch.ge(weight, -h, out=scratch))
+            return within(weight, h, out, self.scratch(weight))
         gen = self.generators.setdefault(weight.device, torch.Generator(device=weight.device))
         gen.manual_seed(tensor_seed(seed ^ 0x5EED, index))
         u = torch.rand(weight.shape, generator=gen, device=weight.device)
@@ -97,9 +102,8 @@ class SparseMask:
         (the stored mask's slice in in-place mode); `scratch` holds 2 (b - a) bools."""
         if self.stored is not None:
             return self.stored[index].view(-1)[a:b]
-        h, n = self.h[index], b - a
-        out, tmp = scratch[:n], scratch[n : 2 * n]
-        return torch.le(flat, h, out=out).logical_and_(torch.ge(flat, -h, out=tmp))
+        n = b - a
+        return within(flat, self.h[index], scratch[:n], scratch[n : 2 * n])
 
     def __call__(self, index: int, weight: torch.Tensor, seed: int) -> torch.Tensor:
         if self.stored is not None and self.kind == "magnitude":
@@ -192,10 +196,7 @@ class InForwardPerturbation:
                 return plain(x)
             seed, scale = self.active
             top = dict(self.top)
-            others = {}
-            for name, i in rest:
-                p = module._parameters[name]
-                others[name] = torch.add(p, self.spsa.z(i, seed), alpha=scale * self.spsa.eps, out=self.take(p))
+            others = {name: self.perturbed_copy(module._parameters[name], i, seed, scale) for name, i in rest}
             w = module.weight
             try:
                 if embedding:
@@ -225,11 +226,15 @@ class InForwardPerturbation:
             for name, i in owned:
                 weight = module._parameters[name]
                 module._adazeta_saved[name] = weight
-                # W + scale * eps * m(W) * z, in the work buffer: a stack, so that a module running
-                # inside another one (both owning trainables) takes the space above its parent's.
-                out = self.spsa.z(i, seed, out=self.take(weight))  # z, then W + a z in the same buffer
-                module._parameters[name] = torch.add(weight, out, alpha=scale * self.spsa.eps, out=out)
+                module._parameters[name] = self.perturbed_copy(weight, i, seed, scale)
         return hook
+
+    def perturbed_copy(self, weight: torch.Tensor, index: int, seed: int, scale: float) -> torch.Tensor:
+        """W + scale * eps * m(W) * z in the work buffer (z drawn there first, then W added): a
+        stack, so that a module running inside another one (both owning trainables) takes the
+        space above its parent's."""
+        out = self.spsa.z(index, seed, out=self.take(weight))
+        return torch.add(weight, out, alpha=scale * self.spsa.eps, out=out)
 
     def take(self, weight: torch.Tensor) -> torch.Tensor:
         key, n = (weight.device, weight.dtype), weight.numel()

@@ -11,7 +11,8 @@ import torch
 from adazeta.memory import make_resident
 from adazeta.planner import resident_gib
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="the resident set is read from /proc/self/status, which only Linux has")
 
 
 def test_make_resident_counts_memory_mapped_weights(tmp_path):
