@@ -60,9 +60,12 @@ def test_fit_with_one_depth_is_a_config_error():
 @pytest.fixture(scope="module")
 def small_llama_plan() -> planner.Plan:
     """adazeta-plan on a small Llama in bf16: fitted on 1 and 2 layers, measured at 4 too (three
-    fresh processes, in fp32 since this CPU has no fast bf16)."""
-    return planner.plan([*SMALL_LLAMA, "model.dtype=bfloat16"], fit=(1, 2), check=(4,), seq_len=32, threads=1,
-                        jobs=3, log=lambda s: None)
+    fresh processes, in fp32 since this CPU has no fast bf16). Hidden 512 and intermediate 2048
+    make a layer 15 MiB: the resident set moves by up to about 1 MiB between fresh processes, so a
+    4 MiB layer (SMALL_LLAMA's) can look lighter than its weights."""
+    return planner.plan([*SMALL_LLAMA, "model.arch.hidden_size=512", "model.arch.intermediate_size=2048",
+                         "model.dtype=bfloat16"], fit=(1, 2), check=(4,), seq_len=32, threads=1, jobs=3,
+                        log=lambda s: None)
 
 
 def test_plan_of_a_small_llama_predicts_a_measured_deeper_run(small_llama_plan):
