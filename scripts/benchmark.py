@@ -373,6 +373,17 @@ def scaling_table(args) -> str:
     return "\n".join(rows)
 
 
+def parallel_rows(measured: list[tuple[str, int, int, dict[str, float]]], q: int) -> list[list[str]]:
+    """The parallel table's cells from its timings: `measured` holds (shape, tokens per row batch,
+    tokens per parallel forward, {"bare", "seq", "par"} seconds) per batch size. The ceiling is the
+    sequential step over 2Q x tokens at the best bare throughput of the table."""
+    best = max(2 * q * tokens / t["bare"] for _, tokens, _, t in measured)
+    return [[shape, f"{tokens} / {per_chunk}", f"{t['bare']:.3f}", f"{2 * q * tokens / t['bare']:,.0f}",
+             f"{t['seq']:.3f}", f"{t['par']:.3f}", f"{t['seq'] / t['par']:.2f}",
+             f"{t['seq'] * best / (2 * q * tokens):.2f}", f"{t['par'] / t['bare']:.2f}"]
+            for shape, tokens, per_chunk, t in measured]
+
+
 def parallel_table(args) -> str:
     """Sequential against batched queries, and why batching stops paying: the bare forwards at each
     batch give this CPU's forward throughput against tokens per forward; the best of them bounds
@@ -397,12 +408,7 @@ def parallel_table(args) -> str:
             tokens = seq.batch["input_ids"].numel()
             per_chunk = par.step.estimate.chunk_size(par.loss, 2 * q) * tokens
             measured.append((seq.shape, tokens, per_chunk, t))
-        best = max(2 * q * tokens / t["bare"] for _, tokens, _, t in measured)
-        for shape, tokens, per_chunk, t in measured:
-            ceiling = t["seq"] * best / (2 * q * tokens)
-            rows.append(f"| {method} | {shape} | {tokens} / {per_chunk} | {t['bare']:.3f} "
-                        f"| {2 * q * tokens / t['bare']:,.0f} | {t['seq']:.3f} | {t['par']:.3f} "
-                        f"| {t['seq'] / t['par']:.2f} | {ceiling:.2f} | {t['par'] / t['bare']:.2f} |")
+        rows += [f"| {method} | " + " | ".join(cells) + " |" for cells in parallel_rows(measured, q)]
         print(f"  parallel: {method} done", file=sys.stderr, flush=True)
     rows += ["", "ceiling: the sequential step time over 2Q x rows x tokens at the best bare throughput of the "
              "table, the most any batching of the same forwards could gain."]
