@@ -193,8 +193,10 @@ class MeanPoolClassifier(torch.nn.Module):
         self.classifier.weight.data.normal_(0.0, encoder.config.initializer_range)
         self.classifier.bias.data.zero_()
 
-    def forward(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        # Sentence-pair tasks give BERT tokenizers' segment ids: the encoder reads them as usual.
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         return SequenceClassifierOutput(logits=self.classifier(pooled))

@@ -761,6 +761,26 @@ def test_classification_head_loss_matches_hand_computation(name, tmp_path):
         )
 
 
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "name", sorted(n for n in TASKS if TASKS[n](task_cfg(n)).is_classification)
+)
+def test_mean_pooled_head_reads_every_task_with_its_segments(name, tmp_path):
+    # The default model's path (MiniLM: BERT read by mean pooling): sentence pairs carry
+    # token_type_ids, which the pooled classifier must pass to the encoder (it crashed on them).
+    torch.manual_seed(0)
+    task = make_task(name, tmp_path)
+    loaded = load_model(OmegaConf.merge(model_cfg("tiny-bert"), {"pooling": "mean"}), num_labels=task.num_labels)
+    exs = task.read_split("train")[:3]
+    obj = Objective(task, loaded.tokenizer, Head.classification, max_length=64)
+    losses, _ = obj.forward(loaded.model, obj.encode(exs))
+    for i, ex in enumerate(exs):
+        enc = loaded.tokenizer(*task.classification_text(ex), return_tensors="pt")
+        hidden = loaded.model.encoder(**enc).last_hidden_state[0]  # one unpadded row: mean of all tokens
+        logits = loaded.model.classifier(hidden.mean(0))
+        assert losses[i] == pytest.approx(float(F.cross_entropy(logits, torch.tensor(ex.label))), abs=1e-4)
+
+
 def test_heads_a_task_cannot_use_fail_clearly(tmp_path, models):
     tok = models[Head.causal_lm].tokenizer
     with pytest.raises(ConfigError, match="classification head"):
