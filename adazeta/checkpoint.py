@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from adazeta.errors import CheckpointError
@@ -46,6 +46,10 @@ PREFIX = "step-"
 IDENTITY_KEYS = ("method", "optimizer", "update_rule", "trainable", "model", "task", "seed")
 # Keys a resumed run may change without the checkpoint becoming someone else's.
 FREE_KEYS = ("train.resume",)
+# What restore() reads from state.json.
+STATE_KEYS = ("step", "forward_passes", "window", "best", "rollbacks", "truncated", "optimizer", "guard", "rng",
+              "identity", "config")
+DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors -> torch
 
 
 @dataclass
@@ -73,22 +77,42 @@ def fsync(path: Path) -> None:
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file, or a CheckpointError saying what is wrong with it."""
+    present(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise unreadable(path, e) from e
+
+
+def tensor_specs(path: Path) -> dict[str, tuple[list[int], str]]:
+    """name -> (shape, dtype) of a safetensors file, from its header alone: safetensors refuses a
+    header that does not cover the whole file, so a truncated file fails here too."""
+    present(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118  (safe_open is no dict)
+            return {k: (list(s.get_shape()), DTYPES.get(s.get_dtype(), s.get_dtype())) for k, s in slices.items()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise unreadable(path, e) from e
+
+
+def present(path: Path) -> None:
     if not path.is_file():
         found = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
         pickles = [n for n in found if n.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt"))]
         hint = (f" (found {', '.join(pickles)}: checkpoints are read as safetensors only, never "
                 "unpickled, because loading a pickle can run arbitrary code)") if pickles else ""
         raise CheckpointError(f"checkpoint file {path} is missing{hint}; resume from a complete checkpoint folder")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        with path.open("rb") as f:
-            head = f.read(2)
-        what = "a pickle, not safetensors" if head[:1] == b"\x80" or head == b"PK" else "damaged or truncated"
-        raise CheckpointError(
-            f"cannot read {path} ({e}): the file is {what}. Checkpoints are loaded with safetensors "
-            "only; resume from another checkpoint of the run, or from its run folder"
-        ) from e
+
+
+def unreadable(path: Path, e: Exception) -> CheckpointError:
+    with path.open("rb") as f:
+        head = f.read(2)
+    what = "a pickle, not safetensors" if head[:1] == b"\x80" or head == b"PK" else "damaged or truncated"
+    return CheckpointError(
+        f"cannot read {path} ({e}): the file is {what}. Checkpoints are loaded with safetensors "
+        "only; resume from another checkpoint of the run"
+    )
 
 
 def read_json(path: Path) -> dict:
@@ -97,6 +121,60 @@ def read_json(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path} ({e}): the checkpoint is incomplete or damaged; "
                               "resume from another checkpoint of the run") from e
+
+
+def differences(a: dict, b: dict, a_name: str, b_name: str) -> str:
+    """What differs between two {name: (shape, dtype)} tables, a few names of each kind."""
+    parts = {
+        f"not in {a_name}": sorted(b.keys() - a.keys()),
+        f"not in {b_name}": sorted(a.keys() - b.keys()),
+        f"shape/dtype differs ({a_name.removeprefix('the ')} vs {b_name})": [
+            f"{n}: {a[n][0]} {a[n][1]} vs {b[n][0]} {b[n][1]}" for n in sorted(a.keys() & b.keys()) if a[n] != b[n]
+        ],
+    }
+    return "; ".join(f"{what}: {', '.join(names[:2])}{' ...' if len(names) > 2 else ''} ({len(names)})"
+                     for what, names in parts.items() if names)
+
+
+def verify(folder: Path) -> dict:
+    """Read every file of a checkpoint and check that they fit together, before anything is
+    restored or any file of a run is touched: state.json holds what restore() reads; every
+    safetensors header is whole; trainable.safetensors (and best_trainable.safetensors, when
+    present) hold exactly the tensors, shapes and dtypes state.json lists; state.safetensors holds
+    the torch RNG state. Returns state.json; writes nothing. Only headers are read: a damaged
+    tensor inside a whole file is found when restore() loads it, still before any file changes."""
+    saved = read_json(folder / "state.json")
+    if saved.get("format") != FORMAT or "identity" not in saved:
+        raise CheckpointError(f"{folder / 'state.json'} is not an adazeta checkpoint of format {FORMAT}; "
+                              "resume from a checkpoint written by this version of adazeta-train")
+    lacking = [k for k in STATE_KEYS if k not in saved] + [f"rng.{k}" for k in ("python", "numpy")
+                                                           if k not in (saved.get("rng") or {})]
+    if lacking:
+        raise CheckpointError(f"{folder / 'state.json'} lacks {', '.join(lacking)}: the checkpoint is incomplete "
+                              "or damaged; resume from another checkpoint of the run")
+    listed = {n: (list(shape), dtype) for n, shape, dtype in saved["identity"]["trainables"]}
+    for name in ("trainable.safetensors", "best_trainable.safetensors"):
+        path = folder / name
+        if name == "trainable.safetensors" or path.exists():
+            held = tensor_specs(path)
+            if held != listed:
+                raise CheckpointError(
+                    f"{path} does not hold the tensors its state.json lists ({differences(held, listed, 'the file', 'state.json')}): "
+                    "the checkpoint is damaged; resume from another checkpoint of the run"
+                )
+    if "rng.torch" not in tensor_specs(folder / "state.safetensors"):
+        raise CheckpointError(f"{folder / 'state.safetensors'} lacks the torch RNG state (rng.torch): the checkpoint "
+                              "is damaged; resume from another checkpoint of the run")
+    return saved
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint's files, or None if they are intact."""
+    try:
+        verify(folder)
+    except CheckpointError as e:
+        return str(e)
+    return None
 
 
 def complete(root: Path) -> list[Path]:
@@ -263,16 +341,7 @@ class Checkpointer:
         have = {n: (s, d) for n, s, d in mine["trainables"]}
         got = {n: (s, d) for n, s, d in theirs["trainables"]}
         if have != got:
-            parts = {
-                "not in the checkpoint": sorted(have.keys() - got.keys()),
-                "not in this run": sorted(got.keys() - have.keys()),
-                "shape/dtype differs (checkpoint vs this run)": [
-                    f"{n}: {got[n][0]} {got[n][1]} vs {have[n][0]} {have[n][1]}"
-                    for n in sorted(have.keys() & got.keys()) if have[n] != got[n]
-                ],
-            }
-            shown = "; ".join(f"{what}: {', '.join(names[:2])}{' ...' if len(names) > 2 else ''} ({len(names)})"
-                              for what, names in parts.items() if names)
+            shown = differences(got, have, "the checkpoint", "this run")
             raise CheckpointError(
                 f"checkpoint {folder} has a different trainable set: {shown}. Resume with the same "
                 "method, adapter and LoRA settings and model.dtype as the run that wrote it"
@@ -337,16 +406,24 @@ def find(resume: str, cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = N
         if not candidates:
             log.info("train.resume=auto: no checkpoint of a run with this config under %s; starting afresh", root)
             return None
-        folder = max(candidates)[1]
-        log.info("train.resume=auto: resuming from %s (the newest of %d checkpoints of runs with this config)",
-                 folder, len(candidates))
-        return folder
+        damaged = []
+        for _, folder in sorted(candidates, reverse=True):  # newest first
+            wrong = damage(folder)
+            if wrong is None:
+                log.info("train.resume=auto: resuming from %s, the newest intact one of %d checkpoints of runs with "
+                         "this config%s", folder, len(candidates),
+                         f" (skipped {len(damaged)} newer damaged ones: {', '.join(map(str, damaged))})" if damaged else "")
+                return folder
+            log.warning("train.resume=auto: skipping a damaged checkpoint: %s", wrong)
+            damaged.append(folder)
+        log.warning("train.resume=auto: every checkpoint of a run with this config under %s is damaged; starting afresh", root)
+        return None
     path = Path(resume).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"train.resume={resume!r} is not a folder: give a run folder, one of its "
                               "checkpoints/step-<N> folders, or auto")
     if (path / "state.json").is_file():
-        return precheck(path, cfg)
+        return intact(path, cfg)
     if path.name.startswith(PREFIX):
         raise CheckpointError(f"train.resume={resume!r} is an incomplete checkpoint (no state.json): the run was "
                               "stopped while writing it; resume from its run folder to take the newest complete one")
@@ -357,15 +434,24 @@ def find(resume: str, cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = N
             "runs save one every train.save_steps steps, at the end and on SIGINT/SIGTERM; start this run "
             "afresh, or give the folder of a run that saved one"
         )
-    return precheck(found[-1], cfg)
+    return intact(found[-1], cfg)
+
+
+def intact(folder: Path, cfg: DictConfig) -> Path:
+    """precheck(), and when the checkpoint is damaged, an error that names the newest intact
+    checkpoint of the same run."""
+    wrong = damage(folder)
+    if wrong:
+        other = next((f for f in reversed(complete(folder.parent)) if f != folder and damage(f) is None), None)
+        hint = f". The newest intact checkpoint of this run is {other}: resume from it with train.resume={other}"
+        raise CheckpointError(wrong + (hint if other else ""))
+    return precheck(folder, cfg)
 
 
 def precheck(folder: Path, cfg: DictConfig) -> Path:
-    """What can be checked before the model loads: the run's identity and the step."""
-    saved = read_json(folder / "state.json")
-    if saved.get("format") != FORMAT or "identity" not in saved:
-        raise CheckpointError(f"{folder / 'state.json'} is not an adazeta checkpoint of format {FORMAT}; "
-                              "resume from a checkpoint written by this version of adazeta-train")
+    """What can be checked before the model loads: every file (verify), the run's identity and
+    the step."""
+    saved = verify(folder)
     mine = {"method": cfg.method.name, "optimizer": cfg.method.optimizer.value, "update_rule": cfg.method.update_rule.value,
             "trainable": cfg.method.trainable.value, "model": cfg.model.name, "task": cfg.task.name, "seed": cfg.seed}
     mismatch(folder, saved["identity"], mine)

@@ -170,17 +170,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     guard = Guard(cfg.guard)
     method.step.guard = guard  # sees each step's losses and projected gradients before its update
     check_precision(trainables, zo=cfg.method.optimizer == Optimizer.zo)
+    ckpt = checkpoint.Checkpointer(run_dir, cfg, method, guard, objective, writes=dist.is_main)
+    metric = objective.metric  # accuracy, or f1 for SQuAD/DROP
+    state = checkpoint.LoopState(best={"step": -1, f"eval/{metric}": -1.0, "eval/loss": math.inf})
     rows, records = [], []
-    if resume_from is not None and dist.is_main:
-        rows, records = checkpoint.carry_over(resume_from, run_dir)
+    if resume_from is not None:
+        # Every file is read and checked against this run first: a bad checkpoint fails here,
+        # before carry_over rewinds a run folder resumed in place.
+        state = ckpt.restore(resume_from)
+        if dist.is_main:
+            rows, records = checkpoint.carry_over(resume_from, run_dir)
     replay = None
     if cfg.train.replay_log and cfg.method.optimizer == Optimizer.zo and dist.is_main:
         replay = ReplayLog(run_dir / "replay.jsonl", method.step, records)
-    ckpt = checkpoint.Checkpointer(run_dir, cfg, method, guard, objective, replay, writes=dist.is_main)
-    metric = objective.metric  # accuracy, or f1 for SQuAD/DROP
-    state = checkpoint.LoopState(best={"step": -1, f"eval/{metric}": -1.0, "eval/loss": math.inf})
-    if resume_from is not None:
-        state = ckpt.restore(resume_from)
+    ckpt.replay = replay  # its position goes into each checkpoint; a rollback rewinds it
     loggers = build_loggers(cfg, run_dir) if dist.is_main else Loggers([])  # only rank 0 writes
     for row in rows:  # a resumed run's folder starts with the old run's curve up to its checkpoint
         loggers.log_dict({k: v for k, v in row.items() if k != "step"}, row["step"])

@@ -7,7 +7,9 @@ update-rule state, RNG states and data position included; an interrupted run res
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -127,3 +129,24 @@ def test_resume_with_a_changed_lr_uses_the_new_lr(tmp_path):
                     f"train.resume={full}")
     lrs = {r["step"]: r["train/lr"] for r in read_jsonl(resumed / "metrics.jsonl") if "train/lr" in r}
     assert lrs == {4: 1e-3, 6: 1e-3, 8: 5e-4}
+
+
+def test_auto_skips_damaged_checkpoints_says_so_and_still_reproduces_the_run(tmp_path, caplog):
+    """The newest two checkpoints of the run `auto` finds are damaged (truncated weights; truncated
+    best weights): it resumes from the newest intact one, says which it skipped, and the resumed
+    run still equals the uninterrupted one."""
+    overrides = METHODS["mezo-momentum"]
+    first = train(tmp_path, "first", *overrides)  # checkpoints at steps 3, 6, 9, 10
+    full = tmp_path / "elsewhere" / "full"  # an intact copy, in a root `auto` does not search
+    shutil.copytree(first, full)
+    for step, name in ((10, "trainable.safetensors"), (9, "best_trainable.safetensors")):
+        path = first / "checkpoints" / f"step-{step:07d}" / name
+        data = path.read_bytes()[:100]
+        path.unlink()  # best weights are hard links shared between checkpoints: damage this one only
+        path.write_bytes(data)
+    caplog.set_level(logging.INFO, logger="adazeta")
+    resumed = train(tmp_path, "second", *overrides, "train.resume=auto")
+    assert (resumed / "resumed_from.txt").read_text().strip() == str(first / "checkpoints" / "step-0000006")
+    assert caplog.text.count("train.resume=auto: skipping a damaged checkpoint: cannot read") == 2
+    assert "the newest intact one of 4 checkpoints of runs with this config (skipped 2 newer damaged ones" in caplog.text
+    assert_same_run(resumed, full)
