@@ -255,7 +255,10 @@ class TrainConfig:
     or a fresh start if there is none. The resumed run writes a new run folder that starts with the
     old one's metrics up to the checkpoint; on CPU it reproduces the uninterrupted run's metrics
     exactly. Method, model, task, seed and trainable set must match; other keys (train.max_steps,
-    method.lr, ...) may change, and a changed method.lr replaces the checkpoint's."""
+    method.lr, ...) may change, and a changed method.lr replaces the checkpoint's. With
+    hydra.run.dir=<the run folder> the run continues in place (its folder is rewound to the
+    checkpoint); any other folder that already holds a run is refused (adazeta/run_folder.py).
+    Every file of the checkpoint is checked before anything is touched; `auto` skips damaged ones."""
     replay_log: bool = True
     """ZO methods: append each step's query seeds, projected gradients and lr to
     <run>/replay.jsonl, from which `adazeta-replay <run>` rebuilds the trainable parameters."""

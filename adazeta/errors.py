@@ -18,6 +18,11 @@ class CheckpointError(AdazetaError):
     safetensors file, or was written by a different method, model, task or trainable set."""
 
 
+class RunFolderError(AdazetaError):
+    """The run folder holds another run, or another process is running in it
+    (adazeta/run_folder.py). The folder is another run's: nothing is written into it."""
+
+
 class DivergenceError(AdazetaError):
     """A step's loss or projected gradient was not finite, or the loss exploded; the step was not
     applied (adazeta/guard.py)."""

@@ -52,6 +52,6 @@ def interruption():
 def resume_command(run_dir: Path) -> str:
     """The command line that continues this run: the same arguments plus train.resume (the run
     folder; `auto` in a sweep, where each job finds its own checkpoint)."""
-    args = [a for a in sys.argv[1:] if not a.startswith("train.resume=")]
+    args = [a for a in sys.argv[1:] if not a.startswith(("train.resume=", "+hydra.callbacks.run_folder."))]
     target = "auto" if {"-m", "--multirun"} & set(args) else str(run_dir)
     return " ".join(["adazeta-train", *map(shlex.quote, args), f"train.resume={shlex.quote(target)}"])

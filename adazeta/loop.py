@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from adazeta import checkpoint, distributed
+from adazeta import checkpoint, distributed, run_folder
 from adazeta.config import GuardAction, Head, HeadInit, Optimizer
 from adazeta.errors import ConfigError, DivergenceError, Interrupted
 from adazeta.guard import Guard, check_precision, get_lr, set_lr
@@ -82,6 +82,16 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path:
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     sweep = Path(hc.sweep.dir) if hc is not None and hc.mode == RunMode.MULTIRUN else None
     return checkpoint.find(cfg.train.resume, cfg, run_dir, sweep)
+
+
+def claim(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """Hold the run folder and return the checkpoint to resume from (None: a fresh start). A
+    folder that another process runs in, or that holds a run other than the one resumed in place,
+    is refused before anything is written into it (adazeta/run_folder.py)."""
+    run_folder.in_use(run_dir)
+    resume_from = find_resume(cfg, run_dir) if cfg.train.resume else None
+    run_folder.claim(run_dir, resume_from.parent.parent if resume_from is not None else None)
+    return resume_from
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> Loggers:
@@ -141,13 +151,22 @@ def setup(cfg: DictConfig, dist: distributed.Dist | None = None) -> Setup:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train and evaluate; return the summary (also written to <run_dir>/summary.json)."""
+    """Train and evaluate; return the summary (also written to <run_dir>/summary.json). The run
+    folder stays locked until the run ends."""
+    try:
+        return fit(cfg, run_dir)
+    finally:
+        run_folder.release(run_dir)
+
+
+def fit(cfg: DictConfig, run_dir: Path) -> dict:
+    """The run: setup, the training loop, the final evaluation and the summary."""
     t_start = time.perf_counter()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dist = distributed.setup(cfg.dist, cfg.model, cfg.method, cfg.train.batch_size)  # no-op without torchrun
-    # Fails before anything loads; under torchrun rank 0 finds it (`auto` searches its run folder).
-    resume_from = dist.from_main(find_resume(cfg, run_dir) if cfg.train.resume and dist.is_main else None)
+    # Fails before anything loads; under torchrun rank 0 holds the folder and finds the checkpoint.
+    resume_from = dist.from_main(claim(cfg, run_dir) if dist.is_main else None)
     if dist.enabled and cfg.guard.action == GuardAction.rollback:
         raise ConfigError("guard.action=rollback is not available under torchrun (only rank 0 keeps checkpoints); "
                           "use guard.action=stop and resume with train.resume=<run folder>")

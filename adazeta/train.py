@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from adazeta.config import register_configs
-from adazeta.errors import AdazetaError, Interrupted
+from adazeta.errors import AdazetaError, Interrupted, RunFolderError
 from adazeta.validate import validate
 
 log = logging.getLogger("adazeta")
@@ -52,11 +52,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(e.exit_code)
     except Exception as e:
         expected = isinstance(e, AdazetaError)  # the user's to fix: one message, no traceback
-        if int(os.environ.get("RANK", "0")) == 0:  # other torchrun ranks have no run folder
+        # Other torchrun ranks have no run folder; a refused folder is another run's: left as it is.
+        if int(os.environ.get("RANK", "0")) == 0 and not isinstance(e, RunFolderError):
             (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n" if expected else traceback.format_exc())
         if multirun:
-            log.error("this job failed, the sweep goes on: %s: %s (details in %s)",
-                      type(e).__name__, e, run_dir / "error.txt")
+            log.error("this job failed, the sweep goes on: %s: %s%s", type(e).__name__, e,
+                      "" if isinstance(e, RunFolderError) else f" (details in {run_dir / 'error.txt'})")
             FAILED.append(str(run_dir))
             return None
         if not expected:
@@ -70,6 +71,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
 NON_MAIN_RANK_OVERRIDES = [
     "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
 ]
+# A single run's folder is claimed before Hydra writes its config copy and log into it: a folder
+# that holds another run, or that another process runs in, is refused untouched (adazeta/run_folder.py).
+RUN_FOLDER_CHECK = "+hydra.callbacks.run_folder._target_=adazeta.run_folder.RunFolderCheck"
 
 
 def main() -> None:
@@ -80,6 +84,8 @@ def main() -> None:
                      "(e.g. with hydra/launcher=slurm), not inside it")
         if int(os.environ.get("RANK", "0")) > 0:
             sys.argv += NON_MAIN_RANK_OVERRIDES
+    if int(os.environ.get("RANK", "0")) == 0:
+        sys.argv.append(RUN_FOLDER_CHECK)
     hydra_main()
     if FAILED:
         sys.exit(f"error: {len(FAILED)} job(s) of the sweep failed, each with its error in error.txt: "
