@@ -276,9 +276,10 @@ class GuardConfig:
 
     explode_factor: float | None = 10.0
     """A step whose loss exceeds this factor times the running mean of the last `window`
-    accepted losses is not applied (> 1); null: only non-finite values stop a step."""
+    accepted losses (until `window` are accepted: the largest of them, so from the second step
+    on) is not applied (> 1); null: only non-finite values stop a step."""
     window: int = 20
-    """Accepted step losses in the running mean; the explosion check starts once it is full."""
+    """Accepted step losses in the running mean."""
     action: GuardAction = GuardAction.stop
     """`stop`: save a checkpoint and stop with a clear message; `rollback`: restore the last
     checkpoint and multiply the lr by `lr_factor` (at most `max_rollbacks` times)."""

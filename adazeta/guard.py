@@ -1,6 +1,10 @@
 """The divergence guard: a step whose loss or projected gradient is not finite, or whose loss
-explodes past `guard.explode_factor` times the running mean of the recent accepted losses, is not
-applied.
+explodes past `guard.explode_factor` times the recent accepted losses, is not applied.
+
+The reference is the mean of the last `guard.window` accepted step losses; until that many have
+been accepted, the largest accepted so far, so the guard protects from the second step on (the
+first step's losses are those of the weights the run starts from): a mean of a few losses is a
+noisy reference, and the largest of them is the cautious one.
 
 The guard sits between the estimate and the update (`ZOStep`: seeds -> estimate -> guard ->
 apply; `FOStep`: loss -> guard -> backward -> AdamW), so it raises before any weight moves. The
@@ -35,8 +39,8 @@ def show(values: list[float], limit: int = 8) -> str:
 
 class Guard:
     """`guard(step, losses, grads)` raises DivergenceError or accepts the step's loss into the
-    running mean. `losses` are the per-query losses at theta, `grads` the projected gradients
-    g_q (empty for first-order methods)."""
+    reference. `losses` are the per-query losses at theta, `grads` the projected gradients g_q
+    (empty for first-order methods)."""
 
     def __init__(self, cfg: GuardConfig):
         self.factor, self.window = cfg.explode_factor, cfg.window
@@ -50,14 +54,16 @@ class Guard:
                 f"{show(grads)}); the step was not applied",
                 step,
             )
-        if self.factor is not None and len(self.recent) == self.window:
-            mean = sum(self.recent) / len(self.recent)
+        if self.factor is not None and self.recent:
+            full = len(self.recent) == self.window
+            ref = sum(self.recent) / len(self.recent) if full else max(self.recent)
+            what = f"the mean of the last {len(self.recent)}" if full else f"the largest of the first {len(self.recent)}"
             worst = max(losses)
-            if mean > 0 and worst > self.factor * mean:
+            if ref > 0 and worst > self.factor * ref:
                 raise DivergenceError(
                     f"step {step}: the loss exploded: {worst:.6g} > guard.explode_factor={self.factor:g} x "
-                    f"{mean:.6g} (the mean of the last {len(self.recent)} step losses; losses "
-                    f"{show(losses)}, projected gradients {show(grads)}); the step was not applied",
+                    f"{ref:.6g} ({what} step losses; losses {show(losses)}, projected gradients "
+                    f"{show(grads)}); the step was not applied",
                     step,
                 )
         self.recent.append(sum(losses) / len(losses))

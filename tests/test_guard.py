@@ -222,3 +222,34 @@ def test_guard_stop_checkpoint_resumes_with_a_lower_lr(tmp_path, monkeypatch):
     lrs = {r["step"]: r["train/lr"] for r in read_jsonl(tmp_path / "again" / "metrics.jsonl") if "train/lr" in r}
     assert lrs == {2: 1e-3, 4: 1e-3, 6: 1e-3, 8: 5e-4, 10: 5e-4, 12: 5e-4}
     assert replay(tmp_path / "again")["unequal"] == []  # the rejected step 8 is in its log too
+
+
+def test_the_explosion_check_protects_from_the_second_step():
+    """Before `window` losses are accepted the reference is the largest accepted so far: the
+    check runs from the second step (the first step's losses are the starting weights')."""
+    guard = Guard(job_config(compose_config(["guard.window=20", "guard.explode_factor=10"])).guard)
+    guard(1, [0.7], [0.1])
+    with pytest.raises(DivergenceError) as info:
+        guard(2, [550571.0], [-9750.0])
+    assert str(info.value).startswith("step 2: the loss exploded: 550571 > guard.explode_factor=10 x 0.7 "
+                                      "(the largest of the first 1 step losses;")
+    guard(2, [0.2], [0.1])
+    guard(3, [6.9], [0.1])  # above 10 x mean(0.7, 0.2) = 4.5, below 10 x max = 7: accepted
+    with pytest.raises(DivergenceError, match=r"step 4: the loss exploded: 70 > .* x 6.9 \(the largest of the first 3"):
+        guard(4, [70.0], [0.1])
+
+
+def test_a_huge_lr_is_stopped_at_the_first_exploded_step(tmp_path):
+    """The issue's repro (MeZO, lr 1e3, ten steps): it used to apply a step whose loss was about
+    5.5e5 and end without an error, because the check waited for 20 accepted losses."""
+    cfg = job_config(compose_config(["model=tiny-llama", "method=mezo", "method.lr=1e3", "train.max_steps=10",
+                                     "train.log_steps=1", "train.progress=false"]))  # the built-in SST-2 sample
+    (tmp_path / "run").mkdir()
+    with pytest.raises(DivergenceError) as info:
+        run(cfg, tmp_path / "run")
+    message = str(info.value)
+    assert "the loss exploded" in message and "(now 1e+03)" in message
+    *applied, rejected = read_jsonl(tmp_path / "run" / "replay.jsonl")
+    assert rejected == {**rejected, "step": info.value.step, "applied": False} and info.value.step <= 10
+    losses = [r["train/loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert len(losses) == len(applied) == info.value.step - 1 and max(losses) < 1  # no exploded step applied
