@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 SIDES = ("input", "output")
+INITS = ("paper", "identity")
 
 # Placement rules per `config.model_type`. Each pattern is matched with re.fullmatch against the
 # qualified module name from named_modules(); "(?:.*\.)?" lets the same rule work whether the
@@ -140,6 +141,10 @@ class TTAdapter(nn.Module):
         modes: optional {size: factors} overriding ``factorize`` for dim and/or bottleneck.
         bias: biases in D and U (the paper's counts include them).
         device: where to build the parameters (meta is fine).
+        init: ``"paper"``: every core and bias drawn as in the paper (``TTLinear``), so the untrained
+            adapter already changes the model's output; ``"identity"``: the same draws, then U's last
+            core and bias set to zero (as LoRA zeroes B), so the adapter starts as the identity and
+            the untrained model keeps its zero-shot accuracy. Not the paper's: see docs/study.md.
     """
 
     def __init__(
@@ -151,13 +156,21 @@ class TTAdapter(nn.Module):
         modes: dict | None = None,
         bias: bool = True,
         device=None,
+        init: str = "paper",
     ):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"TTAdapter: init must be one of {list(INITS)}, got {init!r}")
         modes = _normalize_modes(modes)
         self.dim, self.bottleneck, self.scale = dim, bottleneck, float(scale)
         dim_modes, b_modes = modes.get(dim), modes.get(bottleneck)
         self.down = TTLinear(dim, bottleneck, rank, dim_modes, b_modes, bias, device, torch.float32)
         self.up = TTLinear(bottleneck, dim, rank, b_modes, dim_modes, bias, device, torch.float32)
+        if init == "identity":
+            with torch.no_grad():  # drawn first, so the other parameters equal the paper init's
+                self.up.cores[-1].zero_()
+                if self.up.bias is not None:
+                    self.up.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
@@ -253,6 +266,7 @@ def inject_tt_adapters(
     targets: list[dict] | None = None,
     attention: bool = False,
     modes: dict | None = None,
+    init: str = "paper",
 ) -> list[str]:
     """Wrap the matching Linear/Conv1D layers of ``model`` in ``AdaptedLinear``, in place.
 
@@ -268,6 +282,7 @@ def inject_tt_adapters(
         attention: also place adapters on the attention projections (family defaults only).
         modes: {size: factors} TT-mode overrides. None -> ``FAMILY_DEFAULT_MODES`` for the family
             (empty for most); pass ``{}`` to use plain ``factorize`` everywhere.
+        init: ``"paper"`` or ``"identity"`` (see ``TTAdapter``).
 
     The adapter size is the layer's in_features on the input side and out_features on the output
     side. Adapters are built in fp32 on the device of the layer's weight (meta included). Nothing
@@ -326,6 +341,7 @@ def inject_tt_adapters(
             scale=scale,
             modes=modes,
             device=module.weight.device,
+            init=init,
         )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -39,7 +39,7 @@ def make_trainable(model, cfg: MethodConfig, adapter: AdapterConfig, head: Head)
     if kind == TrainableSet.tt_adapter:
         inject_tt_adapters(
             model, rank=adapter.rank, bottleneck=adapter.bottleneck, scale=adapter.scale,
-            targets=adapter.targets, attention=adapter.attention, modes=adapter.modes,
+            targets=adapter.targets, attention=adapter.attention, modes=adapter.modes, init=adapter.init.value,
         )
         for name, p in model.named_parameters():
             if ".adapter." in name:

@@ -316,6 +316,25 @@ def test_adapter_scale():
     torch.testing.assert_close(adapter(x), x + 0.5 * adapter.up(torch.relu(adapter.down(x))))
 
 
+def test_identity_init_starts_as_the_identity_and_learns_through_u():
+    torch.manual_seed(0)
+    paper = TTAdapter(64, bottleneck=8, rank=2)
+    torch.manual_seed(0)
+    ident = TTAdapter(64, bottleneck=8, rank=2, init="identity")
+    x = torch.randn(4, 64)
+    assert torch.equal(ident(x), x)  # exactly the zero-shot model
+    assert not torch.equal(paper(x), x)
+    # The same draws as the paper's init, except U's last core and bias.
+    for (name, a), (_, b) in zip(paper.named_parameters(), ident.named_parameters(), strict=True):
+        zeroed = name in (f"up.cores.{len(ident.up.cores) - 1}", "up.bias")
+        assert torch.equal(b, torch.zeros_like(a)) if zeroed else torch.equal(a, b), name
+    # A zero U blocks no learning: the loss has a gradient on U's last core and bias (as LoRA's B).
+    ident(x).pow(2).sum().backward()
+    assert ident.up.cores[-1].grad.abs().sum() > 0 and ident.up.bias.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="'paper', 'identity'"):
+        TTAdapter(64, bottleneck=8, rank=2, init="zeros")
+
+
 def test_adapter_parameters_names_and_trainability_untouched():
     model = _tiny_llama()
     inject_tt_adapters(model, rank=2, bottleneck=8)
