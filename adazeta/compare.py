@@ -118,12 +118,14 @@ def find_runs(folders: Sequence[Path]) -> list[Run]:
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """Group by method; by method/task/model when the runs span several tasks or models."""
+    """Group by label (the method where a run has none); by label/task/model when the runs span
+    several tasks or models."""
     several = len({(r.summary["task"], r.summary["model"]) for r in runs}) > 1
     groups: dict[str, list[Run]] = {}
     for r in runs:
         s = r.summary
-        key = f"{s['method']}/{s['task']}/{s['model']}" if several else s["method"]
+        name = s.get("label") or s["method"]  # runs written before `label` existed have none
+        key = f"{name}/{s['task']}/{s['model']}" if several else name
         groups.setdefault(key, []).append(r)
     return groups
 

@@ -130,6 +130,11 @@ class TaskConfig:
     """Seed of the sampling of train/dev/test (independent of the training seed)."""
 
 
+class AdapterInit(Enum):
+    paper = "paper"  # the reference code's random TT init: the untrained adapter changes the output
+    identity = "identity"  # U's last core and bias zero: the adapter starts as the identity
+
+
 @dataclass
 class AdapterConfig:
     rank: int = 5
@@ -144,6 +149,11 @@ class AdapterConfig:
     """Placement rules [{pattern: regex on module name, side: input|output}]; null: the family's default."""
     modes: dict[int, list[int]] | None = None
     """Override the TT factorisation of a dimension, e.g. {1024: [8, 16, 8], 64: [8, 8]}."""
+    init: AdapterInit = AdapterInit.paper
+    """`paper`: every TT core and bias drawn as in the paper, so the untrained adapters already move
+    the model away from its zero-shot; `identity`: U's last core and bias start at zero (as LoRA's
+    B), so training starts from the zero-shot model. Departure from the paper, measured in
+    docs/study.md."""
 
 
 @dataclass
@@ -235,6 +245,9 @@ class TrainConfig:
     """Examples per forward pass during evaluation (above batch_size, eval would set the peak memory)."""
     log_steps: int = 10
     """Write train metrics every this many steps (every step's Q and loss are averaged over them)."""
+    eval_at_start: bool = True
+    """Evaluate on dev before the first step (step 0, forward passes 0), so that every curve starts
+    at the same model's zero-shot and the untrained weights compete for best-dev selection."""
     eval_on_test: bool = True
     """At the end, restore the best-dev weights and evaluate on test."""
     progress: bool = True
@@ -364,6 +377,9 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 0
     """Training seed: data order, head init and every ZO query seed derive from it."""
+    label: str | None = None
+    """The run's name in comparisons (`adazeta-compare` groups runs by it, and by method where it is
+    null), e.g. `label=adazeta-paper-init` to compare two settings of one method in one figure."""
 
 
 def register_configs() -> None:

@@ -245,7 +245,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
             e.step,
         ) from None
 
-    if cfg.train.max_steps == 0 and dist.is_main:  # zero-shot: evaluate the untrained model on dev (and test)
+    # The zero-shot point of the curve (and the only evaluation of a run with max_steps=0); a
+    # resumed run already has it from the run it continues.
+    if (cfg.train.eval_at_start or cfg.train.max_steps == 0) and state.step == 0 and dist.is_main:
         loggers.log_dict({"forward_passes": 0, **evaluate_dev(0)}, 0)
     stream = batches(splits.train, min(bs, len(splits.train)), cfg.seed, start=state.step)
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (cfg.train.progress and dist.is_main),
@@ -308,7 +310,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
         replay.close()
 
     summary = {
-        "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "seed": cfg.seed,
+        "method": cfg.method.name, "label": cfg.label or cfg.method.name, "task": cfg.task.name,
+        "model": cfg.model.name, "seed": cfg.seed,
         "steps": cfg.train.max_steps, "forward_passes": state.forward_passes,
         "metric": metric, "best/step": state.best["step"],
         **{f"best/{k.replace('/', '_')}": v for k, v in state.best.items() if k != "step"},

@@ -105,6 +105,18 @@ def test_several_tasks_group_by_method_task_model(tmp_path: Path) -> None:
     assert list(read_csv(tmp_path / "out" / "summary.csv")) == ["mezo/sst2/minilm", "mezo/rte/minilm"]
 
 
+def test_runs_group_by_label_where_they_have_one(tmp_path: Path) -> None:
+    # Two settings of one method (e.g. adazeta with two adapter inits) are two groups; a run
+    # without a label (written before the key existed) still groups by its method.
+    write_run(tmp_path / "a", "adazeta", 0)
+    write_run(tmp_path / "b", "adazeta", 1)
+    write_run(tmp_path / "c", "mezo", 0)
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    (tmp_path / "b" / "summary.json").write_text(json.dumps({**summary, "label": "adazeta-identity"}))
+    assert main([str(tmp_path), "-o", str(tmp_path / "out")]) == 0
+    assert sorted(read_csv(tmp_path / "out" / "summary.csv")) == ["adazeta", "adazeta-identity", "mezo"]
+
+
 def test_wallclock_weights_step_time_by_steps_covered(tmp_path: Path) -> None:
     # Rows at steps 10 and 15 (a short last window): 10 * 1.0 s + 5 * 3.0 s = 25 s over 15 steps.
     rows = [{"step": 10, "forward_passes": 20, "time/step_s": 1.0},

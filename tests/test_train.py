@@ -87,8 +87,10 @@ def test_two_step_run_writes_well_formed_metrics(runs, name):
     steps = [r["step"] for r in rows]
     assert steps == sorted(steps), steps
 
-    # One row per step (eval every step, train metrics at the last step), then the final one
-    # with the best-dev and test metrics at step max_steps.
+    # The zero-shot evaluation at step 0 (train.eval_at_start), one row per step (eval every
+    # step, train metrics at the last step), then the final one with the best-dev and test metrics.
+    start, *rows = rows
+    assert start.keys() == {"step", "forward_passes", *EVAL_KEYS} and (start["step"], start["forward_passes"]) == (0, 0)
     step_rows = [r for r in rows if not any(k.startswith(("best/", "test/")) for k in r)]
     final = [r for r in rows if r not in step_rows]
     assert [r["step"] for r in step_rows] == list(range(1, STEPS + 1))
@@ -108,8 +110,8 @@ def test_two_step_run_writes_well_formed_metrics(runs, name):
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["forward_passes"] == passes[-1]
-    assert summary["best/eval_accuracy"] == max(r["eval/accuracy"] for r in step_rows)
-    at_best = next(r for r in step_rows if r["step"] == summary["best/step"])
+    assert summary["best/eval_accuracy"] == max(r["eval/accuracy"] for r in [start, *step_rows])
+    at_best = next(r for r in [start, *step_rows] if r["step"] == summary["best/step"])
     assert at_best["eval/accuracy"] == summary["best/eval_accuracy"]
     assert at_best["eval/loss"] == summary["best/eval_loss"]
     assert 0 <= summary["test/accuracy"] <= 1 and (summary["test/accuracy"] * NUM_TEST).is_integer()
