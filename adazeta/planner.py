@@ -55,7 +55,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GIB, GB = 1024**3, 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -153,9 +152,10 @@ def compose_config(overrides: list[str]):
     from omegaconf import open_dict
 
     from adazeta.config import register_configs
+    from adazeta.train import CONF_DIR
 
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))
     with open_dict(cfg):
         cfg.pop("hydra", None)

@@ -27,7 +27,10 @@ from adazeta.errors import AdazetaError, Interrupted, RunFolderError
 from adazeta.validate import validate
 
 log = logging.getLogger("adazeta")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The configs, shipped inside the package. In a checkout adazeta/conf is a link to the top-level
+# conf/ (resolved, so that messages name the file one edits); in a wheel it is a copy of its files.
+# Everything that composes or reads configs (replay, planner, study, scripts, tests) takes it from here.
+CONF_DIR = str((Path(__file__).resolve().parent / "conf").resolve())
 
 register_configs()
 

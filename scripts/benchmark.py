@@ -59,7 +59,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-import adazeta.train  # noqa: E402, F401  (registers the config schemas)
+import adazeta.train  # noqa: E402  (registers the config schemas; its CONF_DIR)
 from adazeta import planner  # noqa: E402
 from adazeta.config import Optimizer, ZOConfig  # noqa: E402
 from adazeta.methods import build_method  # noqa: E402
@@ -67,8 +67,6 @@ from adazeta.models import load_model  # noqa: E402
 from adazeta.objectives import Objective  # noqa: E402
 from adazeta.tasks import Example, build_task  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-CONF = str(REPO / "conf")
 ZO_METHODS = ["adazeta", "mezo", "mezo_lora", "sparse_mezo"]
 FO_METHODS = ["ft", "lora_fo"]
 TABLES = ["speed", "memory", "scaling", "parallel", "planner"]
@@ -104,7 +102,7 @@ def load_average() -> str:
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=adazeta.train.CONF_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
 

@@ -24,8 +24,7 @@ from adazeta.config import register_configs
 from adazeta.models import load_model
 from adazeta.objectives import Objective
 from adazeta.tasks import build_task
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from adazeta.train import CONF_DIR
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import adazeta.train  # noqa: E402, F401  (registers the structured-config schem
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO / "conf"
+CONF_DIR = Path(adazeta.train.CONF_DIR)
 # The spine of every two-step run in these tests: tiny data, no progress bar.
 TINY_RUN = [
     "train.max_steps=2", "train.eval_steps=1", "train.batch_size=4", "task.num_train=16",
