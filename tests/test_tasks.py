@@ -929,6 +929,28 @@ def test_protocols(tmp_path):
     assert again.train == splits.train and other.train != splits.train
 
 
+# These tasks in LM-BFF's layout as tsv (label<TAB>sentence, no header, as distributed for SST-5,
+# MR, TREC): sentences keep bare quotes, and a trailing blank line is no row.
+LMBFF_ROWS = {
+    "sst5": [(4, "a gorgeous , witty film ."), (0, 'an " ugly " mess .'), (2, "it is fine .")],
+    "mr": [(1, "a moving , honest story ."), (0, 'tedious " beyond " words .')],
+    "trec": [(5, "How many dogs does Ann own ?"), (3, 'Who wrote " Hamlet " ?')],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LMBFF_ROWS))
+@pytest.mark.parametrize("header", [False, True])
+def test_lmbff_tsv_is_read_with_or_without_a_header(name, header, tmp_path):
+    rows = LMBFF_ROWS[name]
+    lines = ["label\tsentence"] * header + [f"{label}\t{sentence}" for label, sentence in rows]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.tsv").write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    task = build_task(task_cfg(name, tmp_path))
+    for split in ("train", "validation"):  # LM-BFF's test.tsv is what these tasks evaluate on
+        got = [(ex.label, ex.fields["sentence"]) for ex in task.read_split(split)]
+        assert got == rows  # every row, the first one too; labels are the classes' indices here
+
+
 # -------------------------------------------------------------------- data errors
 
 
@@ -947,6 +969,7 @@ def test_protocols(tmp_path):
         "all_skipped",
         "no_file",
         "csv_fields",
+        "tsv_fields",
     ],
 )
 def test_bad_data_names_file_row_and_field(case, tmp_path):
@@ -981,6 +1004,7 @@ def test_bad_data_names_file_row_and_field(case, tmp_path):
         "all_skipped": ("snli", {}, r"train.tsv: the train split is empty"),
         "no_file": ("cb", {}, r"no train file in .*found \['notes.txt'\]"),
         "csv_fields": ("trec", {}, r"train.csv, line 2: 3 fields, expected 2"),
+        "tsv_fields": ("trec", {}, r"train.tsv, line 3: 3 fields, expected 2"),
     }[case]
     if case == "missing_column":
         write_tsv(
@@ -1025,6 +1049,8 @@ def test_bad_data_names_file_row_and_field(case, tmp_path):
         (d / "notes.txt").write_text("nothing here")
     elif case == "csv_fields":
         (d / "train.csv").write_text('5,"How many ?"\n3,Who,extra\n')
+    elif case == "tsv_fields":
+        (d / "train.tsv").write_text("5\tHow many ?\n\n3\tWho\textra\n")
     task = build_task(task_cfg(name, d, **kw))
     with pytest.raises(DataError, match=match):
         task.load()

@@ -65,7 +65,7 @@ class Task:
     passage_field: str | None = None  # the field cut (from its end) when an input is too long
     split_stems: dict[str, tuple[str, ...]] = {}  # local file stems per split, tried first
     hub_splits: dict[str, str] = {"train": "train", "validation": "validation"}
-    csv_columns: tuple[str, ...] | None = None  # column names of headerless csv files (LM-BFF)
+    csv_columns: tuple[str, ...] | None = None  # column names of headerless csv/tsv files (LM-BFF)
     builtin_file: str | None = None  # file in tasks/data shipped for the offline default
     loss: str = "candidates"  # "candidates" (classification) or "lm" (gold continuation)
     generation: bool = False  # evaluate by greedy generation (SQuAD, DROP)

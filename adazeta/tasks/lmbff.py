@@ -1,7 +1,8 @@
 """Single-sentence LM-BFF tasks: SST-5 and MR (sentiment), TREC (question type).
 
-Their LM-BFF files are headerless csv (label, sentence): train.csv, and test.csv which is the
-test set (LM-BFF evaluates on the original test sets of these tasks).
+Their LM-BFF files are headerless csv (label, sentence), also read in the same layout as tsv
+(label<TAB>sentence): train, and test which is the test set (LM-BFF evaluates on the original
+test sets of these tasks).
 """
 
 from adazeta.errors import DataError

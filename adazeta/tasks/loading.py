@@ -83,21 +83,27 @@ def find_split_file(data_dir: Path, split: str) -> Path:
     return find_split_files(Path(data_dir), split)[0]
 
 
-def _read_csv(
+def _read_delimited(
     path: Path, columns: tuple[str, ...] | None, label_names: tuple[str, ...]
 ) -> list[dict]:
-    """A csv with a header, or (LM-BFF style) without one when the task names its columns."""
+    """A csv or tsv with a header, or without one when the task names its columns and the first
+    row holds none of the label's names: the LM-BFF layout of SST-5, MR, TREC, ... is
+    `label,sentence` in csv and `label<TAB>sentence` in tsv, with no header."""
+    tsv = path.suffix == ".tsv"
     with path.open(newline="", encoding="utf-8") as f:
-        raw = list(csv.reader(f))
+        # GLUE tsv files contain bare quotes inside sentences: no quote processing in tsv.
+        reader = csv.reader(
+            f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+        )
+        raw = [(reader.line_num, cells) for cells in reader if cells]  # blank lines skipped
     if not raw:
         return []
-    first = [cell.strip().lower() for cell in raw[0]]
+    first = [cell.strip().lower() for cell in raw[0][1]]
     has_header = columns is None or any(name.lower() in first for name in label_names)
     header, body = (first, raw[1:]) if has_header else (list(columns), raw)
     rows = []
-    for i, cells in enumerate(body):
+    for line, cells in body:
         if len(cells) != len(header):
-            line = i + 1 + has_header
             raise DataError(
                 f"{path}, line {line}: {len(cells)} fields, expected {len(header)} ({header})"
             )
@@ -110,16 +116,12 @@ def read_file(
     csv_columns: tuple[str, ...] | None = None,
     label_names: tuple[str, ...] = ("label",),
 ) -> Rows:
-    """Rows of a tsv (with header), csv (with header, or headerless with `csv_columns`), jsonl,
-    json (a list, {'data': [...]} as in SQuAD, or {id: {...}} as in DROP) or parquet file."""
+    """Rows of a tsv or csv (with a header, or headerless with `csv_columns`), jsonl, json (a
+    list, {'data': [...]} as in SQuAD, or {id: {...}} as in DROP) or parquet file."""
     path = Path(path)
     suffix = path.suffix
-    if suffix == ".tsv":
-        with path.open(newline="", encoding="utf-8") as f:
-            # GLUE tsv files contain bare quotes inside sentences: no quote processing.
-            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    elif suffix == ".csv":
-        rows = _read_csv(path, csv_columns, label_names)
+    if suffix in (".tsv", ".csv"):
+        rows = _read_delimited(path, csv_columns, label_names)
     elif suffix == ".jsonl":
         rows = []
         with path.open(encoding="utf-8") as f:
