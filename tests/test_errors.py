@@ -29,7 +29,7 @@ def case_inputs(tmp: Path) -> dict[str, list[str]]:
     (no_file / "notes.txt").write_text("not data\n")
     missing_col = write(tmp / "data_missing_col" / "train.jsonl", "\n".join([
         '{"sentence": "good .", "label": 1}', '{"sentence": "bad .", "label": 0}',
-        '{"text_a": "odd .", "label": 1}', '{"sentence": "fine .", "label": 1}',
+        '{"review": "odd .", "label": 1}', '{"sentence": "fine .", "label": 1}',
     ]) + "\n")
     write(tmp / "data_missing_col" / "dev.tsv", good_dev)
     bad_label = write(tmp / "data_bad_label" / "train.tsv", "sentence\tlabel\ngood .\t1\nodd .\t7\nbad .\t0\n")
@@ -103,7 +103,7 @@ def test_data_file_missing_the_sentence_column(failures):
     text, tmp = failed(failures, "missing_column")
     assert f"{tmp / 'data_missing_col' / 'train.jsonl'}, row 3" in text
     assert "missing column 'sentence'" in text
-    assert "text_a" in text  # the columns the row does have
+    assert "review" in text  # the columns the row does have
     assert "row 3" in error_file(tmp)
 
 

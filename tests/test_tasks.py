@@ -951,6 +951,45 @@ def test_lmbff_tsv_is_read_with_or_without_a_header(name, header, tmp_path):
         assert got == rows  # every row, the first one too; labels are the classes' indices here
 
 
+# Prompt-learning repositories (PET, OpenPrompt) export examples as {"text_a", "text_b", "label"}.
+PROMPT_EXPORTS = {
+    "sst2": ({"text_a": "a joy to watch .", "label": 1}, {"sentence": "a joy to watch ."}, 1),
+    "sst5": ({"text_a": "an ugly mess .", "label": 0}, {"sentence": "an ugly mess ."}, 0),
+    "trec": ({"text_a": "Who wrote Hamlet ?", "label": 3}, {"sentence": "Who wrote Hamlet ?"}, 3),
+    "rte": (
+        {"text_a": "Dogs bark.", "text_b": "Cats bark.", "label": "not_entailment"},
+        {"premise": "Dogs bark.", "hypothesis": "Cats bark."},
+        1,
+    ),
+    "cb": (
+        {"text_a": "It rained.", "text_b": "It was dry", "label": "contradiction"},
+        {"premise": "It rained.", "hypothesis": "It was dry"},
+        1,
+    ),
+    "boolq": (
+        {"text_a": "The sky is blue.", "text_b": "is the sky blue", "label": "true"},
+        {"passage": "The sky is blue.", "question": "is the sky blue"},
+        1,
+    ),
+    "wic": (
+        {"text_a": "He sat on the bank.", "text_b": "She works at a bank.", "word": "bank",
+         "label": False},
+        {"sentence1": "He sat on the bank.", "sentence2": "She works at a bank.", "word": "bank"},
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROMPT_EXPORTS))
+def test_text_a_and_text_b_exports_are_read_in_json_and_jsonl(name, tmp_path):
+    row, fields, label = PROMPT_EXPORTS[name]
+    write_jsonl(tmp_path / "train.jsonl", [row])
+    (tmp_path / "dev.json").write_text(json.dumps([row]), encoding="utf-8")
+    task = build_task(task_cfg(name, tmp_path))
+    for split in ("train", "validation"):
+        assert task.read_split(split) == [Example(fields=fields, label=label)]
+
+
 # -------------------------------------------------------------------- data errors
 
 
@@ -979,7 +1018,7 @@ def test_bad_data_names_file_row_and_field(case, tmp_path):
         "missing_column": (
             "rte",
             {},
-            r"train.tsv, row 1: missing column 'premise' \(or 'sentence1'\)",
+            r"train.tsv, row 1: missing column 'premise' \(or 'sentence1', 'text_a'\)",
         ),
         "unknown_label": (
             "rte",
@@ -1009,7 +1048,7 @@ def test_bad_data_names_file_row_and_field(case, tmp_path):
     if case == "missing_column":
         write_tsv(
             d / "train.tsv",
-            ["index", "text_a", "sentence2", "label"],
+            ["index", "sentence_1", "sentence2", "label"],
             [[0, "a", "b", "entailment"]],
         )
     elif case == "unknown_label":

@@ -60,7 +60,9 @@ class Task:
     label_values: tuple = ()
     label_words: tuple[str, ...] = ()  # masked LM: the word for each class at the mask position
     candidates: tuple[str, ...] = ()  # causal LM: the continuation scored for each class
-    aliases: dict[str, tuple[str, ...]] = {}  # column -> its names in other formats or on the hub
+    # column -> its names in other formats or on the hub; `text_a`/`text_b` are the first and second
+    # text in the json/jsonl exports of prompt-learning repositories (PET, OpenPrompt)
+    aliases: dict[str, tuple[str, ...]] = {}
     skip_labels: tuple[str, ...] = ()  # raw labels meaning "no gold label" (SNLI "-"): rows dropped
     passage_field: str | None = None  # the field cut (from its end) when an input is too long
     split_stems: dict[str, tuple[str, ...]] = {}  # local file stems per split, tried first

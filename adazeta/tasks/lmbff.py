@@ -36,7 +36,7 @@ class TREC(Task):
     text_fields = ("sentence",)
     label_values = (0, 1, 2, 3, 4, 5)
     label_words = ("Description", "Entity", "Expression", "Human", "Location", "Number")
-    aliases = {"sentence": ("text",)}
+    aliases = {"sentence": ("text", "text_a")}
     passage_field = "sentence"
     csv_columns = ("label", "sentence")
     hub_splits = {"train": "train", "validation": "test"}  # trec

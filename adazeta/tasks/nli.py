@@ -1,8 +1,9 @@
 """Sentence-pair entailment: RTE, MNLI, SNLI (GLUE; LM-BFF masked-LM template) and CB (SuperGLUE;
 MeZO causal prompt). Class 0 is always entailment, whose word is "Yes".
 
-Columns: premise/hypothesis (SuperGLUE jsonl and the hub) or sentence1/sentence2 (GLUE tsv); the
-label is `label`, or `gold_label` in the MNLI/SNLI tsv files.
+Columns: premise/hypothesis (SuperGLUE jsonl and the hub), sentence1/sentence2 (GLUE tsv) or
+text_a/text_b (prompt-learning exports); the label is `label`, or `gold_label` in the MNLI/SNLI tsv
+files.
 """
 
 from adazeta.tasks.base import Example, Task, drop_final_punct, lower_first
@@ -10,7 +11,11 @@ from adazeta.tasks.base import Example, Task, drop_final_punct, lower_first
 
 class NLITask(Task):
     text_fields = ("premise", "hypothesis")
-    aliases = {"premise": ("sentence1",), "hypothesis": ("sentence2",), "label": ("gold_label",)}
+    aliases = {
+        "premise": ("sentence1", "text_a"),
+        "hypothesis": ("sentence2", "text_b"),
+        "label": ("gold_label",),
+    }
     passage_field = "premise"
 
     def mlm_template(self, ex: Example, mask: str) -> str:

@@ -9,7 +9,7 @@ class SST2(Task):
     label_values = (0, 1)
     label_words = ("terrible", "great")
     candidates = (" terrible", " great")
-    aliases = {"sentence": ("text",)}
+    aliases = {"sentence": ("text", "text_a")}
     passage_field = "sentence"
     csv_columns = ("label", "sentence")  # LM-BFF csv layout, if given as csv
     builtin_file = "sentiment_sample.tsv"

@@ -20,7 +20,11 @@ class BoolQ(Task):
     text_fields = ("passage", "question")
     label_values = YES_NO
     candidates = ("No", "Yes")
-    aliases = {"label": ("answer",)}  # google/boolq calls the label `answer`
+    aliases = {
+        "passage": ("text_a",),
+        "question": ("text_b",),
+        "label": ("answer",),  # google/boolq calls the label `answer`
+    }
     passage_field = "passage"
 
     def causal_prompt(self, ex: Example) -> str:
@@ -35,6 +39,7 @@ class WiC(Task):
     text_fields = ("sentence1", "sentence2", "word")
     label_values = YES_NO
     candidates = ("No", "Yes")
+    aliases = {"sentence1": ("text_a",), "sentence2": ("text_b",)}
 
     def classification_text(self, ex: Example) -> tuple[str, str | None]:
         return f"{ex.fields['word']}: {ex.fields['sentence1']}", ex.fields["sentence2"]
