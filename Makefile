@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 # the Llama-family one that ships offline.
 PLAN_ARGS ?= model=llama2-7b train.batch_size=16 model.tokenizer=packaged:smollm2-135m $(if $(SST2_DIR),task.data_dir=$(SST2_DIR))
 
-.PHONY: help install train test test-slow bench plan compare lint format clean
+.PHONY: help install train test test-slow bench plan compare study study-full lint format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,12 @@ compare: ## CPU-sized comparison: 4 methods x 2 seeds on MiniLM/SST-2, then figu
 	  experiment=cpu_sst2_adazeta,cpu_sst2_mezo,cpu_sst2_mezo_lora,cpu_sst2_sparse_mezo \
 	  train.progress=false hydra.sweep.dir=$(COMPARE_DIR)/runs
 	adazeta-compare $(COMPARE_DIR)/runs -o $(COMPARE_DIR)
+
+study: ## Does ZO fine-tuning beat zero-shot here? The quick study (conf/study/quick.yaml, < 20 min): report in outputs/study/quick
+	adazeta-study quick $(ARGS)
+
+study-full: ## The full study (conf/study/full.yaml, about 2 h on 2 cores; ARGS="--settings minilm_sst2" runs one part)
+	adazeta-study full $(ARGS)
 
 lint: ## ruff check
 	$(PYTHON) -m ruff check adazeta tests scripts

@@ -48,8 +48,12 @@ def config_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+# conf/study holds adazeta-study's plans (adazeta/study.py), not a group of adazeta-train.
+NOT_GROUPS = {"study"}
+
+
 def config_groups() -> list[str]:
-    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in NOT_GROUPS)
 
 
 def compose_config(overrides: Iterable[str] = (), hydra_config: bool = True) -> DictConfig:
