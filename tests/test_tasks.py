@@ -586,6 +586,7 @@ def test_nested_formats_flatten_with_all_answers(tmp_path):
 def test_hub_rows_read_like_local_files(tmp_path, monkeypatch):
     """Hub layouts (no network here: read_hub is replaced) give the same examples."""
     hub = {
+        # CogComp/trec's layout (datasets < 4); SetFit/TREC-QC's is in test_hub.py
         "trec": [{"text": "What does NASA stand for ?", "coarse_label": 0, "fine_label": 1}],
         "squad": [
             {
@@ -657,7 +658,8 @@ def test_hub_rows_read_like_local_files(tmp_path, monkeypatch):
         assert len(exs) == 1 and exs[0].label == label
         if answers:
             assert exs[0].answers == answers
-    assert ("trec", None, "test") in asked and ("glue", "mnli", "validation_matched") in asked
+    assert ("SetFit/TREC-QC", None, "test") in asked
+    assert ("nyu-mll/glue", "mnli", "validation_matched") in asked
 
 
 # -------------------------------------------------------------------- losses against hand computation

@@ -26,9 +26,23 @@ class MR(SST2):
     builtin_file = None
 
 
-# The hub's TREC lists coarse classes as ABBR, ENTY, DESC, HUM, LOC, NUM; LM-BFF's files number
-# them DESC, ENTY, ABBR, HUM, LOC, NUM. Hub rows are renumbered to LM-BFF's order.
-HUB_TREC_TO_LMBFF = {0: 2, 1: 1, 2: 0, 3: 3, 4: 4, 5: 5}
+# LM-BFF's TREC files number the coarse classes DESC, ENTY, ABBR, HUM, LOC, NUM. On the hub,
+# SetFit/TREC-QC names each row's class in `label_coarse_original` (its `label` is the fine class,
+# and its `label_coarse` integers follow first appearance in the source file), and the older
+# script-based CogComp/trec numbers `coarse_label` ABBR, ENTY, DESC, HUM, LOC, NUM. Hub rows are
+# read by class name, so either layout lands in LM-BFF's order.
+LMBFF_TREC_CLASSES = ("DESC", "ENTY", "ABBR", "HUM", "LOC", "NUM")
+COGCOMP_TREC_CLASSES = ("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM")
+
+
+def hub_trec_class(row: dict) -> str | None:
+    """The coarse class name of a hub TREC row (SetFit/TREC-QC or CogComp/trec), else None."""
+    if "label_coarse_original" in row:
+        return row["label_coarse_original"]
+    coarse = row.get("coarse_label", row.get("label-coarse"))
+    if isinstance(coarse, int) and 0 <= coarse < len(COGCOMP_TREC_CLASSES):
+        return COGCOMP_TREC_CLASSES[coarse]
+    return None
 
 
 class TREC(Task):
@@ -39,17 +53,21 @@ class TREC(Task):
     aliases = {"sentence": ("text", "text_a")}
     passage_field = "sentence"
     csv_columns = ("label", "sentence")
-    hub_splits = {"train": "train", "validation": "test"}  # trec
+    hub_splits = {"train": "train", "validation": "test"}  # SetFit/TREC-QC
 
     def flatten(self, rows: Rows) -> Rows:
         if rows.kind != "hub":
             return rows
         flat = []
         for i, row in enumerate(rows.rows):
-            coarse = row.get("coarse_label", row.get("label-coarse"))
-            if coarse not in HUB_TREC_TO_LMBFF:
-                raise DataError(f"{rows.where(i)}: coarse_label {coarse!r} is not one of 0..5")
-            flat.append({"sentence": row.get("text"), "label": HUB_TREC_TO_LMBFF[coarse]})
+            name = hub_trec_class(row)
+            if name not in LMBFF_TREC_CLASSES:
+                raise DataError(
+                    f"{rows.where(i)}: no coarse TREC class (label_coarse_original "
+                    f"{row.get('label_coarse_original')!r}, coarse_label "
+                    f"{row.get('coarse_label')!r}); expected one of {list(LMBFF_TREC_CLASSES)}"
+                )
+            flat.append({"sentence": row.get("text"), "label": LMBFF_TREC_CLASSES.index(name)})
         return Rows(flat, rows.source, rows.kind, [rows.where(i) for i in range(len(flat))])
 
     def mlm_template(self, ex: Example, mask: str) -> str:
