@@ -203,6 +203,12 @@ class Task:
         else:
             n_train, n_dev = fit_sizes(self.name, len(pool), cfg.num_train, cfg.num_dev)
             dev, train = pool[:n_dev], pool[n_dev : n_dev + n_train]
+        if not dev:  # the best-dev selection and every eval/* metric need one (checked before training)
+            raise DataError(
+                f"task {self.name}: no dev example: the train split has {len(pool)} usable rows and "
+                f"task.num_dev={null(cfg.num_dev)}, task.num_train={null(cfg.num_train)} leave none for dev; "
+                "give a larger train file, or set task.num_dev (>= 1) and a smaller task.num_train"
+            )
         test = self.read_split("validation")
         if cfg.num_test is not None and cfg.num_test < len(test):
             test = rng.sample(test, cfg.num_test)
@@ -256,6 +262,11 @@ def fit_sizes(
     if n_train == 0:
         raise DataError(f"task {name}: no training examples (train split has {available} rows)")
     return n_train, n_dev
+
+
+def null(value) -> str:
+    """A config value as one writes it on the command line (None as null)."""
+    return "null" if value is None else str(value)
 
 
 # -- small text helpers shared by the prompts ---------------------------------------------------

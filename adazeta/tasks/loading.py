@@ -30,6 +30,9 @@ EXTENSIONS = (".tsv", ".jsonl", ".json", ".csv", ".parquet")
 # File stems tried for each split, in order. GLUE: dev.tsv; SuperGLUE: val.jsonl; LM-BFF csv tasks
 # (SST-5, MR, TREC) ship train.csv and test.csv, and their test set is what we evaluate on.
 SPLIT_STEMS = {"train": ("train",), "validation": ("dev", "val", "validation", "test")}
+# Longest csv/tsv field read. Python's csv stops at 128 KiB; a long passage is legitimate (the
+# tokenizer truncates it), while a field this long is a quote left open in a csv.
+FIELD_LIMIT = 16 * 2**20
 
 
 @dataclass
@@ -90,12 +93,22 @@ def _read_delimited(
     row holds none of the label's names: the LM-BFF layout of SST-5, MR, TREC, ... is
     `label,sentence` in csv and `label<TAB>sentence` in tsv, with no header."""
     tsv = path.suffix == ".tsv"
+    if csv.field_size_limit() < FIELD_LIMIT:
+        csv.field_size_limit(FIELD_LIMIT)
     with path.open(newline="", encoding="utf-8") as f:
         # GLUE tsv files contain bare quotes inside sentences: no quote processing in tsv.
         reader = csv.reader(
             f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
         )
-        raw = [(reader.line_num, cells) for cells in reader if cells]  # blank lines skipped
+        raw, start = [], 1  # start: the line the record being read begins on
+        try:
+            for cells in reader:
+                if cells:  # blank lines skipped
+                    raw.append((reader.line_num, cells))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            hint = " (a quote left open?)" if "field larger" in str(e) and not tsv else ""
+            raise DataError(f"{path}, line {start}: {e}{hint}; fix that line") from None
     if not raw:
         return []
     first = [cell.strip().lower() for cell in raw[0][1]]
@@ -119,6 +132,30 @@ def read_file(
     """Rows of a tsv or csv (with a header, or headerless with `csv_columns`), jsonl, json (a
     list, {'data': [...]} as in SQuAD, or {id: {...}} as in DROP) or parquet file."""
     path = Path(path)
+    try:
+        rows = _read_rows(path, csv_columns, label_names)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{not_utf8(path, e)}; save the file as UTF-8") from None
+    except OSError as e:  # unreadable: permissions, a folder under a data file's name, I/O error
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}); check that it is a file you can read") from None
+    if not rows:
+        raise DataError(f"{path}: the file has no rows")
+    return Rows(rows=rows, source=str(path), kind=path.suffix[1:])
+
+
+def not_utf8(path: Path, e: UnicodeDecodeError) -> str:
+    """Where the first byte that is not UTF-8 sits: the file, line and column, and the byte."""
+    data = path.read_bytes()
+    try:  # text files decode in chunks: the offset of `e` is within one; find it in the file
+        data.decode("utf-8")
+    except UnicodeDecodeError as whole:
+        e = whole
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return f"{path}, line {line}, column {column}: byte 0x{e.object[e.start]:02x} is not UTF-8"
+
+
+def _read_rows(path: Path, csv_columns: tuple[str, ...] | None, label_names: tuple[str, ...]) -> list[dict]:
     suffix = path.suffix
     if suffix in (".tsv", ".csv"):
         rows = _read_delimited(path, csv_columns, label_names)
@@ -131,6 +168,9 @@ def read_file(
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path}, line {i}: not valid JSON ({e.msg})") from e
+                    if not isinstance(rows[-1], dict):
+                        raise DataError(f"{path}, line {i}: expected a JSON object {{...}} per line, "
+                                        f"got {type(rows[-1]).__name__}")
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -149,12 +189,15 @@ def read_file(
     elif suffix == ".parquet":
         import pandas as pd
 
-        rows = pd.read_parquet(path).to_dict("records")
+        try:
+            rows = pd.read_parquet(path).to_dict("records")
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - pyarrow raises its own types for a damaged file
+            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
     else:
         raise DataError(f"{path}: unsupported format {suffix!r}; use one of {list(EXTENSIONS)}")
-    if not rows:
-        raise DataError(f"{path}: the file has no rows")
-    return Rows(rows=rows, source=str(path), kind=suffix[1:])
+    return rows
 
 
 def read_local(
