@@ -147,8 +147,10 @@ class AdapterConfig:
     """Also place adapters on the attention projections (Llama/OPT families)."""
     targets: list[dict[str, str]] | None = None
     """Placement rules [{pattern: regex on module name, side: input|output}]; null: the family's default."""
-    modes: dict[int, list[int]] | None = None
-    """Override the TT factorisation of a dimension, e.g. {1024: [8, 16, 8], 64: [8, 8]}."""
+    modes: Any = None
+    """Override the TT factorisation of a dimension, e.g. {1024: [8, 16, 8], 64: [8, 8]}; null: the
+    family's defaults. Typed Any because OmegaConf 2.3 cannot merge a command-line dict into a null
+    `dict[int, list[int]]` node (AttributeError); adazeta/validate.py checks the shape instead."""
     init: AdapterInit = AdapterInit.paper
     """`paper`: every TT core and bias drawn as in the paper, so the untrained adapters already move
     the model away from its zero-shot; `identity`: U's last core and bias start at zero (as LoRA's

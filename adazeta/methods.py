@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from adazeta.config import AdapterConfig, Head, MethodConfig, Optimizer, TrainableSet, ZOConfig
-from adazeta.errors import ConfigError
+from adazeta.errors import ConfigError, DivergenceError
 from adazeta.parallel import ParallelQueries, check_parallel
 from adazeta.sparse import InForwardPerturbation, SparseMask
 from adazeta.trainable import make_trainable
@@ -105,6 +105,7 @@ class ZOStep:
             grads, losses = [g for g, _ in results], [loss for _, loss in results]
             if self.guard is not None:
                 self.guard(step, losses, grads)
+            check_update_fits(step, self.rule.lr, grads)
             if self.spsa.displaced and self.rule.fusable:  # the weights sit at theta - eps z_last
                 coeffs = self.rule.coefficients(grads)
                 self.spsa.sgd_update(seeds, coeffs, self.rule.lr, self.rule.wd, restore=True)
@@ -146,6 +147,19 @@ class FOStep:
         self.opt.zero_grad(set_to_none=True)
         self.model.eval()
         return StepResult(float(loss.detach()), None, 1)
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_update_fits(step: int, lr: float, grads: list[float]) -> None:
+    """Stop a step whose update lr * g_q cannot be written into float32 weights (torch raises
+    "value cannot be converted to type float without overflow") before any weight moves."""
+    worst = max((abs(g) for g in grads), default=0.0)
+    if lr * worst > FLOAT32_MAX:
+        raise DivergenceError(
+            f"step {step}: the update lr * projected gradient = {lr:.3g} * {worst:.3g} overflows float32", step
+        )
 
 
 def distributed_run() -> bool:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
+from omegaconf import OmegaConf
 
 from adazeta.adapters import inject_tt_adapters
 from adazeta.config import AdapterConfig, Head, MethodConfig, TrainableSet
+from adazeta.errors import ConfigError
 from adazeta.lora import inject_lora  # imported up front: its import memory is not the method's
 from adazeta.models import classification_head, is_norm
 from adazeta.zo import Trainable
@@ -27,6 +31,11 @@ def collect(model: torch.nn.Module) -> list[Trainable]:
     ]
 
 
+def adapter_value(value):
+    """A config value as the user wrote it (plain lists and dicts), for messages."""
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
 def make_trainable(model, cfg: MethodConfig, adapter: AdapterConfig, head: Head):
     """Apply a method's trainable-set transform; returns (model, trainables). The model may come
     back wrapped (peft LoRA)."""
@@ -37,10 +46,17 @@ def make_trainable(model, cfg: MethodConfig, adapter: AdapterConfig, head: Head)
         return model, collect(model)
     freeze(model)
     if kind == TrainableSet.tt_adapter:
-        inject_tt_adapters(
-            model, rank=adapter.rank, bottleneck=adapter.bottleneck, scale=adapter.scale,
-            targets=adapter.targets, attention=adapter.attention, modes=adapter.modes, init=adapter.init.value,
-        )
+        try:
+            inject_tt_adapters(
+                model, rank=adapter.rank, bottleneck=adapter.bottleneck, scale=adapter.scale,
+                targets=adapter.targets, attention=adapter.attention, modes=adapter.modes, init=adapter.init.value,
+            )
+        except (ValueError, re.error) as e:  # a placement rule or TT factorisation this model cannot take
+            raise ConfigError(
+                f"{str(e).removeprefix('inject_tt_adapters: ')} (adapter.targets={adapter_value(adapter.targets)}, "
+                f"adapter.modes={adapter_value(adapter.modes)}); fix these keys or set them to null "
+                "for the family's defaults"
+            ) from None
         for name, p in model.named_parameters():
             if ".adapter." in name:
                 p.requires_grad_(True)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from adazeta.errors import ConfigError
 
@@ -62,6 +63,11 @@ CHECKS: list[Check] = [
 ]
 
 
+# Values torch multiplies into float32 weights (alpha= of add_): above float32's range they fail there.
+FLOAT32_MAX = 3.4028234663852886e38
+TORCH_SCALARS = {"method.lr", "method.eps", "method.weight_decay", "method.adam_eps", "method.lora_alpha"}
+
+
 def lookup(cfg: DictConfig, key: str):
     node = cfg
     for part in key.split("."):
@@ -71,14 +77,85 @@ def lookup(cfg: DictConfig, key: str):
     return node
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first value out of its range, naming the key and the range."""
+def _value(x) -> str:
+    return x.value if isinstance(x, Enum) else str(x)
+
+
+def _method(cfg: DictConfig, key: str) -> str:
+    return _value(lookup(cfg, f"method.{key}"))
+
+
+def _zo(cfg) -> bool:
+    return _method(cfg, "optimizer") == "zo"
+
+
+def _adam(cfg) -> bool:
+    return not _zo(cfg) or _method(cfg, "update_rule") == "adam"
+
+
+# Keys that only some methods read: (key or key prefix, whether the method in `cfg` reads it, who does).
+# A key given on the command line that the chosen method would silently ignore is refused.
+READ_BY: list[tuple[str, Callable[[DictConfig], bool], str]] = [
+    ("adapter.", lambda c: _method(c, "trainable") == "tt_adapter", "method.trainable=tt_adapter"),
+    ("method.lora_", lambda c: _method(c, "trainable") == "lora", "method.trainable=lora"),
+    ("method.sparsity", lambda c: _method(c, "trainable") == "sparse", "method.trainable=sparse"),
+    ("method.mask", lambda c: _method(c, "trainable") == "sparse", "method.trainable=sparse"),
+    ("method.in_forward", lambda c: _method(c, "trainable") == "sparse", "method.trainable=sparse"),
+    ("method.keep_ratio", lambda c: _method(c, "trainable") == "sparse" and _method(c, "mask") == "random",
+     "method.trainable=sparse with method.mask=random"),
+    ("method.eps", _zo, "method.optimizer=zo"),
+    ("method.update_rule", _zo, "method.optimizer=zo"),
+    ("zo.", _zo, "method.optimizer=zo"),
+    ("method.momentum", lambda c: _zo(c) and _method(c, "update_rule") == "momentum",
+     "method.update_rule=momentum"),
+    ("method.betas", _adam, "method.update_rule=adam or method.optimizer=fo"),
+    ("method.adam_eps", _adam, "method.update_rule=adam or method.optimizer=fo"),
+]
+
+
+def shipped_methods_reading(prefix: str, reads: Callable[[DictConfig], bool]) -> list[str]:
+    """The methods of conf/method/ that read a key, judged on their own files (schema defaults
+    filling in what a file leaves out)."""
+    from adazeta.config import MethodConfig
+
+    conf = Path(__file__).resolve().parent / "conf" / "method"
+    names = []
+    for path in sorted(conf.glob("*.yaml")):
+        method = OmegaConf.merge(OmegaConf.structured(MethodConfig), OmegaConf.load(path).get("method", {}))
+        if reads(OmegaConf.create({"method": OmegaConf.to_container(method, enum_to_str=True)})):
+            names.append(path.stem)
+    return names
+
+
+def check_ignored(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse a command-line override of a key that the chosen method does not read (LoRA keys with
+    method=adazeta, ...): it would be accepted and silently change nothing."""
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        for prefix, reads, who in READ_BY:
+            if key.startswith(prefix) and not reads(cfg):
+                users = shipped_methods_reading(prefix, reads)
+                raise ConfigError(
+                    f"{key} is not read by method={_method(cfg, 'name')} (method.trainable={_method(cfg, 'trainable')}, "
+                    f"method.optimizer={_method(cfg, 'optimizer')}, method.update_rule={_method(cfg, 'update_rule')}): "
+                    f"only with {who}" + (f", as in method={','.join(users)}" if users else "")
+                    + f"; drop {override!r} or choose such a method"
+                )
+
+
+def validate(cfg: DictConfig, overrides: list[str] | None = None) -> None:
+    """Raise ConfigError for the first value out of its range, naming the key and the range, or
+    for an override (default: the composed config's own hydra.overrides.task) that the chosen
+    method ignores."""
     for key, ok, allowed in CHECKS:
         value = lookup(cfg, key)
         if value is None:
             continue
         if isinstance(value, float) and not math.isfinite(value) or not ok(value):
             raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
+        if key in TORCH_SCALARS and abs(value) > FLOAT32_MAX:
+            raise ConfigError(f"{key}={value!r} is out of range: it overflows float32 (> {FLOAT32_MAX:.3g}), "
+                              "in which torch applies it to the weights; use a value of a sensible size")
     resume = lookup(cfg, "train.resume")
     if resume is not None and resume != "auto" and not Path(resume).expanduser().is_dir():
         what = "is a file" if Path(resume).expanduser().is_file() else "does not exist"
@@ -86,6 +163,28 @@ def validate(cfg: DictConfig) -> None:
             f"train.resume={resume!r} {what}: give the folder of an earlier run "
             "(outputs/runs/<date>/<time>_...), one of its checkpoints/step-<N> folders, or auto"
         )
+    check_modes(lookup(cfg, "adapter.modes"))
     betas = lookup(cfg, "method.betas")
     if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
         raise ConfigError(f"method.betas={list(betas)} must be two values in [0, 1)")
+    if overrides is None:
+        overrides = list(lookup(cfg, "hydra.overrides.task") or [])
+    check_ignored(cfg, [o for o in overrides if "=" in o and not o.startswith(("hydra.", "+hydra."))])
+
+
+def check_modes(modes) -> None:
+    """adapter.modes: null, or {size: [factors]} with every factor >= 1 and their product the size."""
+    if modes is None:
+        return
+    example = "e.g. adapter.modes='{64: [8, 8]}' (64 = 8 * 8), or null for the family's defaults"
+    plain = OmegaConf.to_container(modes) if OmegaConf.is_config(modes) else modes
+    if not isinstance(plain, dict):
+        raise ConfigError(f"adapter.modes={plain!r} must map a layer size to its TT factors, {example}")
+    for size, factors in plain.items():
+        ok = isinstance(factors, list) and factors and all(type(f) is int and f >= 1 for f in factors)
+        if not (type(size) is int or str(size).isdigit()) or not ok:
+            raise ConfigError(f"adapter.modes={plain!r}: {size!r}: {factors!r} is not a size and a list of "
+                              f"integer factors >= 1, {example}")
+        if math.prod(factors) != int(size):
+            raise ConfigError(f"adapter.modes={plain!r}: the factors {factors} of {size} multiply to "
+                              f"{math.prod(factors)}, not {size}; {example}")
