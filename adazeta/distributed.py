@@ -116,6 +116,14 @@ def setup(cfg: DistConfig, model: ModelConfig, method: MethodConfig, batch_size:
             f"dist.mode=data splits each batch across {world} ranks: train.batch_size={batch_size} must be "
             f"a multiple of {world}"
         )
+    if not td.is_initialized() and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # Without torchrun's rendezvous a stray WORLD_SIZE fails on a missing MASTER_ADDR, or, with
+        # one set, waits (up to the timeout below) for ranks that were never started.
+        raise ConfigError(
+            f"WORLD_SIZE={world} (RANK={os.environ.get('RANK', 'unset')}) is set, but this process was not "
+            f"started by torchrun: launch with `torchrun --nproc_per_node {world} -m adazeta.train ...`, "
+            "or unset WORLD_SIZE and RANK to run in one process"
+        )
     if not td.is_initialized():
         # Rank 0 evaluates on dev alone while the others wait at the next collective: a long timeout.
         td.init_process_group(backend=backend, timeout=timedelta(hours=2))

@@ -12,6 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
+from adazeta.errors import Interrupted
+
 log = logging.getLogger("adazeta")
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -27,9 +29,11 @@ class Stop:
 
 
 @contextlib.contextmanager
-def interruption():
+def interruption(run_dir: Path | None = None):
     """Install the handlers for the duration of the training loop, then restore the previous ones
-    (signal handlers can only be set from the main thread; elsewhere the loop runs without them)."""
+    (signal handlers can only be set from the main thread; elsewhere the loop runs without them).
+    A second signal raises Interrupted at once: one line, exit 128 + signal, no traceback; a
+    checkpoint being written then is abandoned whole (saves are atomic), the earlier ones stay."""
     stop = Stop()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -37,7 +41,9 @@ def interruption():
 
     def handler(signum, frame):
         if stop.signum is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once, no checkpoint")
+            again = f"resume with: {resume_command(run_dir)}" if run_dir is not None else "resume with train.resume=<run folder>"
+            raise Interrupted(f"second {signal.Signals(signum).name} while stopping: stopped at once, without a new "
+                              f"checkpoint (the earlier ones are intact); {again}", signum)
         stop.signum = signum
         log.warning("%s received: saving a checkpoint after this step (send it again to stop at once)", stop.name)
 

@@ -252,7 +252,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
     stream = batches(splits.train, min(bs, len(splits.train)), cfg.seed, start=state.step)
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (cfg.train.progress and dist.is_main),
                desc=cfg.method.name)
-    with interruption() as stop:  # SIGINT/SIGTERM: checkpoint and exit after the current step
+    with interruption(run_dir) as stop:  # SIGINT/SIGTERM: checkpoint and exit after the current step
         while state.step < cfg.train.max_steps:
             step = state.step + 1
             t0 = time.perf_counter()

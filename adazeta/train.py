@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from adazeta.config import register_configs
-from adazeta.errors import AdazetaError, Interrupted, RunFolderError
+from adazeta.errors import AdazetaError, Interrupted, RunFolderError, environment_error
 from adazeta.validate import validate
 
 log = logging.getLogger("adazeta")
@@ -45,7 +45,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        validate(cfg)  # ranges, before torch and the model are loaded
+        validate(cfg, list(HydraConfig.get().overrides.task))  # ranges, before torch and the model are loaded
         from adazeta.loop import run
 
         summary = run(cfg, run_dir)
@@ -53,11 +53,21 @@ def hydra_main(cfg: DictConfig) -> float | None:
         log.warning("%s", e)
         print(e, file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, the final evaluation)
+        print(f"interrupted by SIGINT outside the training steps: run folder {run_dir} keeps what it had "
+              "(checkpoints included); start again, or resume with train.resume=<run folder>", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
+        machine = environment_error(e)  # a full disk, a folder that cannot be written, no memory left
+        if machine is not None:
+            e = AdazetaError(machine)
         expected = isinstance(e, AdazetaError)  # the user's to fix: one message, no traceback
         # Other torchrun ranks have no run folder; a refused folder is another run's: left as it is.
         if int(os.environ.get("RANK", "0")) == 0 and not isinstance(e, RunFolderError):
-            (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n" if expected else traceback.format_exc())
+            try:
+                (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n" if expected else traceback.format_exc())
+            except OSError:  # the folder cannot take it (a full disk): the message still goes to stderr
+                pass
         if multirun:
             log.error("this job failed, the sweep goes on: %s: %s%s", type(e).__name__, e,
                       "" if isinstance(e, RunFolderError) else f" (details in {run_dir / 'error.txt'})")
@@ -88,7 +98,10 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) > 0:
             sys.argv += NON_MAIN_RANK_OVERRIDES
     if int(os.environ.get("RANK", "0")) == 0:
-        sys.argv.append(RUN_FOLDER_CHECK)
+        # Before the first override, not at the end: argparse takes the overrides as one run of
+        # positionals, so `adazeta-train model=x --cfg job` would refuse an override after --cfg.
+        first = next((i for i, a in enumerate(sys.argv[1:], 1) if "=" in a and not a.startswith("-")), len(sys.argv))
+        sys.argv.insert(first, RUN_FOLDER_CHECK)
     hydra_main()
     if FAILED:
         sys.exit(f"error: {len(FAILED)} job(s) of the sweep failed, each with its error in error.txt: "
