@@ -136,6 +136,11 @@ def differences(a: dict, b: dict, a_name: str, b_name: str) -> str:
                      for what, names in parts.items() if names)
 
 
+# The JSON types of state.json's entries that restore() reads (where present).
+STATE_TYPES = {"step": int, "forward_passes": int, "rollbacks": int, "window": list, "best": dict, "guard": dict,
+               "rng": dict, "identity": dict}
+
+
 def verify(folder: Path) -> dict:
     """Read every file of a checkpoint and check that they fit together, before anything is
     restored or any file of a run is touched: state.json holds what restore() reads; every
@@ -152,6 +157,11 @@ def verify(folder: Path) -> dict:
     if lacking:
         raise CheckpointError(f"{folder / 'state.json'} lacks {', '.join(lacking)}: the checkpoint is incomplete "
                               "or damaged; resume from another checkpoint of the run")
+    mistyped = [k for k, t in STATE_TYPES.items() if not isinstance(saved[k], t) or isinstance(saved[k], bool)]
+    if mistyped:
+        shown = ", ".join(f"{k}={saved[k]!r}" for k in mistyped)
+        raise CheckpointError(f"{folder / 'state.json'} holds {shown}, not what adazeta-train writes: the checkpoint "
+                              "is damaged; resume from another checkpoint of the run")
     listed = {n: (list(shape), dtype) for n, shape, dtype in saved["identity"]["trainables"]}
     for name in ("trainable.safetensors", "best_trainable.safetensors"):
         path = folder / name
@@ -362,6 +372,15 @@ class Checkpointer:
             load_optimizer_state(self.method.step, tensors, saved["optimizer"])
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"checkpoint {folder}: the update rule's state does not fit this run ({e})") from e
+        try:
+            return self.apply(folder, saved, tensors, lr, rollback)
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:  # a whole file with odd values
+            raise CheckpointError(f"checkpoint {folder}: state.json or state.safetensors holds values this version "
+                                  f"cannot restore ({type(e).__name__}: {e}): the checkpoint is damaged; resume from "
+                                  "another checkpoint of the run") from None
+
+    def apply(self, folder: Path, saved: dict, tensors: dict, lr: float, rollback: bool) -> LoopState:
+        """The rest of restore(): config changes, lr, RNGs, guard and loop state."""
         changes = config_changes(saved["config"], self.config)
         if rollback:
             set_lr(self.method.step, lr)
@@ -474,7 +493,18 @@ def rows_until(path: Path, step: int) -> list[dict]:
     """The JSONL rows of a run up to `step`, without the end-of-run best/test rows."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or type(row.get("step")) is not int:
+            raise CheckpointError(f"{path}, line {i}: not a metrics row with a step ({line[:80]!r}); the earlier run's "
+                                  "curve is damaged: fix or delete that line, then resume again (nothing was changed)")
+        rows.append(row)
     return [r for r in rows if r["step"] <= step and not any(k.startswith(("best/", "test/")) for k in r)]
 
 

@@ -139,6 +139,27 @@ def replay_step(zo_step, record: dict, perturb) -> None:
     zo_step(lambda: torch.tensor(next(tape), dtype=torch.float64), step, len(seeds))
 
 
+# The keys replay_step reads, with their JSON types: an applied step, and a step the guard rejected.
+APPLIED = {"step": int, "seeds": list, "grads": list, "lr": (int, float), "perturbs": (str, list)}
+REJECTED = {"step": int, "perturbs": list}
+
+
+def read_record(path: Path, line: int, text: str) -> dict:
+    """One line of replay.jsonl, checked for the keys and types replay_step reads; a CheckpointError
+    naming the file and the line otherwise."""
+    try:
+        rec = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}, line {line}: not valid JSON ({e}); the log is damaged and this run "
+                              "cannot be replayed past that line") from None
+    keys = REJECTED if isinstance(rec, dict) and rec.get("applied", True) is False else APPLIED
+    wrong = [k for k, t in keys.items() if not isinstance(rec, dict) or not isinstance(rec.get(k), t)]
+    if wrong:
+        raise CheckpointError(f"{path}, line {line}: lacks {', '.join(wrong)} (or holds another type) in {text[:120]!r}; "
+                              "the log is damaged or not adazeta's, and this run cannot be replayed past that line")
+    return rec
+
+
 def run_config(run_dir: Path):
     """The run's config: the resolved values it saved in <run>/config.yaml, typed by the schema
     (the schedule and logger options, which have schemas of their own, are picked from them)."""
@@ -150,13 +171,21 @@ def run_config(run_dir: Path):
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml); give a folder adazeta-train wrote")
-    saved = OmegaConf.load(path)
-    schedule = saved.schedule._target_.rsplit(".", 1)[-1].removesuffix("Schedule").lower()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"schedule={schedule}", f"logger={saved.logger.name}"])
-    with open_dict(cfg):  # open: free-form nodes (model.arch, adapter.modes) take the run's keys
-        cfg.pop("hydra", None)
-        return OmegaConf.merge(cfg, saved)
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    try:
+        saved = OmegaConf.load(path)
+        schedule = saved.schedule._target_.rsplit(".", 1)[-1].removesuffix("Schedule").lower()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"schedule={schedule}", f"logger={saved.logger.name}"])
+        with open_dict(cfg):  # open: free-form nodes (model.arch, adapter.modes) take the run's keys
+            cfg.pop("hydra", None)
+            return OmegaConf.merge(cfg, saved)
+    except (YAMLError, OmegaConfBaseException, AttributeError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not the config adazeta-train wrote ({type(e).__name__}: {first}); "
+                              "restore it from a copy of the run") from None
 
 
 def replay(run_dir: Path, checkpoint: Path | None = None, save: Path | None = None) -> dict:
@@ -182,7 +211,7 @@ def replay(run_dir: Path, checkpoint: Path | None = None, save: Path | None = No
     if not log_path.is_file() or count is None:
         raise CheckpointError(f"{log_path} does not exist: the run was made with train.replay_log=false, so it "
                               "cannot be replayed (runs keep the log by default)")
-    records = [json.loads(line) for line in log_path.read_text().splitlines()[:count]]
+    records = [read_record(log_path, i, line) for i, line in enumerate(log_path.read_text().splitlines()[:count], 1)]
     if [r["step"] for r in records if r.get("applied", True)] != list(range(1, target_step + 1)):
         raise CheckpointError(f"{log_path} does not hold every step 1..{target_step} of the checkpoint "
                               f"(has {len(records)} records): it is incomplete")
