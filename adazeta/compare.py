@@ -84,15 +84,45 @@ class Run:
 
 def read_run(folder: Path) -> Run:
     summary_path, metrics_path = (folder / name for name in RUN_FILES)
-    try:
-        summary = json.loads(summary_path.read_text())
-        lines = metrics_path.read_text().splitlines()
-        rows = [json.loads(line) for line in lines if line.strip()]
-    except json.JSONDecodeError as e:
-        raise DataError(f"{folder}: malformed JSON ({e}); delete or re-run this run") from None
+    summary = read_json(summary_path, 1, summary_path.read_bytes(), SUMMARY_KEYS)
+    text = metrics_path.read_bytes()
+    rows = [read_json(metrics_path, i, line, ("step",)) for i, line in enumerate(text.split(b"\n"), 1) if line.strip()]
     # metrics.jsonl is appended to: if a folder was reused, keep only the last run's rows.
     restarts = [i for i in range(1, len(rows)) if rows[i]["step"] < rows[i - 1]["step"]]
     return Run(folder, summary, rows[restarts[-1] :] if restarts else rows)
+
+
+# What table() and the figures read from every summary.json (a run that lacks one is not comparable).
+SUMMARY_KEYS = ("method", "task", "model", "seed", "metric", "mem/peak_gib", "mem/inference_gib",
+                "mem/peak_over_inference")
+
+
+# Values the figures and the table compute with.
+NUMBERS = ("step", "forward_passes", "eval/loss", "time/step_s", "seed", "mem/peak_gib", "mem/inference_gib",
+           "mem/peak_over_inference")
+
+
+def read_json(path: Path, line: int, data: bytes, keys: Sequence[str]) -> dict:
+    """One JSON object (a file, or a line of a .jsonl) holding `keys`, else a DataError naming the
+    file and the line."""
+    where = f"{path}" + (f", line {line}" if path.suffix == ".jsonl" else "")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: not UTF-8 text; was it written by adazeta-train? re-run that run") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e}); delete or re-run this run") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}; re-run this run")
+    missing = [k for k in keys if k not in obj]
+    if path.name == "summary.json" and "metric" in obj:
+        missing += [k for k in (f"best/eval_{obj['metric']}",) if k not in obj]
+    if missing:
+        raise DataError(f"{where}: lacks {missing}; was it written by adazeta-train? re-run that run")
+    odd = [k for k in NUMBERS if k in obj and (type(obj[k]) not in (int, float))]
+    if odd:
+        raise DataError(f"{where}: {odd[0]}={obj[odd[0]]!r} is not a number; re-run that run")
+    return obj
 
 
 def find_runs(folders: Sequence[Path]) -> list[Run]:
@@ -271,16 +301,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: a summary.json or metrics.jsonl lacks the key {e}; was it written by "
               "adazeta-train? re-run that run", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    for stem, (x, xlabel) in X_AXES.items():
-        plot_curves(groups, x, xlabel, args.out / f"{stem}.png", args.band)
-    plot_memory(groups, args.out / "peak_memory.png")
-    md = markdown(rows)
-    (args.out / "summary.md").write_text(md)
-    with (args.out / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    except OSError as e:
+        print(f"error: cannot read {e.filename} ({e.strerror or e}); check that the run's files are readable",
+              file=sys.stderr)
+        return 2
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for stem, (x, xlabel) in X_AXES.items():
+            plot_curves(groups, x, xlabel, args.out / f"{stem}.png", args.band)
+        plot_memory(groups, args.out / "peak_memory.png")
+        md = markdown(rows)
+        (args.out / "summary.md").write_text(md)
+        with (args.out / "summary.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    except OSError as e:
+        print(f"error: cannot write the comparison into -o {args.out} ({e.strerror or e}: {e.filename or args.out}); "
+              "choose a folder you can write", file=sys.stderr)
+        return 2
     print(md, end="")
     print(f"wrote {len(X_AXES) + 1} figures, summary.md and summary.csv to {args.out}", file=sys.stderr)
     return 0

@@ -500,18 +500,37 @@ def ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x)
 
 
+def depths(text: str) -> str:
+    """argparse type of --fit/--check/--check-dtype: comma-separated layer counts >= 1 (or empty)."""
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if not all(x.isdigit() and int(x) >= 1 for x in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of layer counts >= 1, e.g. 1,2")
+    return ",".join(parts)
+
+
+def positive(text: str) -> int:
+    """argparse type of --q/--steps/--seq-len/--threads: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="adazeta-plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fit", default="1,2", help="depths the line is fitted on (default 1,2)")
-    p.add_argument("--check", default="", help="further depths to measure and compare with the line")
+    p.add_argument("--fit", type=depths, default="1,2", help="depths the line is fitted on (default 1,2)")
+    p.add_argument("--check", type=depths, default="", help="further depths to measure and compare with the line")
     p.add_argument("--methods", default="", help="comma-separated methods (default: the config's method=)")
-    p.add_argument("--seq-len", type=int, default=None, help="synthetic rows of N tokens (default: the task's longest batch)")
-    p.add_argument("--q", type=int, default=1, help="queries per ZO step")
-    p.add_argument("--steps", type=int, default=None, help="training steps measured (default 1 for ZO, 2 for first order)")
-    p.add_argument("--check-dtype", default="", help="depths to measure natively in the target dtype too "
+    p.add_argument("--seq-len", type=positive, default=None, help="synthetic rows of N tokens (default: the task's longest batch)")
+    p.add_argument("--q", type=positive, default=1, help="queries per ZO step")
+    p.add_argument("--steps", type=positive, default=None, help="training steps measured (default 1 for ZO, 2 for first order)")
+    p.add_argument("--check-dtype", type=depths, default="", help="depths to measure natively in the target dtype too "
                    "(e.g. 1,2; slow on CPU), against the converted float32 measurement")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in each measurement")
+    p.add_argument("--threads", type=positive, default=None, help="torch threads in each measurement")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for adazeta-train")
     args = p.parse_args(argv)
