@@ -250,6 +250,12 @@ def main(argv: list[str] | None = None) -> None:
         out = replay(args.run, args.checkpoint, args.save)
     except AdazetaError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a run file that cannot be read
+        sys.exit(f"error: {e.strerror or e} ({e.filename}): check the paths given to adazeta-replay and their permissions")
+    except Exception as e:
+        if args.save is None or type(e).__name__ != "SafetensorError":
+            raise
+        sys.exit(f"error: cannot write --save {args.save} ({e}); give a file in a folder you can write")
     where = f"{out['checkpoint']} ({out['tensors']} tensors, {out['values']} values)"
     if out["unequal"]:
         sys.exit(f"MISMATCH after replaying {out['steps']} steps: {len(out['unequal'])} tensors differ from {where}; "
