@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -59,7 +60,19 @@ class RunSpec:
 
     @property
     def done(self) -> bool:
-        return (self.folder / "summary.json").is_file()
+        """Finished with this spec's overrides (recorded in <folder>/study.json); a finished run of
+        other settings in the same folder (the plan changed) is an error, never silently reused."""
+        if not (self.folder / "summary.json").is_file():
+            return False
+        record = self.folder / "study.json"
+        ran = json.loads(record.read_text())["overrides"] if record.is_file() else None
+        if ran != self.overrides:
+            changed = sorted(set(ran or []) ^ set(self.overrides))
+            raise ConfigError(
+                f"{self.folder} holds a finished run of other settings than the plan's now (differing: "
+                f"{changed or 'no record of its settings'}); move it away, or give the study another --out"
+            )
+        return True
 
     def read(self) -> Run | None:
         return read_run(self.folder) if self.done and (self.folder / "metrics.jsonl").is_file() else None
@@ -219,6 +232,8 @@ def execute(run: RunSpec, log_dir: Path) -> tuple[bool, float]:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode == 0 and (run.folder / "summary.json").is_file():
+        (run.folder / "study.json").write_text(json.dumps({"overrides": run.overrides}, indent=1) + "\n")
     return proc.returncode == 0 and run.done, time.perf_counter() - t0
 
 

@@ -85,3 +85,19 @@ def test_study_selects_on_dev_reruns_the_choice_and_skips_finished_runs(tmp_path
 
 def test_makefile_and_readme_name_the_study():
     assert "adazeta-study quick" in (REPO / "Makefile").read_text()
+
+
+def test_a_finished_run_of_other_settings_is_never_reused(tmp_path):
+    from adazeta.errors import ConfigError
+    from adazeta.study import RunSpec
+
+    spec = RunSpec("s", "adazeta", "search", {"method.lr": 0.01}, 0, ["method.lr=0.01", "train.max_steps=150"],
+                   tmp_path / "lr0.01_s0")
+    assert not spec.done  # nothing there yet
+    spec.folder.mkdir()
+    (spec.folder / "summary.json").write_text("{}")
+    (spec.folder / "study.json").write_text(json.dumps({"overrides": ["method.lr=0.01", "train.max_steps=100"]}))
+    with pytest.raises(ConfigError, match=r"other settings.*train.max_steps=100.*train.max_steps=150"):
+        spec.done  # the plan's budget changed since that run: a rerun is needed, not a silent reuse
+    (spec.folder / "study.json").write_text(json.dumps({"overrides": spec.overrides}))
+    assert spec.done
