@@ -334,11 +334,28 @@ CLI_CASES: dict[str, tuple[list[str], dict[str, str], list[str], int]] = {  # ar
     "a TT rank past memory": ([*CLI, "adapter.rank=100000000"], {}, ["error: out of memory", "adapter.rank"], 1),
     "TT modes as the README writes them": ([*CLI, "adapter.modes={64: [8, 8]}"], {}, [], 0),
     "overrides before --cfg": (["model=tiny-llama", "--cfg", "job"], {}, ["name: tiny-llama"], 0),
+    "a disk that fills up at the second checkpoint": ([*CLI, "train.max_steps=4", "train.save_steps=2"],
+                                                      {"ENOSPC_AT": "step-0000004"},
+                                                      ["error: No space left on device", "free space on that disk"], 1),
 }
+# sitecustomize for ENOSPC_AT: safetensors' save_file fails with ENOSPC on a path containing it.
+FULL_DISK = """import errno, os
+import safetensors.torch as st
+_save = st.save_file
+def save_file(tensors, filename, *args, **kwargs):
+    if os.environ["ENOSPC_AT"] in str(filename):
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+    return _save(tensors, filename, *args, **kwargs)
+st.save_file = save_file
+"""
 
 
 def run_cli(argv: list[str], env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess:
     (tmp / "home").mkdir(parents=True)
+    if "ENOSPC_AT" in env:
+        (tmp / "site").mkdir()
+        (tmp / "site" / "sitecustomize.py").write_text(FULL_DISK)
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(tmp / "site"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "adazeta.train", f"hydra.run.dir={tmp / 'run'}", *argv], cwd=tmp,
                           env=subprocess_env(tmp / "home") | env, capture_output=True, text=True, timeout=240)
 
@@ -378,3 +395,12 @@ def test_replay_save_into_an_unwritable_place(runs, tmp_path, capsys):  # noqa: 
         replay.main([str(runs["adazeta"]), "--save", str(tmp_path / "a_file" / "rebuilt.safetensors")])
     assert f"error: cannot write --save {tmp_path / 'a_file' / 'rebuilt.safetensors'}" in str(exit_.value.code)
     assert "Not a directory" in str(exit_.value.code)
+
+
+def test_a_full_disk_leaves_the_earlier_checkpoint_intact(cli):
+    from adazeta.checkpoint import damage
+
+    proc, tmp = cli["a disk that fills up at the second checkpoint"]
+    checkpoints = tmp / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith("step-")] == ["step-0000002"], output(proc)[-2000:]
+    assert damage(checkpoints / "step-0000002") is None
