@@ -53,7 +53,7 @@ CHECKS: list[Check] = [
     ("task.k_shot", AT_LEAST_1, ">= 1 (or null)"),
     ("zo.max_replicas", lambda v: v >= 2, ">= 2, one +/- pair (or null: all 2Q)"),
     ("dist.check_steps", NON_NEGATIVE, ">= 0 (0: never)"),
-    ("train.threads", AT_LEAST_1, ">= 1 (or null: torch's default)"),
+    ("train.threads", lambda v: 1 <= v < 2**31, ">= 1 (or null: torch's default) and below 2**31"),
     ("train.save_steps", NON_NEGATIVE, ">= 0 (0: a checkpoint only at the end)"),
     ("train.save_total_limit", AT_LEAST_1, ">= 1 (how many of the newest checkpoints to keep)"),
     ("guard.explode_factor", lambda v: v > 1, "> 1 (or null: only non-finite values stop a step)"),
@@ -147,6 +147,7 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     """Raise ConfigError for the first value out of its range, naming the key and the range, or
     for an override (default: the composed config's own hydra.overrides.task) that the chosen
     method ignores."""
+    check_64_bits(cfg)
     for key, ok, allowed in CHECKS:
         value = lookup(cfg, key)
         if value is None:
@@ -188,3 +189,22 @@ def check_modes(modes) -> None:
         if math.prod(factors) != int(size):
             raise ConfigError(f"adapter.modes={plain!r}: the factors {factors} of {size} multiply to "
                               f"{math.prod(factors)}, not {size}; {example}")
+
+
+def check_64_bits(cfg: DictConfig) -> None:
+    """Every integer must fit in 64 bits: torch (manual_seed, tensor sizes) and the tokenizers take
+    them as C integers and fail with an OverflowError or ValueError deep inside otherwise."""
+    def walk(node, key: str):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif type(node) is int and not -(2**63) <= node < 2**63:
+            raise ConfigError(f"{key}={node} is out of range: integers must fit in 64 bits (|value| < 2**63)")
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    walk(plain, "")
+

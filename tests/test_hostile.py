@@ -109,6 +109,9 @@ CASES: list[tuple[str, Make, list[str]]] = [
     ("lr beyond float32", lambda r, t: ["method.lr=1e300"], ["method.lr=1e+300 is out of range", "overflows float32"]),
     ("eps beyond float32", lambda r, t: ["method.eps=1e300"], ["method.eps=1e+300 is out of range", "overflows float32"]),
     ("weight decay beyond float32", lambda r, t: ["method.weight_decay=1e39"], ["method.weight_decay=1e+39", "overflows"]),
+    ("seed past 64 bits", lambda r, t: ["seed=18446744073709551616"],
+     ["seed=18446744073709551616 is out of range: integers must fit in 64 bits"]),
+    ("threads past 32 bits", lambda r, t: ["train.threads=2147483648"], ["train.threads=2147483648", "below 2**31"]),
     # -- keys the chosen method would silently ignore --
     ("LoRA rank with AdaZeta", lambda r, t: ["method=adazeta", "method.lora_r=4"],
      ["method.lora_r is not read by method=adazeta", "method.trainable=lora", "method=lora_fo,mezo_lora",
