@@ -89,9 +89,27 @@ def pick_head(hf_config, requested: Head) -> Head:
     return Head.classification
 
 
+try:  # huggingface_hub >= 0.34: transformers' configs validate their fields (validate_architecture)
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # older: nothing raises it
+    StrictDataclassError = ValueError
+
+
+def bad_arch(cfg: ModelConfig, e: Exception) -> ConfigError:
+    """transformers refused model.arch (an unknown model_type, sizes that do not fit together)."""
+    first = str(e).splitlines()[0][:300]
+    return ConfigError(f"model.arch={OmegaConf.to_container(cfg.arch)} is not an architecture transformers can build "
+                       f"({first}); fix model.arch or start from a model config that builds, e.g. model=tiny-llama")
+
+
 def load_tokenizer(cfg: ModelConfig, model_path: str) -> PreTrainedTokenizerBase:
     name = cfg.tokenizer or ("packaged:minilm" if cfg.init == Init.random else model_path)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(name), trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path(name), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:  # no such folder or hub id, no network, no tokenizer files in it
+        first = str(e).splitlines()[0][:300]
+        raise ConfigError(f"cannot load the tokenizer {name!r} (model.tokenizer={cfg.tokenizer!r}): {first}. Give a "
+                          "local folder with tokenizer files, a hub id (needs network), or packaged:minilm") from None
     if tokenizer.pad_token is None:
         # Causal LMs often have no pad token; padding positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -110,7 +128,10 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
                 f"{dict(cfg.arch) or 'none'}); pick a model config that carries one, e.g. model=tiny-llama"
             )
         arch = OmegaConf.to_container(cfg.arch, resolve=True)  # nested values as plain dicts, lists
-        hf_config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        try:
+            hf_config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        except (ValueError, TypeError, StrictDataclassError) as e:
+            raise bad_arch(cfg, e) from None
         path = cfg.path
     else:
         path = resolve_path(cfg.path)
@@ -139,7 +160,10 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
     if cfg.device_map is not None and auto_cls is AutoModel:
         raise ConfigError("model.device_map needs the model's own head; use model.pooling=cls or model.device_map=null")
     if cfg.init == Init.random:
-        model = auto_cls.from_config(hf_config, dtype=dtype)
+        try:
+            model = auto_cls.from_config(hf_config, dtype=dtype)
+        except (ValueError, TypeError, StrictDataclassError) as e:  # some families check sizes only here
+            raise bad_arch(cfg, e) from None
         if cfg.device_map is not None:
             model = dispatch(model, cfg.device_map)
     else:

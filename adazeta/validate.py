@@ -28,7 +28,7 @@ CHECKS: list[Check] = [
     ("train.eval_steps", AT_LEAST_1, ">= 1"),
     ("train.eval_batch_size", AT_LEAST_1, ">= 1"),
     ("train.log_steps", AT_LEAST_1, ">= 1"),
-    ("model.max_length", AT_LEAST_1, ">= 1"),
+    ("model.max_length", lambda v: v >= 2, ">= 2 (room for a prompt token and a label token)"),
     ("method.lr", POSITIVE, "> 0"),
     ("method.eps", POSITIVE, "> 0"),
     ("method.weight_decay", NON_NEGATIVE, ">= 0"),

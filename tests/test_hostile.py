@@ -112,6 +112,12 @@ CASES: list[tuple[str, Make, list[str]]] = [
     ("seed past 64 bits", lambda r, t: ["seed=18446744073709551616"],
      ["seed=18446744073709551616 is out of range: integers must fit in 64 bits"]),
     ("threads past 32 bits", lambda r, t: ["train.threads=2147483648"], ["train.threads=2147483648", "below 2**31"]),
+    ("max_length of one token", lambda r, t: ["model.max_length=1"], ["model.max_length=1 is out of range: it must be >= 2"]),
+    ("architecture transformers cannot build", lambda r, t: ["model.arch.num_attention_heads=5"],
+     ["model.arch={", "'num_attention_heads': 5", "is not an architecture transformers can build"]),
+    ("unknown architecture type", lambda r, t: ["model.arch.model_type=nope"], ["'model_type': 'nope'", "model=tiny-llama"]),
+    ("tokenizer that does not exist", lambda r, t: ["model.tokenizer=/nonexistent/tok"],
+     ["cannot load the tokenizer '/nonexistent/tok'", "packaged:minilm"]),
     # -- keys the chosen method would silently ignore --
     ("LoRA rank with AdaZeta", lambda r, t: ["method=adazeta", "method.lora_r=4"],
      ["method.lora_r is not read by method=adazeta", "method.trainable=lora", "method=lora_fo,mezo_lora",
