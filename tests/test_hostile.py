@@ -196,6 +196,16 @@ def test_a_tsv_field_over_128_kib_is_read(tmp_path):
     assert [len(r["sentence"]) for r in rows] == [200_000, 7]
 
 
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path, suffix):
+    """Excel's "CSV UTF-8" starts the file with a BOM: it read as a column named '\ufeffsentence'."""
+    sep = {".tsv": "\t", ".csv": ","}.get(suffix)
+    text = (f"sentence{sep}label\nfine .{sep}1\n" if sep else '{"sentence": "fine .", "label": 1}\n')
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert loading.read_file(path).rows[0]["sentence"] == "fine ."
+
+
 def test_a_csv_field_past_the_limit_names_the_line(tmp_path, monkeypatch):
     import csv
 

@@ -33,6 +33,8 @@ SPLIT_STEMS = {"train": ("train",), "validation": ("dev", "val", "validation", "
 # Longest csv/tsv field read. Python's csv stops at 128 KiB; a long passage is legitimate (the
 # tokenizer truncates it), while a field this long is a quote left open in a csv.
 FIELD_LIMIT = 16 * 2**20
+# Text files are read as "utf-8-sig": UTF-8, with a leading byte-order mark (Excel's "CSV UTF-8"
+# export writes one) dropped instead of becoming part of the first column's name.
 
 
 @dataclass
@@ -95,7 +97,7 @@ def _read_delimited(
     tsv = path.suffix == ".tsv"
     if csv.field_size_limit() < FIELD_LIMIT:
         csv.field_size_limit(FIELD_LIMIT)
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         # GLUE tsv files contain bare quotes inside sentences: no quote processing in tsv.
         reader = csv.reader(
             f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
@@ -161,7 +163,7 @@ def _read_rows(path: Path, csv_columns: tuple[str, ...] | None, label_names: tup
         rows = _read_delimited(path, csv_columns, label_names)
     elif suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for i, line in enumerate(f, start=1):
                 if line.strip():
                     try:
@@ -173,7 +175,7 @@ def _read_rows(path: Path, csv_columns: tuple[str, ...] | None, label_names: tup
                                         f"got {type(rows[-1]).__name__}")
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from e
         if isinstance(data, dict) and "data" in data:
