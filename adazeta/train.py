@@ -102,7 +102,11 @@ def main() -> None:
         # positionals, so `adazeta-train model=x --cfg job` would refuse an override after --cfg.
         first = next((i for i, a in enumerate(sys.argv[1:], 1) if "=" in a and not a.startswith("-")), len(sys.argv))
         sys.argv.insert(first, RUN_FOLDER_CHECK)
-    hydra_main()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C while Hydra composes or sets up, before the run's own handling
+        print("interrupted by SIGINT before the run started: nothing was trained; start it again", file=sys.stderr)
+        sys.exit(130)  # the shell's convention for SIGINT, as Interrupted.exit_code
     if FAILED:
         sys.exit(f"error: {len(FAILED)} job(s) of the sweep failed, each with its error in error.txt: "
                  + ", ".join(FAILED))

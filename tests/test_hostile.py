@@ -277,6 +277,20 @@ def test_a_second_signal_stops_at_once_with_one_line(tmp_path):
     assert f"train.resume={tmp_path}" in str(err.value)
 
 
+def test_ctrl_c_while_hydra_composes_is_one_line(monkeypatch, capsys):
+    from adazeta import train
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "hydra_main", interrupted)
+    monkeypatch.setattr(sys, "argv", ["adazeta-train", "model=tiny-llama"])
+    with pytest.raises(SystemExit) as exit_:
+        train.main()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "interrupted by SIGINT before the run started: nothing was trained; start it again\n"
+
+
 # -- adazeta-plan and adazeta-compare --
 
 
