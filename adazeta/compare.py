@@ -281,12 +281,23 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def target_loss(text: str) -> float:
+    """argparse type of --target-loss: a dev loss a run can reach, a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dev loss to reach: give a finite number > 0, e.g. 0.6")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adazeta-compare", description=__doc__.split("\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, metavar="FOLDER",
                         help="run folders, multirun folders, or parents of them")
     parser.add_argument("-o", "--out", type=Path, required=True, help="folder for figures and tables")
-    parser.add_argument("--target-loss", type=float, default=None,
+    parser.add_argument("--target-loss", type=target_loss, default=None,
                         help="dev loss to reach for the steps/forward-passes-to-target columns")
     parser.add_argument("--band", choices=["minmax", "std"], default="minmax",
                         help="band around the mean over seeds (default: minmax)")

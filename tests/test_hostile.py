@@ -348,6 +348,14 @@ def test_compare_names_the_file_and_line_of_a_bad_run(tmp_path, capsys, damage, 
     assert says in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "abc"])
+def test_compare_target_loss_must_be_reachable(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([str(compare_run(tmp_path)), "-o", str(tmp_path / "out"), "--target-loss", value])
+    assert exit_.value.code == 2
+    assert f"argument --target-loss: {value!r} is not a dev loss to reach: give a finite number > 0" in capsys.readouterr().err
+
+
 def test_compare_into_an_unwritable_folder(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     out = tmp_path / "a_file" / "out"
