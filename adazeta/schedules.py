@@ -145,7 +145,13 @@ class AdaptiveSchedule(_Bound):
             and epoch >= self.last_epoch
         ):
             return self.q_max
-        q = math.floor(self.alpha * epoch**self.effective_beta + 1e-9)
+        try:
+            value = self.alpha * epoch**self.effective_beta
+        except OverflowError:  # e.g. beta=1e300: far past any q_max
+            return self.q_max
+        if not math.isfinite(value):  # alpha * inf
+            return self.q_max
+        q = math.floor(value + 1e-9)
         return min(max(q, 1), self.q_max)
 
     def __call__(self, step: int) -> int:

@@ -47,6 +47,7 @@ CHECKS: list[Check] = [
     ("schedule.beta", NON_NEGATIVE, ">= 0"),
     ("schedule.q_start", AT_LEAST_1, ">= 1"),
     ("schedule.q_end", AT_LEAST_1, ">= 1"),
+    ("adapter.scale", lambda v: True, "a finite number"),
     ("task.num_train", AT_LEAST_1, ">= 1 (or null: all)"),
     ("task.num_dev", AT_LEAST_1, ">= 1 (or null)"),
     ("task.num_test", AT_LEAST_1, ">= 1 (or null: all)"),
@@ -65,7 +66,8 @@ CHECKS: list[Check] = [
 
 # Values torch multiplies into float32 weights (alpha= of add_): above float32's range they fail there.
 FLOAT32_MAX = 3.4028234663852886e38
-TORCH_SCALARS = {"method.lr", "method.eps", "method.weight_decay", "method.adam_eps", "method.lora_alpha"}
+TORCH_SCALARS = {"method.lr", "method.eps", "method.weight_decay", "method.adam_eps", "method.lora_alpha",
+                 "adapter.scale"}
 
 
 def lookup(cfg: DictConfig, key: str):
@@ -165,6 +167,10 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> None:
             "(outputs/runs/<date>/<time>_...), one of its checkpoints/step-<N> folders, or auto"
         )
     check_modes(lookup(cfg, "adapter.modes"))
+    q_start, q_end = lookup(cfg, "schedule.q_start"), lookup(cfg, "schedule.q_end")
+    if q_start is not None and q_end is not None and q_end < q_start:
+        raise ConfigError(f"schedule.q_end={q_end} is below schedule.q_start={q_start}: the linear schedule grows "
+                          "from q_start to q_end; set schedule.q_end >= schedule.q_start")
     betas = lookup(cfg, "method.betas")
     if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
         raise ConfigError(f"method.betas={list(betas)} must be two values in [0, 1)")

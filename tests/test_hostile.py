@@ -118,6 +118,10 @@ CASES: list[tuple[str, Make, list[str]]] = [
     ("unknown architecture type", lambda r, t: ["model.arch.model_type=nope"], ["'model_type': 'nope'", "model=tiny-llama"]),
     ("tokenizer that does not exist", lambda r, t: ["model.tokenizer=/nonexistent/tok"],
      ["cannot load the tokenizer '/nonexistent/tok'", "packaged:minilm"]),
+    ("linear schedule that shrinks", lambda r, t: ["schedule=linear", "schedule.q_start=5", "schedule.q_end=1"],
+     ["schedule.q_end=1 is below schedule.q_start=5"]),
+    ("adapter scale beyond float32", lambda r, t: ["adapter.scale=1e300"], ["adapter.scale=1e+300", "overflows float32"]),
+    ("adapter scale that is no number", lambda r, t: ["adapter.scale=nan"], ["adapter.scale=nan is out of range"]),
     # -- keys the chosen method would silently ignore --
     ("LoRA rank with AdaZeta", lambda r, t: ["method=adazeta", "method.lora_r=4"],
      ["method.lora_r is not read by method=adazeta", "method.trainable=lora", "method=lora_fo,mezo_lora",
@@ -230,6 +234,17 @@ def test_tt_modes_as_the_readme_writes_them_compose_and_validate():
     cfg = compose_config(["model=tiny-llama", "adapter.modes={64: [8, 8]}"])
     validate(cfg)
     assert cfg.adapter.modes == {64: [8, 8]}
+
+
+@pytest.mark.parametrize(("alpha", "beta", "qs"), [(0.85, 1e300, [1, 1, 1, 1, 20, 20]),  # 1 ** beta = 1
+                                                  (1e308, 2.0, [1, 1, 20, 20, 20, 20])])
+def test_a_query_schedule_past_float_range_gives_q_max(alpha, beta, qs):
+    """alpha * e ** beta overflowed (OverflowError) or was inf (floor failed) at the second epoch."""
+    from adazeta.schedules import AdaptiveSchedule
+
+    schedule = AdaptiveSchedule(alpha=alpha, beta=beta, q_max=20)
+    schedule.bind(steps_per_epoch=2, max_steps=10)
+    assert [schedule(step) for step in range(6)] == qs
 
 
 def test_an_update_that_overflows_float32_stops_the_step():
