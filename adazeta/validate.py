@@ -156,8 +156,9 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value) or not ok(value):
             raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
-        if key in TORCH_SCALARS and abs(value) > FLOAT32_MAX:
-            raise ConfigError(f"{key}={value!r} is out of range: it overflows float32 (> {FLOAT32_MAX:.3g}), "
+        bound = FLOAT32_MAX / 2 if key == "method.eps" else FLOAT32_MAX  # SPSA moves by -2 eps z
+        if key in TORCH_SCALARS and abs(value) > bound:
+            raise ConfigError(f"{key}={value!r} is out of range: it overflows float32 (> {bound:.3g}), "
                               "in which torch applies it to the weights; use a value of a sensible size")
     resume = lookup(cfg, "train.resume")
     if resume is not None and resume != "auto" and not Path(resume).expanduser().is_dir():
@@ -174,6 +175,10 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     betas = lookup(cfg, "method.betas")
     if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
         raise ConfigError(f"method.betas={list(betas)} must be two values in [0, 1)")
+    lr = lookup(cfg, "method.lr")
+    if betas is not None and lr is not None and _method(cfg, "optimizer") == "fo" and lr / (1 - betas[0]) > FLOAT32_MAX:
+        raise ConfigError(f"method.lr={lr!r} is out of range: AdamW's first step is lr / (1 - betas[0]) = "
+                          f"{lr / (1 - betas[0]):.3g}, beyond float32; use a value of a sensible size")
     if overrides is None:
         overrides = list(lookup(cfg, "hydra.overrides.task") or [])
     check_ignored(cfg, [o for o in overrides if "=" in o and not o.startswith(("hydra.", "+hydra."))])
