@@ -205,8 +205,8 @@ def chosen(plan: Plan, setting: str, label: str) -> RunSpec | None:
 def seed_runs(plan: Plan) -> list[RunSpec]:
     """The chosen grid point of every finished search, at the plan's other seeds."""
     out = []
-    labels = {(r.setting, r.label) for r in plan.runs if r.role == "search"}
-    for setting, label in sorted(labels):
+    labels = dict.fromkeys((r.setting, r.label) for r in plan.runs if r.role == "search")  # in the plan's order
+    for setting, label in labels:
         best = chosen(plan, setting, label)
         if best is None:
             continue
