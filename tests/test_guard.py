@@ -243,6 +243,7 @@ def test_a_huge_lr_is_stopped_at_the_first_exploded_step(tmp_path):
     """The issue's repro (MeZO, lr 1e3, ten steps): it used to apply a step whose loss was about
     5.5e5 and end without an error, because the check waited for 20 accepted losses."""
     cfg = job_config(compose_config(["model=tiny-llama", "method=mezo", "method.lr=1e3", "train.max_steps=10",
+                                     "train.batch_size=16",  # the batch of the issue's repro
                                      "train.log_steps=1", "train.progress=false"]))  # the built-in SST-2 sample
     (tmp_path / "run").mkdir()
     with pytest.raises(DivergenceError) as info:

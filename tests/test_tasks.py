@@ -1027,7 +1027,7 @@ def test_bad_data_names_file_row_and_field(case, tmp_path):
             {},
             r"train.tsv, row 1: label 'maybe' in column 'label' is not one of",
         ),
-        "empty": ("sst2", {}, r"dev.tsv: the file has no rows"),
+        "empty": ("sst2", {"num_dev": 1}, r"dev.tsv: the file has no rows"),  # a dev example, then no test
         "k_too_large": ("sst2", {"k_shot": 2}, r"k_shot=2 needs 4 examples of class 0 .* has 1"),
         "bad_json": ("cb", {}, r"train.jsonl, line 2: not valid JSON"),
         "multirc_nested": ("multirc", {}, r"train.jsonl, row 1: missing field 'passage'"),

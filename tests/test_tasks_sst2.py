@@ -99,8 +99,10 @@ def test_sampling_sizes_are_disjoint_and_seeded():
 
 
 def test_sampling_all_and_shrinking():
-    everything = sst2(num_train=None, num_dev=None, num_test=None).load()
-    assert (len(everything.train), len(everything.dev), len(everything.test)) == (300, 0, 100)
+    with pytest.raises(DataError, match="no dev example"):  # every eval and the best-dev selection need one
+        sst2(num_train=None, num_dev=None, num_test=None).load()
+    everything = sst2(num_train=None, num_dev=50, num_test=None).load()
+    assert (len(everything.train), len(everything.dev), len(everything.test)) == (250, 50, 100)
     # 1000 + 500 requested from 300: both shrink in proportion (dev would not leave enough train).
     shrunk = sst2(num_train=1000, num_dev=500).load()
     assert (len(shrunk.train), len(shrunk.dev)) == (200, 100)
