@@ -98,6 +98,6 @@ def test_a_finished_run_of_other_settings_is_never_reused(tmp_path):
     (spec.folder / "summary.json").write_text("{}")
     (spec.folder / "study.json").write_text(json.dumps({"overrides": ["method.lr=0.01", "train.max_steps=100"]}))
     with pytest.raises(ConfigError, match=r"other settings.*train.max_steps=100.*train.max_steps=150"):
-        spec.done  # the plan's budget changed since that run: a rerun is needed, not a silent reuse
+        assert spec.done  # the plan's budget changed since that run: a rerun is needed, not a silent reuse
     (spec.folder / "study.json").write_text(json.dumps({"overrides": spec.overrides}))
     assert spec.done
