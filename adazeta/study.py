@@ -358,8 +358,14 @@ def report(plan: Plan) -> str:
         lines.append("")
         if groups:
             fig_path = plan.out / f"{setting}_dev_loss.png"
-            plot(groups, zs_loss, target, fig_path, f"{setting}: dev loss over forward passes")
+            plot(groups, zs_loss, target, fig_path, f"{setting}: dev loss over forward passes (chosen points)")
             lines += [f"![{setting}]({fig_path.name})", ""]
+        searched = {f"{r.label} {point_name(r.point)}": [run] for r in runs if r.role == "search"
+                    for run in [r.read()] if run is not None}
+        if searched:  # every grid point, the ones not chosen included: how each lr behaves
+            fig_path = plan.out / f"{setting}_search_dev_loss.png"
+            plot(searched, zs_loss, target, fig_path, f"{setting}: dev loss of every searched point (seed {plan.seeds[0]})")
+            lines += [f"![{setting} search]({fig_path.name})", ""]
     return "\n".join(lines)
 
 
