@@ -40,7 +40,7 @@ plan: ## Peak memory of Llama-2-7B (bf16, batch 16, SST-2 lengths) with AdaZeta,
 	adazeta-plan --methods adazeta,mezo --check 3,4 $(PLAN_ARGS)
 	adazeta-plan --methods ft $(PLAN_ARGS)
 
-compare: ## CPU-sized comparison: 4 methods x 2 seeds on MiniLM/SST-2, then figures + table in COMPARE_DIR
+compare: ## CPU-sized comparison: 4 methods x 2 seeds on SmolLM2-135M/SST-2 (about an hour), then figures + table in COMPARE_DIR
 	$(if $(SST2_DIR),ADAZETA_SST2_DIR=$(SST2_DIR)) adazeta-train -m seed=0,1 \
 	  experiment=cpu_sst2_adazeta,cpu_sst2_mezo,cpu_sst2_mezo_lora,cpu_sst2_sparse_mezo \
 	  train.progress=false hydra.sweep.dir=$(COMPARE_DIR)/runs
