@@ -200,9 +200,9 @@ def test_composing_without_an_experiment_is_the_embedded_default():
     assert cfg.hydra.runtime.choices.get("experiment") is None
     assert (cfg.model.name, cfg.method.name, cfg.task.name) == ("smollm2-135m", "adazeta", "sst2")
     # The CPU-sized departures from the paper (docs/study.md): identity adapter init, lr 3e-4,
-    # batch 8, 60 steps.
+    # batch 8, 40 steps.
     assert (cfg.adapter.init.value, cfg.method.lr) == ("identity", 3e-4)
-    assert (cfg.train.batch_size, cfg.train.max_steps, cfg.train.eval_steps) == (8, 60, 20)
+    assert (cfg.train.batch_size, cfg.train.max_steps, cfg.train.eval_steps) == (8, 40, 20)
 
 
 @pytest.mark.parametrize("name", ["llama2_7b_adazeta", "roberta_large_adazeta"])
