@@ -46,7 +46,7 @@ compare: ## CPU-sized comparison: 4 methods x 2 seeds on SmolLM2-135M/SST-2 (abo
 	  train.progress=false hydra.sweep.dir=$(COMPARE_DIR)/runs
 	adazeta-compare $(COMPARE_DIR)/runs -o $(COMPARE_DIR)
 
-study: ## Does ZO fine-tuning beat zero-shot here? The quick study (conf/study/quick.yaml, < 20 min): report in outputs/study/quick
+study: ## Does ZO fine-tuning beat zero-shot here? The quick study (conf/study/quick.yaml: MiniLM, sized for about 20 min on 2 idle cores, not yet timed on one): report in outputs/study/quick
 	adazeta-study quick $(ARGS)
 
 study-full: ## The full study (conf/study/full.yaml, about 2 h on 2 cores; ARGS="--settings minilm_sst2" runs one part)
