@@ -94,7 +94,9 @@ class ModelConfig:
     """Classification head only: `random`, or `prompt` (prototypes of the label prompts, so the
     head starts at zero-shot accuracy instead of chance; needs a linear head)."""
     dtype: str = "float32"
-    """Base-model dtype: float32, bfloat16, float16. Trainable parameters always stay in float32."""
+    """Base-model dtype: float32, bfloat16, float16. Adapter, LoRA and head parameters stay in
+    float32; full-parameter methods train the base weights in this dtype (ZO: perturbed inside the
+    forward, updates stochastically rounded; see adazeta/zo.py)."""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
     max_length: int = 128
@@ -232,7 +234,9 @@ class MethodConfig:
     """Fraction of weights a random mask keeps each step (mask=random)."""
     in_forward: bool = True
     """Sparse-MeZO's memory-efficient form: perturb inside each layer's forward, never writing
-    weights or storing a mask; false: perturb in place with the step's masks stored."""
+    weights or storing a mask; false: perturb in place with the step's masks stored (refused on a
+    bf16/fp16 model, whose in-place round trip does not restore the weights). trainable=full
+    perturbs inside the forward whenever its weights are bf16/fp16, whatever this key says."""
 
 
 @dataclass

@@ -11,10 +11,11 @@ apply; `FOStep`: loss -> guard -> backward -> AdamW), so it raises before any we
 loop then either stops (checkpoint saved, message naming the step and values) or rolls back to
 the last checkpoint with a lower learning rate (`guard.action=rollback`).
 
-Also here: the precision check of the trainable set. The in-place +eps z / -2 eps z / +eps z round
+Also here: the precision note of the trainable set. The in-place +eps z / -2 eps z / +eps z round
 trip of two-sided SPSA restores fp32 weights to within one rounding, but bf16/fp16 weights drift
-by a visible fraction of eps at every query (DESIGN.md 2.1); adapters, LoRA and new heads are kept
-in fp32, and a full-parameter ZO method on a low-precision model is warned about.
+by about an ulp per query (DESIGN.md 2.1; scripts/bf16_zo.py); adapters, LoRA and new heads are kept
+in fp32, and a full-parameter ZO method on a low-precision model perturbs inside the forward and
+rounds its updates stochastically (adazeta/zo.py, adazeta/methods.py); the run says so.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from adazeta.config import GuardConfig
 from adazeta.errors import DivergenceError
-from adazeta.zo import Trainable
+from adazeta.zo import LOW_PRECISION, Trainable
 
 log = logging.getLogger("adazeta")
 
@@ -91,13 +92,13 @@ def set_lr(stepper, lr: float) -> None:
 
 
 def check_precision(trainables: list[Trainable], zo: bool) -> list[str]:
-    """Warn when a ZO method perturbs low-precision weights in place; returns their names."""
-    low = [t for t in trainables if t.param.dtype in (torch.float16, torch.bfloat16)]
+    """Say how a ZO method treats low-precision trainable weights; returns their names."""
+    low = [t for t in trainables if t.param.dtype in LOW_PRECISION]
     if low and zo:
-        log.warning(
-            "%d of %d trainable tensors are %s (e.g. %s): the in-place SPSA round trip +eps/-2eps/+eps "
-            "does not restore them exactly and they drift at every query. Use model.dtype=float32, or "
-            "an adapter method (adazeta, mezo_lora) whose trainable parameters are kept in float32.",
+        log.info(
+            "%d of %d trainable tensors are %s (e.g. %s): perturbed inside each layer's forward (never "
+            "written, so no round-trip drift) and updated with stochastic rounding (unbiased: an update "
+            "under half an ulp moves a weight by one ulp with the matching probability)",
             len(low), len(trainables), low[0].param.dtype, low[0].name,
         )
     return [t.name for t in low]

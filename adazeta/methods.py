@@ -15,7 +15,7 @@ from adazeta.parallel import ParallelQueries, check_parallel
 from adazeta.sparse import InForwardPerturbation, SparseMask
 from adazeta.trainable import make_trainable
 from adazeta.updates import RULES
-from adazeta.zo import SPSA, Trainable, query_seed
+from adazeta.zo import LOW_PRECISION, SPSA, Trainable, query_seed
 
 LossFn = Callable[[], torch.Tensor]
 
@@ -65,8 +65,9 @@ class ZOStep:
         if cfg.trainable == TrainableSet.sparse:
             mask = SparseMask(trainables, cfg.mask.value, cfg.sparsity, cfg.keep_ratio)
         self.spsa = SPSA(trainables, cfg.eps, mask=mask)
-        self.mask, self.in_place_masks = mask, mask is not None and not cfg.in_forward
-        if mask is not None and cfg.in_forward:
+        in_forward = functional_perturbation(trainables, cfg)
+        self.mask, self.in_place_masks = mask, mask is not None and not in_forward
+        if in_forward:
             self.spsa.loss_pair = InForwardPerturbation(model, self.spsa).losses
         kwargs = {}
         if cfg.update_rule.value == "momentum":
@@ -80,7 +81,7 @@ class ZOStep:
         # Whether `estimate` perturbs the weights in place (+eps z, -2 eps z, +eps z). Float addition
         # does not undo exactly, so the weights after a step carry the rounding of the queries it ran:
         # a query-parallel rank replays the others' round trips to round as one process would.
-        self.writes_weights = not (mask is not None and cfg.in_forward)
+        self.writes_weights = not in_forward
         if zo.parallel_queries:
             check_parallel(cfg.trainable.value)
             self.estimate = ParallelQueries(model, self.spsa, zo.max_replicas)
@@ -90,10 +91,11 @@ class ZOStep:
 
     def sequential(self, loss_fn: LossFn, seeds: list[int]) -> torch.Tensor:
         """One query after another, each restoring the weights it perturbed; in a step that fuses,
-        the last one leaves them at theta - eps z for the update to restore."""
+        the last one leaves them at theta - eps z for the update to restore. The result stays on
+        the loss's device: the step reads it back once (a host read per query would stall a GPU
+        between queries)."""
         keep = len(seeds) - 1 if self.defer_restore else -1  # the query left displaced, if any
-        out = [self.spsa.projected_grad(loss_fn, s, restore=k != keep) for k, s in enumerate(seeds)]
-        return torch.tensor(out, dtype=torch.float64)
+        return torch.stack([self.spsa.query(loss_fn, s, restore=k != keep) for k, s in enumerate(seeds)])
 
     def __call__(self, loss_fn: LossFn, step: int, q: int) -> StepResult:
         seeds = [query_seed(self.seed, step, i) for i in range(q)]
@@ -101,7 +103,7 @@ class ZOStep:
             self.mask.store(self.spsa.trainables)  # from the unperturbed weights of this step
         self.defer_restore = self.fuse and not distributed_run()
         try:
-            results = self.estimate(loss_fn, seeds).tolist()
+            results = self.estimate(loss_fn, seeds).tolist()  # the step's one host sync
             grads, losses = [g for g, _ in results], [loss for _, loss in results]
             if self.guard is not None:
                 self.guard(step, losses, grads)
@@ -119,6 +121,26 @@ class ZOStep:
             if self.in_place_masks:
                 self.mask.release()
         return StepResult(sum(losses) / q, sum(grads) / q, 2 * q + extra, seeds, grads)
+
+
+def functional_perturbation(trainables: list[Trainable], cfg: MethodConfig) -> bool:
+    """Whether the estimate perturbs the weights inside each layer's forward (never writing them)
+    rather than in place: Sparse-MeZO with method.in_forward=true, and any full-parameter method
+    whose weights are bf16/fp16, where an in-place +eps z / -2 eps z / +eps z round trip leaves
+    rounding drift of the order of an ulp per query (scripts/bf16_zo.py), more than the updates move."""
+    low = [t for t in trainables if t.param.dtype in LOW_PRECISION]
+    if cfg.trainable == TrainableSet.sparse and cfg.in_forward:
+        return True
+    if not low:
+        return False
+    if cfg.trainable == TrainableSet.full:
+        return True
+    kind = f"{cfg.trainable.value} (method.in_forward=false)" if cfg.trainable == TrainableSet.sparse else cfg.trainable.value
+    raise ConfigError(
+        f"method={cfg.name} perturbs its trainable set {kind} in place, and {len(low)} of its tensors are "
+        f"{low[0].param.dtype} (e.g. {low[0].name}): a rounded +eps z / -2 eps z / +eps z round trip does not "
+        "restore them. Use method.in_forward=true (perturbation inside the forward), or model.dtype=float32"
+    )
 
 
 class FOStep:

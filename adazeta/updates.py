@@ -8,7 +8,9 @@ The rules of the ZO-LLM benchmark (Zhang et al., arXiv 2402.11592), selected by 
                 3 extra forward passes per step)
 - adam:         Adam moments on g_hat (bias-corrected), decoupled weight decay  (ZO-Adam)
 where g_hat = (1/Q) sum_q g_q z_q. sgd and sign need no state; momentum and adam keep one or two
-fp32 buffers per trainable tensor (that is what they cost).
+fp32 buffers per trainable tensor (that is what they cost), whatever the tensor's dtype: in bf16,
+v.mul_(0.999) rounds back to v and m + (1 - beta) g_hat drops g_hat. g_hat is formed in fp32 too;
+a low-precision tensor's new value is written with stochastic rounding (`SPSA.write`).
 
 `state_dict()` / `load_state_dict()` carry a rule's state through a checkpoint: tensors (saved as
 safetensors) and scalars (saved as JSON), never a pickle.
@@ -20,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from adazeta.zo import SPSA
+from adazeta.zo import LOW_PRECISION, SPSA, rounding_seed
 
 
 class UpdateRule:
@@ -55,15 +57,27 @@ class UpdateRule:
         return {}
 
     def estimates(self, seeds: list[int], grads: list[float]):
-        """Yield (index, trainable, g_hat) per tensor, g_hat in a reused buffer."""
-        buffers: dict[tuple, torch.Tensor] = getattr(self, "_buffers", {})
+        """Yield (index, trainable, g_hat) per tensor, g_hat in a reused fp32 buffer."""
+        buffers: dict[torch.device, torch.Tensor] = getattr(self, "_buffers", {})
         self._buffers = buffers
         for i, t in enumerate(self.spsa.trainables):
             p = t.param
-            key = (p.device, p.dtype)
-            if key not in buffers or buffers[key].numel() < p.numel():
-                buffers[key] = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
-            yield i, t, self.spsa.estimate(i, seeds, grads, buffers[key][: p.numel()].view_as(p))
+            if p.device not in buffers or buffers[p.device].numel() < p.numel():
+                buffers[p.device] = torch.empty(p.numel(), device=p.device, dtype=torch.float32)
+            yield i, t, self.spsa.estimate(i, seeds, grads, buffers[p.device][: p.numel()].view_as(p))
+
+    def step_to(self, i: int, delta: torch.Tensor, alpha: float, rounding: int) -> None:
+        """theta_i += alpha * delta (fp32): stochastically rounded for a low-precision tensor."""
+        p = self.spsa.trainables[i].param
+        if p.dtype in LOW_PRECISION:
+            self.spsa.write(i, p.float().add_(delta, alpha=alpha), rounding)
+        else:
+            p.add_(delta, alpha=alpha)
+
+
+def fp32_zeros(trainables) -> list[torch.Tensor]:
+    """Optimiser state: fp32 whatever the parameter's dtype (see the module docstring)."""
+    return [torch.zeros_like(t.param, dtype=torch.float32) for t in trainables]
 
 
 class SGD(UpdateRule):
@@ -88,17 +102,18 @@ class Momentum(UpdateRule):
     def __init__(self, spsa: SPSA, lr: float, weight_decay: float, momentum: float = 0.9):
         super().__init__(spsa, lr, weight_decay)
         self.beta = momentum
-        self.m = [torch.zeros_like(t.param) for t in spsa.trainables]
+        self.m = fp32_zeros(spsa.trainables)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         return {f"m.{i}": m for i, m in enumerate(self.m)}
 
     @torch.no_grad()
     def apply(self, seeds, grads, loss_fn) -> int:
-        self.spsa.decay(self.lr, self.wd)
-        for i, t, g_hat in self.estimates(seeds, grads):
+        self.spsa.decay(self.lr, self.wd, seeds)
+        rounding = rounding_seed(seeds, [*grads, self.lr])
+        for i, _, g_hat in self.estimates(seeds, grads):
             self.m[i].mul_(self.beta).add_(g_hat)
-            t.param.add_(self.m[i], alpha=-self.lr)
+            self.step_to(i, self.m[i], -self.lr, rounding)
         return 0
 
 
@@ -107,8 +122,7 @@ class Adam(UpdateRule):
         super().__init__(spsa, lr, weight_decay)
         self.b1, self.b2 = betas
         self.adam_eps, self.t = adam_eps, 0
-        self.m = [torch.zeros_like(t.param) for t in spsa.trainables]
-        self.v = [torch.zeros_like(t.param) for t in spsa.trainables]
+        self.m, self.v = fp32_zeros(spsa.trainables), fp32_zeros(spsa.trainables)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         return {**{f"m.{i}": m for i, m in enumerate(self.m)}, **{f"v.{i}": v for i, v in enumerate(self.v)}}
@@ -124,13 +138,17 @@ class Adam(UpdateRule):
     @torch.no_grad()
     def apply(self, seeds, grads, loss_fn) -> int:
         self.t += 1
-        self.spsa.decay(self.lr, self.wd)
+        self.spsa.decay(self.lr, self.wd, seeds)
         c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
+        rounding = rounding_seed(seeds, [*grads, self.lr, float(self.t)])
         for i, t, g_hat in self.estimates(seeds, grads):
             self.m[i].mul_(self.b1).add_(g_hat, alpha=1 - self.b1)
             self.v[i].mul_(self.b2).addcmul_(g_hat, g_hat, value=1 - self.b2)
             denom = torch.div(self.v[i], c2, out=g_hat).sqrt_().add_(self.adam_eps)  # g_hat is spent: reuse it
-            t.param.addcdiv_(self.m[i], denom, value=-self.lr / c1)
+            if t.param.dtype in LOW_PRECISION:
+                self.step_to(i, torch.div(self.m[i], denom, out=denom), -self.lr / c1, rounding)
+            else:
+                t.param.addcdiv_(self.m[i], denom, value=-self.lr / c1)
         return 0
 
 
@@ -151,7 +169,7 @@ class Conservative(UpdateRule):
             sgd(seeds, grads, self.lr, 0.0)
         elif best == loss_minus:
             sgd(seeds, [2 * g for g in grads], self.lr, 0.0)
-        self.spsa.decay(self.lr, self.wd)
+        self.spsa.decay(self.lr, self.wd, seeds)
         return 3
 
 

@@ -17,11 +17,20 @@ one regeneration of z fewer per step (3 instead of 4 passes over the weights for
 
 Each tensor i draws its z from its own seed, tensor_seed(s_q, i), so that one tensor's noise can be
 regenerated without the others' (per-layer perturbation inside a forward, per-tensor updates).
+
+Low-precision (bf16/fp16) trainable tensors: an update lr g z of about 1e-6 is under half a bf16
+ulp of a weight near 0.02 (ulp 1.2e-4), so a rounded-to-nearest write drops it. Updates of such
+tensors are therefore computed in float32 and written with stochastic rounding (`stochastic_round`:
+up or down with the probabilities that make the expected value exact), from a generator seeded by
+the step's seeds and coefficients (`rounding_seed`), so a replay rounds the same way. Their
+perturbations are never written in place (ZOStep perturbs them inside the forward), because a
+rounded +eps z / -2 eps z / +eps z round trip does not restore them (scripts/bf16_zo.py).
 """
 
 from __future__ import annotations
 
 import functools
+import struct
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +45,11 @@ MASK64 = (1 << 64) - 1
 CHUNK = 1 << 14
 # Passes over fewer trainable values than this run on the calling thread only (adapters, LoRA).
 THREADED_MIN = 1 << 20
+# Dtypes whose updates are written with stochastic rounding (see the module docstring).
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Stochastic rounding of a whole tensor (a large one on CUDA) goes through float32 temporaries of
+# at most this many values at a time.
+ROUND_SLICE = 1 << 22
 
 
 def splitmix64(x: int) -> int:
@@ -53,6 +67,41 @@ def query_seed(seed: int, step: int, query: int) -> int:
 
 def tensor_seed(seed: int, index: int) -> int:
     return splitmix64(seed ^ splitmix64(index + 1)) & ((1 << 63) - 1)
+
+
+def rounding_seed(seeds: list[int], coeffs: list[float]) -> int:
+    """The seed of a low-precision write's stochastic rounding: a pure function of the step's query
+    seeds and the write's coefficients, so that two writes of one step (ZO-SGD-Cons, decay then
+    update) round independently and a replay rounds exactly as the run did."""
+    x = splitmix64(0x5352)  # "SR"
+    for v in seeds:
+        x = splitmix64(x ^ (v & MASK64))
+    for c in coeffs:
+        x = splitmix64(x ^ struct.unpack("<Q", struct.pack("<d", c))[0])
+    return x & ((1 << 63) - 1)
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """x (float32) in `dtype`, rounded to the neighbour below or above x with probabilities that make
+    the expectation x itself: lo = x rounded to nearest, hi the next value of `dtype` on x's side,
+    P(hi) = |x - lo| / |hi - lo|. Unbiased where rounding to nearest drops every update smaller
+    than half an ulp (Gupta et al. 2015, "Deep learning with limited numerical precision")."""
+    lo = x.to(dtype)
+    err = x - lo.float()
+    toward = torch.where(err >= 0, float("inf"), float("-inf")).to(dtype)
+    hi = torch.nextafter(lo, toward)
+    gap = (hi.float() - lo.float()).abs_()
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    return torch.where(u.mul_(gap) < err.abs_(), hi, lo)
+
+
+@torch.no_grad()
+def write_rounded(dst: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> None:
+    """dst <- stochastic_round(x), a slice at a time (float32 temporaries of ROUND_SLICE values)."""
+    flat_dst, flat_x = dst.view(-1), x.reshape(-1)
+    for a in range(0, flat_x.numel(), ROUND_SLICE):
+        b = min(a + ROUND_SLICE, flat_x.numel())
+        flat_dst[a:b] = stochastic_round(flat_x[a:b], dst.dtype, generator)
 
 
 @dataclass
@@ -137,7 +186,7 @@ class SPSA:
     """
 
     def __init__(
-        self, trainables: list[Trainable], eps: float, mask: MaskFn | None = None, workers: int | None = None
+        self, trainables: list[Trainable], eps: float, mask: MaskFn | None = None, workers: int | None = None,
     ):
         if eps <= 0:
             raise ValueError(f"method.eps must be > 0, got {eps}")
@@ -150,6 +199,7 @@ class SPSA:
         # one generator per device and a scratch buffer grown to the largest tensor asked for.
         self.generators: dict[torch.device, torch.Generator] = {}
         self.scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.rounders: dict[torch.device, torch.Generator] = {}  # stochastic rounding in `write`
         # Per tensor, the chunks its z is drawn in by a pass (None: drawn whole by z()). A mask
         # that can be cut into chunks (`mask.chunk`, Sparse-MeZO's magnitude mask) keeps this path.
         chunkable = mask is None or getattr(mask, "chunked", False)
@@ -214,58 +264,90 @@ class SPSA:
 
     @torch.no_grad()
     def add_noise(
-        self, seeds: list[int], coeffs: list[float], factor: float = 1.0, decayed: list[float] | None = None
+        self, seeds: list[int], coeffs: list[float], factor: float = 1.0, decayed: list[float] | None = None,
+        rounding: int | None = None,
     ) -> None:
         """One pass over the weights: p <- f p + sum_k c_k z(seed_k) for every tensor, with f =
         `factor` and c = `decayed` (default: `coeffs`) where weight decay applies, f = 1 and
-        c = `coeffs` elsewhere. Each z is regenerated once; no host sync."""
+        c = `coeffs` elsewhere. Each z is regenerated once; no host sync. With a `rounding` seed
+        (an update), low-precision tensors are computed in float32 and written with stochastic
+        rounding; without one (a perturbation) every tensor is written rounded to nearest."""
         decayed = coeffs if decayed is None else decayed
         if self.pool is None:
-            self.run_lane(self.lanes[0], seeds, coeffs, factor, decayed)
+            self.run_lane(self.lanes[0], seeds, coeffs, factor, decayed, rounding)
             return
-        futures = [self.pool.submit(self.run_lane, lane, seeds, coeffs, factor, decayed) for lane in self.lanes[1:]]
-        self.run_lane(self.lanes[0], seeds, coeffs, factor, decayed)
+        futures = [
+            self.pool.submit(self.run_lane, lane, seeds, coeffs, factor, decayed, rounding) for lane in self.lanes[1:]
+        ]
+        self.run_lane(self.lanes[0], seeds, coeffs, factor, decayed, rounding)
         for f in futures:
             f.result()
 
     @torch.no_grad()
-    def run_lane(self, lane: Lane, seeds: list[int], coeffs: list[float], factor: float, decayed: list[float]) -> None:
+    def run_lane(
+        self, lane: Lane, seeds: list[int], coeffs: list[float], factor: float, decayed: list[float],
+        rounding: int | None = None,
+    ) -> None:
         own = self.pool is not None  # on a worker thread: the lane's own generators and buffers
         for i in lane.indices:
             t = self.trainables[i]
             f, cs = (factor, decayed) if t.decay else (1.0, coeffs)
             p = t.param
+            rounder = None  # a low-precision update: accumulate in float32, round stochastically
+            if rounding is not None and p.dtype in LOW_PRECISION:
+                rounder = lane.gens(p.device, len(seeds) + 1)[len(seeds)]
+                rounder.manual_seed(tensor_seed(rounding, i))
             if self.bounds[i] is None:  # whole tensor: small, randomly masked, or not chunkable
                 m = None  # a magnitude mask: from the weights as the pass found them, for every seed
                 if self.mask is not None and getattr(self.mask, "chunked", False):
                     n = p.numel()
                     m = self.mask.chunk(i, p.view(-1), 0, n, lane.buffer(p, 2 * n, torch.bool)).view_as(p)
+                acc = p if rounder is None else p.float()
                 if f != 1.0:
-                    p.mul_(f)
+                    acc.mul_(f)
                 for seed, c in zip(seeds, cs, strict=True):
                     out = lane.buffer(p, p.numel()).view_as(p) if own else None
                     gen = lane.gens(p.device, 1)[0] if own else None
                     z = self.z(i, seed, out=out, generator=gen, masked=m is None)
                     if m is not None:
                         z.mul_(m)
-                    p.add_(z, alpha=c)
+                    acc.add_(z, alpha=c)
+                if rounder is not None:
+                    write_rounded(p, acc, rounder)
                 continue
             gens = lane.gens(p.device, len(seeds))
             for gen, seed in zip(gens, seeds, strict=True):
                 gen.manual_seed(tensor_seed(seed, i))
             flat, buf = p.view(-1), lane.buffer(p, 2 * CHUNK)
             masks = lane.buffer(p, 4 * CHUNK, torch.bool) if self.mask is not None else None
+            wide = lane.buffer(p, 2 * CHUNK, torch.float32) if rounder is not None else None
             for a, b in self.bounds[i]:  # each z chunk is added while it is still in cache
                 dst, z = flat[a:b], buf[: b - a]
                 # The chunk's mask, from its weights as the pass found them (before any write).
                 m = None if masks is None else self.mask.chunk(i, dst, a, b, masks[: 2 * (b - a)])
+                acc = dst if wide is None else wide[: b - a].copy_(dst)
                 if f != 1.0:
-                    dst.mul_(f)
+                    acc.mul_(f)
                 for gen, c in zip(gens, cs, strict=True):
                     z.normal_(generator=gen)
                     if m is not None:
                         z.mul_(m)
-                    dst.add_(z, alpha=c)
+                    acc.add_(z, alpha=c)
+                if rounder is not None:
+                    dst.copy_(stochastic_round(acc, p.dtype, rounder))
+
+    @torch.no_grad()
+    def write(self, index: int, value: torch.Tensor, rounding: int) -> None:
+        """Tensor `index` <- value (float32): stochastically rounded if the tensor is low-precision
+        (generator seeded by tensor_seed(rounding, index)), copied otherwise."""
+        p = self.trainables[index].param
+        if p.dtype not in LOW_PRECISION:
+            p.copy_(value)
+            return
+        gen = self.rounders.get(p.device)
+        if gen is None:
+            gen = self.rounders[p.device] = torch.Generator(device=p.device)
+        write_rounded(p, value, gen.manual_seed(tensor_seed(rounding, index)))
 
     @torch.no_grad()
     def perturb(self, seed: int, scale: float) -> None:
@@ -300,14 +382,20 @@ class SPSA:
         self, loss_fn: Callable[[], torch.Tensor], seed: int, restore: bool = True
     ) -> tuple[float, float]:
         """g = (L+ - L-) / (2 eps) for one query. Returns (g, (L+ + L-) / 2), the latter an
-        estimate of the loss at theta. restore=False: see `losses` (in-place pairs only)."""
+        estimate of the loss at theta. restore=False: see `losses` (in-place pairs only). Reads
+        the values back to the host: a step's estimate uses `query` and reads once per step."""
+        g, loss = self.query(loss_fn, seed, restore).tolist()
+        return g, loss
+
+    def query(self, loss_fn: Callable[[], torch.Tensor], seed: int, restore: bool = True) -> torch.Tensor:
+        """(g, (L+ + L-) / 2) of one query as a float64 tensor on the loss's device, no host sync;
+        float64 arithmetic on the float32 losses, as Python floats would do it."""
         if restore or self.loss_pair != self.losses:
             loss_plus, loss_minus = self.loss_pair(loss_fn, seed)
         else:
             loss_plus, loss_minus = self.losses(loss_fn, seed, restore=False)
-        # One host sync per query for both scalars, not one per parameter.
-        lp, lm = torch.stack([loss_plus.float(), loss_minus.float()]).tolist()
-        return (lp - lm) / (2 * self.eps), (lp + lm) / 2
+        pair = torch.stack([loss_plus.float(), loss_minus.float()]).double()
+        return torch.stack([(pair[0] - pair[1]) / (2 * self.eps), (pair[0] + pair[1]) / 2])
 
     @torch.no_grad()
     def estimate(self, index: int, seeds: list[int], grads: list[float], out: torch.Tensor) -> torch.Tensor:
@@ -318,10 +406,15 @@ class SPSA:
         return out
 
     @torch.no_grad()
-    def decay(self, lr: float, weight_decay: float) -> None:
+    def decay(self, lr: float, weight_decay: float, seeds: list[int] = ()) -> None:
+        """theta <- (1 - lr wd) theta where weight decay applies; low-precision tensors are
+        rounded stochastically (a factor 1 - 1e-8 would round back to theta)."""
         if weight_decay:
-            for t in self.trainables:
-                if t.decay:
+            rounding = rounding_seed(list(seeds), [lr * weight_decay])
+            for i, t in enumerate(self.trainables):
+                if t.decay and t.param.dtype in LOW_PRECISION:
+                    self.write(i, t.param.float().mul_(1.0 - lr * weight_decay), rounding)
+                elif t.decay:
                     t.param.mul_(1.0 - lr * weight_decay)
 
     @torch.no_grad()
@@ -343,4 +436,5 @@ class SPSA:
                 s = self.displaced.pop(seed, 0.0)
                 plain[k] -= s * self.eps
                 decayed[k] -= d * s * self.eps
-        self.add_noise(seeds, plain, factor=d, decayed=decayed)
+        rounding = rounding_seed(seeds, [*plain, *decayed, d])
+        self.add_noise(seeds, plain, factor=d, decayed=decayed, rounding=rounding)

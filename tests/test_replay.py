@@ -29,6 +29,11 @@ RUNS = {
                               "method.update_rule=conservative"], "round_trip"),
     "mezo_lora-adam-q3": (["model=tiny-llama", "method=mezo_lora", "method.lr=1e-3", "method.update_rule=adam",
                            "schedule.q=3"], "round_trip"),
+    # bf16 weights: perturbed in the forward, updates (and decay) stochastically rounded from seeds
+    "mezo-bf16-decay": (["model=tiny-llama", "model.dtype=bfloat16", "method=mezo", "method.lr=1e-4",
+                         "method.weight_decay=0.1"], "none"),
+    "mezo-bf16-adam": (["model=tiny-llama", "model.dtype=bfloat16", "method=mezo", "method.lr=1e-4",
+                        "method.update_rule=adam"], "none"),
     "adazeta-parallel-queries": (["model=tiny-bert", "method=adazeta", "method.lr=1e-2", "zo.parallel_queries=true",
                                   "schedule=constant", "schedule.q=2"], "none"),
 }
