@@ -270,15 +270,28 @@ class Objective:
         gold = torch.zeros((len(examples), max(n_cands)), dtype=torch.bool)
         for i, g in enumerate(golds):
             gold[i, : len(g)] = torch.tensor(g)
+        # Everything whose size depends on the data is sized here, on the host, once per batch:
+        # `candidate_scores` then runs without a host sync (on a GPU, int(t.max()) or a
+        # repeat_interleave without output_size stalls every forward). `keep` = the longest
+        # candidate, read from these tensors' shapes, never from their values.
+        keep = max(cand_lens)
+        rows_t, lens_t = torch.tensor(cand_row), torch.tensor(cand_lens)
+        tail = input_ids[rows_t, input_ids.shape[1] - keep + 1 :] if keep > 1 else input_ids[rows_t, :0]
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention,
-            "cand_row": torch.tensor(cand_row),
-            "cand_lens": torch.tensor(cand_lens),
+            "cand_row": rows_t,
+            "cand_lens": lens_t,
             "cand_last": torch.tensor(cand_last),
             "n_cands": torch.tensor(n_cands),
             "labels": torch.tensor(labels),
             "gold": gold,
+            # Candidate c's tokens: the last cand_lens[c] - 1 tokens of its row, then cand_last[c];
+            # position j of the kept logits predicts target j.
+            "cand_targets": torch.cat([tail, torch.tensor(cand_last).unsqueeze(1)], dim=1),  # (C, keep)
+            "cand_own": torch.arange(keep) >= (keep - lens_t).unsqueeze(1),  # (C, keep): c's positions
+            "cand_example": torch.tensor([i for i, n in enumerate(n_cands) for _ in range(n)]),
+            "cand_slot": torch.tensor([k for n in n_cands for k in range(n)]),
         }
         if gens:
             batch["gen_input_ids"], batch["gen_attention_mask"] = pad(
@@ -317,18 +330,19 @@ class Objective:
         """`batch` repeated r times along its first dimension, replica k in rows [k n, (k+1) n):
         every tensor of the batch is per row or per example, so `forward` on the result gives the
         r replicas' per-example losses one after another. Candidate row indices (causal LM) are
-        shifted to their replica's rows."""
+        shifted to their replica's rows, and candidates' example indices to their replica's examples."""
         out = {k: v.repeat(r, *([1] * (v.dim() - 1))) for k, v in batch.items()}
         if "cand_row" in batch:
-            rows = batch["input_ids"].shape[0]
-            offsets = rows * torch.arange(r, device=batch["cand_row"].device).unsqueeze(1)
-            out["cand_row"] = (batch["cand_row"].unsqueeze(0) + offsets).flatten()
+            for key, per in (("cand_row", batch["input_ids"].shape[0]), ("cand_example", batch["gold"].shape[0])):
+                offsets = per * torch.arange(r, device=batch[key].device).unsqueeze(1)
+                out[key] = (batch[key].unsqueeze(0) + offsets).flatten()
         return out
 
     def candidate_scores(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean log-prob of each candidate's own tokens: a (batch, max candidates) tensor, -inf
-        where an example has fewer candidates than the widest one."""
-        keep = int(batch["cand_lens"].max())
+        where an example has fewer candidates than the widest one. No host sync: the sizes come
+        from the shapes of tensors `encode` built (`cand_own`, `gold`)."""
+        keep = batch["cand_own"].shape[1]
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if accepts(
             model, "position_ids"
@@ -341,30 +355,12 @@ class Objective:
         logp = torch.log_softmax(
             model(**kwargs).logits[:, -keep:].float(), dim=-1
         )  # (rows, keep, V)
-        # Candidate c's tokens: the last cand_lens[c] - 1 tokens of its row, then cand_last[c];
-        # position j of the kept logits predicts target j.
-        rows, lens = batch["cand_row"], batch["cand_lens"]
-        targets = torch.cat(
-            [
-                batch["input_ids"][rows, -keep + 1 :] if keep > 1 else batch["input_ids"][rows, :0],
-                batch["cand_last"].unsqueeze(1),
-            ],
-            dim=1,
-        )
+        rows, targets, own = batch["cand_row"], batch["cand_targets"], batch["cand_own"]
         steps = torch.arange(keep, device=logp.device)
         token_logp = logp[rows.unsqueeze(1), steps, targets]  # (candidates, keep)
-        own = steps >= (keep - lens).unsqueeze(1)  # the candidate's positions
-        cand_scores = (token_logp * own).sum(-1) / lens
-        n_cands = batch["n_cands"]
-        example = torch.repeat_interleave(
-            torch.arange(len(n_cands), device=n_cands.device), n_cands
-        )
-        slot = (
-            torch.arange(len(example), device=n_cands.device)
-            - (torch.cumsum(n_cands, 0) - n_cands)[example]
-        )
-        scores = torch.full((len(n_cands), int(n_cands.max())), float("-inf"), device=logp.device)
-        scores[example, slot] = cand_scores
+        cand_scores = (token_logp * own).sum(-1) / batch["cand_lens"]
+        scores = torch.full(batch["gold"].shape, float("-inf"), device=logp.device)
+        scores[batch["cand_example"], batch["cand_slot"]] = cand_scores
         return scores
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -460,7 +456,7 @@ class BatchLoss:
         if self.objective.head == Head.masked_lm:
             total += rows * length * vocab * 4
         elif self.objective.head == Head.causal_lm:
-            total += rows * int(self.batch["cand_lens"].max()) * vocab * 4 * 2
+            total += rows * self.batch["cand_own"].shape[1] * vocab * 4 * 2
         return int(total)
 
 

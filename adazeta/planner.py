@@ -230,7 +230,7 @@ def plan_batch(cfg, arch: dict, seq_len: int | None):
         batch = objective.encode(examples, train=True)
         source = f"synthetic text cut to model.max_length={seq_len}"
     vocab = getattr(hf, "vocab_size", None)
-    for key in ("input_ids", "cand_last"):  # another tokenizer's ids may exceed the model's vocabulary
+    for key in ("input_ids", "cand_last", "cand_targets"):  # another tokenizer's ids may exceed the model's vocabulary
         if key in batch and vocab:
             batch[key] = batch[key] % vocab
     rows, tokens = batch["input_ids"].shape
