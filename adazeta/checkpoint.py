@@ -311,11 +311,13 @@ class Checkpointer:
         tmp = self.root / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        trainables = {t.name: t.param.detach().contiguous().cpu() for t in self.method.trainables}
+        # Copies: trainables and rule state may be views of one flat buffer per group (adazeta/zo.py),
+        # and safetensors refuses tensors that share memory.
+        trainables = {t.name: t.param.detach().to("cpu", copy=True) for t in self.method.trainables}
         opt_tensors, opt_scalars = optimizer_state(self.method.step)
         rng_tensors, rng_scalars = rng_state()
         save_file(trainables, str(tmp / "trainable.safetensors"))
-        save_file({k: v.detach().contiguous().cpu() for k, v in {**opt_tensors, **rng_tensors}.items()},
+        save_file({k: v.detach().to("cpu", copy=True) for k, v in {**opt_tensors, **rng_tensors}.items()},
                   str(tmp / "state.safetensors"))
         best = self.run_dir / "best_trainable.safetensors"
         if best.exists():

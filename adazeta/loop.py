@@ -66,7 +66,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def save_trainables(trainables: list[Trainable], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    save_file({t.name: t.param.detach().contiguous().cpu() for t in trainables}, str(tmp))
+    save_file({t.name: t.param.detach().to("cpu", copy=True) for t in trainables}, str(tmp))  # views: copy
     tmp.replace(path)  # atomic: a crash never leaves a half-written file
 
 

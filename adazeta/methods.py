@@ -64,7 +64,12 @@ class ZOStep:
         mask = None
         if cfg.trainable == TrainableSet.sparse:
             mask = SparseMask(trainables, cfg.mask.value, cfg.sparsity, cfg.keep_ratio)
-        self.spsa = SPSA(trainables, cfg.eps, mask=mask)
+        # Adapter and LoRA sets (many small tensors: 1,344 for AdaZeta on Llama-2-7B) live in one
+        # flat buffer per (device, dtype, decay) group, so a pass draws z with one RNG call per
+        # group, not one per tensor. Full-parameter sets keep a z per tensor: flattening a model's
+        # weights would copy them, and the in-forward perturbation regenerates one layer's z.
+        group = cfg.trainable in (TrainableSet.tt_adapter, TrainableSet.lora)
+        self.spsa = SPSA(trainables, cfg.eps, mask=mask, group=group)
         in_forward = functional_perturbation(trainables, cfg)
         self.mask, self.in_place_masks = mask, mask is not None and not in_forward
         if in_forward:

@@ -21,6 +21,8 @@ run's own code. update_rule=conservative also logs
 the three losses it compared (`rule_losses`), so it replays without a forward too. A step the
 divergence guard rejected is logged as {"step": k, "applied": false, "perturbs": [...]}: its round
 trips happened, its update did not. A checkpoint records how many records precede it.
+Adapter and LoRA sets draw z per group of tensors (adazeta/zo.py, issue 18): logs of such runs
+made before that change replay with the adazeta version that wrote them, not with this one.
 First-order methods (ft, lora_fo) have no replay log: backprop gradients are not a function of
 seeds.
 """
@@ -223,7 +225,7 @@ def replay(run_dir: Path, checkpoint: Path | None = None, save: Path | None = No
     for record in records:
         replay_step(zo_step, record, perturb)
 
-    rebuilt = {t.name: t.param.detach().cpu() for t in built.method.trainables}
+    rebuilt = {t.name: t.param.detach().to("cpu", copy=True) for t in built.method.trainables}  # views: copy
     if rebuilt.keys() != target.keys():
         raise CheckpointError(f"{checkpoint} holds other tensors than this run's trainable set")
     diffs = {n: (rebuilt[n].double() - target[n].double()).abs().max().item() if rebuilt[n].numel() else 0.0

@@ -57,27 +57,37 @@ class UpdateRule:
         return {}
 
     def estimates(self, seeds: list[int], grads: list[float]):
-        """Yield (index, trainable, g_hat) per tensor, g_hat in a reused fp32 buffer."""
+        """Yield (unit index, unit, g_hat) per unit of the SPSA (a tensor, or a group's flat
+        buffer), g_hat in a reused fp32 buffer."""
         buffers: dict[torch.device, torch.Tensor] = getattr(self, "_buffers", {})
         self._buffers = buffers
-        for i, t in enumerate(self.spsa.trainables):
+        for u, t in enumerate(self.spsa.units):
             p = t.param
             if p.device not in buffers or buffers[p.device].numel() < p.numel():
                 buffers[p.device] = torch.empty(p.numel(), device=p.device, dtype=torch.float32)
-            yield i, t, self.spsa.estimate(i, seeds, grads, buffers[p.device][: p.numel()].view_as(p))
+            yield u, t, self.spsa.estimate(u, seeds, grads, buffers[p.device][: p.numel()].view_as(p))
 
-    def step_to(self, i: int, delta: torch.Tensor, alpha: float, rounding: int) -> None:
-        """theta_i += alpha * delta (fp32): stochastically rounded for a low-precision tensor."""
-        p = self.spsa.trainables[i].param
+    def step_to(self, u: int, delta: torch.Tensor, alpha: float, rounding: int) -> None:
+        """unit u += alpha * delta (fp32): stochastically rounded for a low-precision unit."""
+        p = self.spsa.units[u].param
         if p.dtype in LOW_PRECISION:
-            self.spsa.write(i, p.float().add_(delta, alpha=alpha), rounding)
+            self.spsa.write(u, p.float().add_(delta, alpha=alpha), rounding)
         else:
             p.add_(delta, alpha=alpha)
 
+    def per_tensor(self, prefix: str, states: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-unit state as `<prefix>.<tensor index>` views shaped like each trainable tensor: the
+        checkpoint names do not depend on how the tensors are grouped."""
+        spsa, out = self.spsa, {}
+        for i, t in enumerate(spsa.trainables):
+            a, n = spsa.offsets[i], t.param.numel()
+            out[f"{prefix}.{i}"] = states[spsa.unit_of[i]].view(-1)[a : a + n].view(t.param.shape)
+        return out
 
-def fp32_zeros(trainables) -> list[torch.Tensor]:
+
+def fp32_zeros(units: list) -> list[torch.Tensor]:
     """Optimiser state: fp32 whatever the parameter's dtype (see the module docstring)."""
-    return [torch.zeros_like(t.param, dtype=torch.float32) for t in trainables]
+    return [torch.zeros_like(t.param, dtype=torch.float32) for t in units]
 
 
 class SGD(UpdateRule):
@@ -102,10 +112,10 @@ class Momentum(UpdateRule):
     def __init__(self, spsa: SPSA, lr: float, weight_decay: float, momentum: float = 0.9):
         super().__init__(spsa, lr, weight_decay)
         self.beta = momentum
-        self.m = fp32_zeros(spsa.trainables)
+        self.m = fp32_zeros(spsa.units)
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        return {f"m.{i}": m for i, m in enumerate(self.m)}
+        return self.per_tensor("m", self.m)
 
     @torch.no_grad()
     def apply(self, seeds, grads, loss_fn) -> int:
@@ -122,10 +132,10 @@ class Adam(UpdateRule):
         super().__init__(spsa, lr, weight_decay)
         self.b1, self.b2 = betas
         self.adam_eps, self.t = adam_eps, 0
-        self.m, self.v = fp32_zeros(spsa.trainables), fp32_zeros(spsa.trainables)
+        self.m, self.v = fp32_zeros(spsa.units), fp32_zeros(spsa.units)
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        return {**{f"m.{i}": m for i, m in enumerate(self.m)}, **{f"v.{i}": v for i, v in enumerate(self.v)}}
+        return {**self.per_tensor("m", self.m), **self.per_tensor("v", self.v)}
 
     def state_dict(self):
         tensors, scalars = super().state_dict()

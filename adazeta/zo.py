@@ -17,6 +17,11 @@ one regeneration of z fewer per step (3 instead of 4 passes over the weights for
 
 Each tensor i draws its z from its own seed, tensor_seed(s_q, i), so that one tensor's noise can be
 regenerated without the others' (per-layer perturbation inside a forward, per-tensor updates).
+Adapter and LoRA sets (SPSA(group=True), set by ZOStep) are the exception: their tensors are views
+of one flat buffer per (device, dtype, decay) group, whose z is one draw from tensor_seed(s_q, the
+index of the group's first tensor), so a pass makes one RNG call per group instead of one per
+tensor (AdaZeta on Llama-2-7B: 2 instead of 1,344 on CUDA; scripts/rng_calls.py). A tensor's z is
+its slice of that draw; a group of one tensor draws exactly that tensor's own z.
 
 Low-precision (bf16/fp16) trainable tensors: an update lr g z of about 1e-6 is under half a bf16
 ulp of a weight near 0.02 (ulp 1.2e-4), so a rounded-to-nearest write drops it. Updates of such
@@ -113,6 +118,30 @@ class Trainable:
     decay: bool
 
 
+def group_trainables(trainables: list[Trainable]) -> tuple[list[Trainable], list[int], list[int], list[list[int]]]:
+    """Put the tensors of each (device, dtype, decay) group into one flat buffer and make every
+    parameter a view of its slice (the module still holds the same Parameter object). Returns
+    (units: one Trainable per group over its flat buffer, unit of each tensor, offset of each
+    tensor in its unit, member tensors of each unit). Weight decay is part of the key so that a
+    pass applies one factor and one set of coefficients per buffer."""
+    keys: dict[tuple, list[int]] = {}
+    for i, t in enumerate(trainables):
+        keys.setdefault((t.param.device, t.param.dtype, t.decay), []).append(i)
+    units, unit_of, offsets, members = [], [0] * len(trainables), [0] * len(trainables), []
+    with torch.no_grad():
+        for (device, dtype, decay), ix in keys.items():
+            flat = torch.empty(sum(trainables[i].param.numel() for i in ix), device=device, dtype=dtype)
+            at = 0
+            for i in ix:
+                p = trainables[i].param
+                flat[at : at + p.numel()].copy_(p.detach().reshape(-1))
+                p.data = flat[at : at + p.numel()].view(p.shape)
+                unit_of[i], offsets[i], at = len(units), at, at + p.numel()
+            units.append(Trainable(f"group {len(units)}: {trainables[ix[0]].name} ...", flat, decay))
+            members.append(ix)
+    return units, unit_of, offsets, members
+
+
 # mask(index, param, seed) -> a bool tensor shaped like param (or None: all of it moves).
 MaskFn = Callable[[int, torch.Tensor, int], "torch.Tensor | None"]
 
@@ -187,10 +216,25 @@ class SPSA:
 
     def __init__(
         self, trainables: list[Trainable], eps: float, mask: MaskFn | None = None, workers: int | None = None,
+        group: bool = False,
     ):
         if eps <= 0:
             raise ValueError(f"method.eps must be > 0, got {eps}")
+        if group and mask is not None:
+            raise ValueError("SPSA(group=True) draws z over whole groups; a per-tensor mask needs group=False")
         self.trainables, self.eps, self.mask = trainables, eps, mask
+        # The units a pass walks over: one per tensor, or with group=True one flat buffer per
+        # (device, dtype, decay) group whose slices the parameters are (`group_trainables`).
+        # Unit u's z is drawn from tensor_seed(seed, its first tensor's index): for a unit of one
+        # tensor, that tensor's own z.
+        if group:
+            self.units, self.unit_of, self.offsets, self.members = group_trainables(trainables)
+        else:
+            self.units, self.unit_of = trainables, list(range(len(trainables)))
+            self.offsets, self.members = [0] * len(trainables), [[i] for i in range(len(trainables))]
+        self.grouped = group
+        self.unit_seed = [ix[0] for ix in self.members]
+        self.cached: tuple[int, int] | None = None  # (unit, seed) whose z the scratch holds (grouped)
         # How the pair L(theta + eps z), L(theta - eps z) is evaluated: in place by default;
         # Sparse-MeZO's memory-efficient mode swaps in a perturbation inside each layer's forward.
         self.loss_pair: Callable[[Callable[[], torch.Tensor], int], tuple] = self.losses
@@ -207,10 +251,10 @@ class SPSA:
             chunk_bounds(t.param.numel())
             if chunkable and t.param.is_contiguous() and t.param.numel() >= 2 * CHUNK
             and chunks_exact(t.param.device.type, t.param.dtype) else None
-            for t in trainables
+            for t in self.units
         ]
         workers = torch.get_num_threads() if workers is None else workers
-        total = sum(t.param.numel() for t in trainables)
+        total = sum(t.param.numel() for t in self.units)
         # A chunked mask is computed from each lane's own weights into the lane's own buffers, so
         # masked passes thread too; a random mask draws from one shared generator and does not.
         threaded = (
@@ -224,23 +268,24 @@ class SPSA:
             weakref.finalize(self, self.pool.shutdown, wait=False)
 
     def deal(self, n: int) -> list[Lane]:
-        """Split the tensors into n lanes of about equal size (largest first to the lightest)."""
+        """Split the units into n lanes of about equal size (largest first to the lightest)."""
         lanes, load = [Lane([]) for _ in range(n)], [0] * n
-        for i in sorted(range(len(self.trainables)), key=lambda i: -self.trainables[i].param.numel()):
+        for i in sorted(range(len(self.units)), key=lambda i: -self.units[i].param.numel()):
             k = load.index(min(load))
             lanes[k].indices.append(i)
-            load[k] += self.trainables[i].param.numel()
+            load[k] += self.units[i].param.numel()
         for lane in lanes:
             lane.indices.sort()
         return [lane for lane in lanes if lane.indices] or [Lane([])]
 
-    def z(
-        self, index: int, seed: int, out: torch.Tensor | None = None, generator=None, masked: bool = True
+    def unit_z(
+        self, unit: int, seed: int, out: torch.Tensor | None = None, generator=None, masked: bool = True
     ) -> torch.Tensor:
-        """z_q for tensor `index` (masked if the method masks, unless masked=False), written into
+        """z_q over unit `unit` (masked if the method masks, unless masked=False), written into
         `out` or the scratch buffer: valid until the next call."""
-        p = self.trainables[index].param
-        if out is None:  # grown to the largest tensor asked for, not the largest there is
+        p = self.units[unit].param
+        if out is None:  # grown to the largest unit asked for, not the largest there is
+            self.cached = None  # the scratch is overwritten (`z` sets it again)
             key = (p.device, p.dtype)
             if key not in self.scratch or self.scratch[key].numel() < p.numel():
                 self.scratch[key] = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
@@ -250,15 +295,36 @@ class SPSA:
             gen = self.generators.get(p.device)
             if gen is None:
                 gen = self.generators[p.device] = torch.Generator(device=p.device)
-        gen.manual_seed(tensor_seed(seed, index))
+        gen.manual_seed(tensor_seed(seed, self.unit_seed[unit]))
         out.normal_(generator=gen)
-        if self.mask is not None and masked:
-            m = self.mask(index, p, seed)
+        if self.mask is not None and masked:  # ungrouped only: unit == tensor index
+            m = self.mask(unit, p, seed)
             if m is not None:
                 out.mul_(m)
         return out
 
+    def z(
+        self, index: int, seed: int, out: torch.Tensor | None = None, generator=None, masked: bool = True
+    ) -> torch.Tensor:
+        """z_q for tensor `index` (masked if the method masks, unless masked=False), written into
+        `out` or the scratch buffer: valid until the next call. Grouped: the tensor's slice of its
+        unit's z, which is drawn once and kept while the following calls ask for the same unit and
+        seed (a pass over a group's tensors for one query draws once)."""
+        if not self.grouped:
+            return self.unit_z(index, seed, out, generator, masked)
+        u, p = self.unit_of[index], self.trainables[index].param
+        if self.cached != (u, seed):
+            self.unit_z(u, seed, generator=generator)
+            self.cached = (u, seed)
+        flat = self.units[u].param
+        whole = self.scratch[(flat.device, flat.dtype)][: flat.numel()]
+        part = whole[self.offsets[index] : self.offsets[index] + p.numel()].view_as(p)
+        if out is None:
+            return part
+        return out.copy_(part)
+
     def noise(self, seed: int) -> Iterator[tuple[Trainable, torch.Tensor]]:
+        """(tensor, its z) for every trainable tensor."""
         for i, t in enumerate(self.trainables):
             yield t, self.z(i, seed)
 
@@ -290,7 +356,7 @@ class SPSA:
     ) -> None:
         own = self.pool is not None  # on a worker thread: the lane's own generators and buffers
         for i in lane.indices:
-            t = self.trainables[i]
+            t = self.units[i]
             f, cs = (factor, decayed) if t.decay else (1.0, coeffs)
             p = t.param
             rounder = None  # a low-precision update: accumulate in float32, round stochastically
@@ -308,7 +374,7 @@ class SPSA:
                 for seed, c in zip(seeds, cs, strict=True):
                     out = lane.buffer(p, p.numel()).view_as(p) if own else None
                     gen = lane.gens(p.device, 1)[0] if own else None
-                    z = self.z(i, seed, out=out, generator=gen, masked=m is None)
+                    z = self.unit_z(i, seed, out=out, generator=gen, masked=m is None)
                     if m is not None:
                         z.mul_(m)
                     acc.add_(z, alpha=c)
@@ -317,7 +383,7 @@ class SPSA:
                 continue
             gens = lane.gens(p.device, len(seeds))
             for gen, seed in zip(gens, seeds, strict=True):
-                gen.manual_seed(tensor_seed(seed, i))
+                gen.manual_seed(tensor_seed(seed, self.unit_seed[i]))
             flat, buf = p.view(-1), lane.buffer(p, 2 * CHUNK)
             masks = lane.buffer(p, 4 * CHUNK, torch.bool) if self.mask is not None else None
             wide = lane.buffer(p, 2 * CHUNK, torch.float32) if rounder is not None else None
@@ -338,9 +404,9 @@ class SPSA:
 
     @torch.no_grad()
     def write(self, index: int, value: torch.Tensor, rounding: int) -> None:
-        """Tensor `index` <- value (float32): stochastically rounded if the tensor is low-precision
+        """Unit `index` <- value (float32): stochastically rounded if it is low-precision
         (generator seeded by tensor_seed(rounding, index)), copied otherwise."""
-        p = self.trainables[index].param
+        p = self.units[index].param
         if p.dtype not in LOW_PRECISION:
             p.copy_(value)
             return
@@ -399,10 +465,10 @@ class SPSA:
 
     @torch.no_grad()
     def estimate(self, index: int, seeds: list[int], grads: list[float], out: torch.Tensor) -> torch.Tensor:
-        """The gradient estimate of one tensor, (1/Q) sum_q g_q z_q, written into `out`."""
+        """The gradient estimate of one unit, (1/Q) sum_q g_q z_q, written into `out`."""
         out.zero_()
         for seed, g in zip(seeds, grads, strict=True):
-            out.add_(self.z(index, seed), alpha=g / len(seeds))
+            out.add_(self.unit_z(index, seed), alpha=g / len(seeds))
         return out
 
     @torch.no_grad()
@@ -411,7 +477,7 @@ class SPSA:
         rounded stochastically (a factor 1 - 1e-8 would round back to theta)."""
         if weight_decay:
             rounding = rounding_seed(list(seeds), [lr * weight_decay])
-            for i, t in enumerate(self.trainables):
+            for i, t in enumerate(self.units):
                 if t.decay and t.param.dtype in LOW_PRECISION:
                     self.write(i, t.param.float().mul_(1.0 - lr * weight_decay), rounding)
                 elif t.decay:
