@@ -59,9 +59,11 @@ class LoopState:
 
     step: int = 0  # steps applied; also the data position (one batch per step)
     forward_passes: int = 0
-    window: list[list] = field(default_factory=list)  # [loss, g, q, step_s] since the last train log
+    window: list[list] = field(default_factory=list)  # [loss, g, q, step_s, tokens] since the last train log
     best: dict = field(default_factory=dict)  # step and dev metrics of the best-dev weights
     rollbacks: int = 0
+    tokens: int = 0  # forward tokens this process has processed in training steps (tokens x passes)
+    train_s: float = 0.0  # wall seconds this process has spent in training steps
 
 
 # -- files ---------------------------------------------------------------------------------
@@ -394,7 +396,10 @@ class Checkpointer:
         self.guard.load_state_dict(saved["guard"])
         self.objective.truncated = saved["truncated"]
         self.last = folder
-        return LoopState(**{k: saved[k] for k in ("step", "forward_passes", "window", "best", "rollbacks")})
+        # Checkpoints written before tokens were counted: their window entries lack the count (0).
+        window = [w + [0] * (5 - len(w)) for w in saved["window"]]
+        return LoopState(**{k: saved[k] for k in ("step", "forward_passes", "best", "rollbacks")}, window=window,
+                         tokens=saved.get("tokens", 0), train_s=saved.get("train_s", 0.0))
 
 
 # -- resuming --------------------------------------------------------------------------------

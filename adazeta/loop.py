@@ -256,7 +256,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
         while state.step < cfg.train.max_steps:
             step = state.step + 1
             t0 = time.perf_counter()
-            batch = to_device(objective.encode(dist.shard(next(stream)), train=True), device)
+            encoded = objective.encode(dist.shard(next(stream)), train=True)
+            tokens = int(encoded["attention_mask"].sum()) if "attention_mask" in encoded else encoded["input_ids"].numel()
+            batch = to_device(encoded, device)
             q = schedule(step - 1)  # schedules count steps from 0
             try:
                 result = method.step(objective.batch_loss(model, batch), step, q)
@@ -268,9 +270,11 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
             if replay is not None:
                 replay.append(step, result.seeds, result.grads, get_lr(method.step))
             step_s = time.perf_counter() - t0
-            state.window.append([result.loss, result.projected_grad, q, step_s])
+            step_tokens = tokens * result.forward_passes  # every forward pass of the step reads the batch
+            state.tokens, state.train_s = state.tokens + step_tokens, state.train_s + step_s
+            state.window.append([result.loss, result.projected_grad, q, step_s, step_tokens])
             bar.update(step - bar.n)
-            bar.set_postfix(loss=f"{result.loss:.4f}", q=q, step_s=f"{step_s:.2f}")
+            bar.set_postfix(loss=f"{result.loss:.4f}", q=q, step_s=f"{step_s:.2f}", tok_s=f"{step_tokens / step_s:.0f}")
 
             if dist.enabled and cfg.dist.check_steps and step % cfg.dist.check_steps == 0:
                 resyncs += distributed.check_drift(trainables, dist, step)
@@ -284,6 +288,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
                     "train/lr": get_lr(method.step),
                     "zo/queries": window[-1][2],
                     "time/step_s": sum(w[3] for w in window) / n,
+                    "time/tokens_per_s": sum(w[4] for w in window) / max(sum(w[3] for w in window), 1e-9),
                     **get_memory_stats(device),
                 }
                 if dist.enabled:
@@ -334,6 +339,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
     summary.update({
         "mem/peak_gib": peak, "mem/inference_gib": built.inference_gib, "mem/peak_over_inference": peak / built.inference_gib,
         "time/wall_s": time.perf_counter() - t_start, "device": str(device),
+        "train/tokens": state.tokens, "time/tokens_per_s": state.tokens / max(state.train_s, 1e-9),
     })
     loggers.log_dict({k: v for k, v in summary.items() if k.startswith(("test/", "best/"))}, cfg.train.max_steps)
     loggers.close()
