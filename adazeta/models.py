@@ -3,6 +3,7 @@ an architecture built with random weights (no download)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,8 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
             path, config=hf_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
             **({"device_map": cfg.device_map} if cfg.device_map is not None else {}),
         )
+        if cfg.device_map is not None and head == Head.classification:
+            init_head_on_cpu(model, classification_head(model))  # not from its GPU's generator
     if auto_cls is AutoModel:
         model = MeanPoolClassifier(model, num_labels)
     if cfg.device_map is None:
@@ -213,9 +216,11 @@ class MeanPoolClassifier(torch.nn.Module):
     def __init__(self, encoder: PreTrainedModel, num_labels: int):
         super().__init__()
         self.encoder, self.config = encoder, encoder.config
-        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels, device=encoder.device)
+        # Drawn on the CPU from the global generator, then moved: the same head on every device.
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels, device="cpu")
         self.classifier.weight.data.normal_(0.0, encoder.config.initializer_range)
         self.classifier.bias.data.zero_()
+        self.classifier.to(encoder.device)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         # Sentence-pair tasks give BERT tokenizers' segment ids: the encoder reads them as usual.
@@ -249,6 +254,26 @@ def prompt_init_head(model, objective, prompts: list[str], device: torch.device,
     alpha = margin / (feats * centred).sum(-1).mean().clamp(min=1e-6)
     head.weight.copy_(alpha * centred)
     head.bias.zero_()
+
+
+@torch.no_grad()
+def init_head_on_cpu(model: PreTrainedModel, head: torch.nn.Module) -> None:
+    """Re-draw a new classification head with the model's own init (`_init_weights`) on the CPU,
+    from the global CPU generator, and copy the values to wherever the head sits.
+
+    from_pretrained(device_map=...) initialises the weights a checkpoint lacks (a new head) on
+    their GPU, from that GPU's generator: the run would start from another head than a CPU run,
+    and, as torch.manual_seed seeds every GPU alike, from one that depends on the GPU it landed on.
+    """
+    twin = copy.deepcopy(head).to_empty(device="cpu")
+    for t in [*twin.modules(), *twin.parameters(), *twin.buffers()]:
+        if hasattr(t, "_is_hf_initialized"):  # transformers' init functions skip flagged tensors
+            del t._is_hf_initialized
+    for module in twin.modules():
+        model._init_weights(module)
+    for param, drawn in zip(head.parameters(), twin.parameters(), strict=True):
+        if not param.is_meta:
+            param.copy_(drawn)
 
 
 def classification_head(model: PreTrainedModel) -> torch.nn.Module:
