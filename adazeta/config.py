@@ -103,7 +103,11 @@ class ModelConfig:
     """Passed to from_pretrained; only when you trust the model repository's code."""
     device_map: str | None = None
     """`auto`: spread a model larger than one GPU over the node's GPUs (accelerate); forward-only
-    methods only. null: the whole model on `device`."""
+    methods only. null: the whole model on `device`. A placement that offloads layers to the CPU
+    or disk is refused (the ZO methods write and read every weight in place)."""
+    max_memory: Any = None
+    """With `device_map`: the memory accelerate may fill per GPU, e.g. `{0: 70GiB, 1: 70GiB}`
+    (GPU indices only: no `cpu` or `disk` entry); null: accelerate's own budget."""
 
 
 @dataclass

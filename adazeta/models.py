@@ -122,6 +122,7 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     if cfg.device_map is not None and cfg.device_map not in DEVICE_MAPS:
         raise ConfigError(f"model.device_map={cfg.device_map!r} is not one of {list(DEVICE_MAPS)} (or null)")
+    max_memory = gpu_max_memory(cfg.max_memory)
     if cfg.init == Init.random:
         if not cfg.arch or "model_type" not in cfg.arch:
             raise ConfigError(
@@ -166,12 +167,12 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
         except (ValueError, TypeError, StrictDataclassError) as e:  # some families check sizes only here
             raise bad_arch(cfg, e) from None
         if cfg.device_map is not None:
-            model = dispatch(model, cfg.device_map)
+            model = dispatch(model, cfg.device_map, max_memory)
     else:
         # With a device_map the weights load straight onto their devices, never whole on one.
         model = auto_cls.from_pretrained(
             path, config=hf_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-            **({"device_map": cfg.device_map} if cfg.device_map is not None else {}),
+            **({"device_map": cfg.device_map, "max_memory": max_memory} if cfg.device_map is not None else {}),
         )
         if cfg.device_map is not None and head == Head.classification:
             init_head_on_cpu(model, classification_head(model))  # not from its GPU's generator
@@ -180,6 +181,7 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
     if cfg.device_map is None:
         model.to(device)
     else:  # inputs go where the embeddings are; accelerate's hooks move activations between devices
+        refuse_offload(model, cfg.device_map)
         device = model.get_input_embeddings().weight.device
         log.info("device_map=%s: %s", cfg.device_map, dict(model.hf_device_map))
     model.eval()  # ZO forwards run without dropout; first-order methods switch to train() themselves
@@ -196,15 +198,59 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def dispatch(model: PreTrainedModel, device_map: str) -> PreTrainedModel:
+def gpu_max_memory(value) -> dict | None:
+    """`model.max_memory` as accelerate takes it: {GPU index: size}; a cpu or disk entry would let
+    accelerate offload layers, which `refuse_offload` refuses anyway."""
+    if value is None:
+        return None
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"model.max_memory={value!r} must map GPU indices to sizes, e.g. {{0: 70GiB, 1: 70GiB}}")
+    out = {}
+    for key, size in value.items():
+        if str(key).isdigit():
+            out[int(key)] = size
+        else:
+            raise ConfigError(
+                f"model.max_memory has the entry {key!r}: {size!r}; only GPU indices may appear (0, 1, ...): "
+                "a cpu or disk entry offloads layers, which the ZO methods cannot train. Drop that entry"
+            )
+    return out
+
+
+def refuse_offload(model: torch.nn.Module, device_map: str) -> None:
+    """Refuse a placement that keeps weights off the GPUs. accelerate leaves the weights of layers it
+    offloads to the CPU or disk as meta tensors and loads them per forward; the ZO methods perturb,
+    update and draw z for the weights in place, and adapters are built beside them: all of that
+    would fail (or silently do nothing) on a meta tensor."""
+    placement = dict(getattr(model, "hf_device_map", None) or {})
+    on_gpu = any(d not in ("cpu", "disk") for d in placement.values())  # all on "cpu": a CPU run, no offload
+    offloaded = {name or "<the model>": d for name, d in placement.items() if d == "disk" or (d == "cpu" and on_gpu)}
+    if not offloaded:  # placed elsewhere, or not recorded: the meta weights tell
+        offloaded = {n.rpartition(".")[0] or n: "meta" for n, p in model.named_parameters() if p.is_meta}
+    if not offloaded:
+        return
+    names = list(offloaded)
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    where = "/".join(sorted(set(map(str, offloaded.values()))))
+    raise ConfigError(
+        f"model.device_map={device_map} offloaded {len(names)} module(s) to {where} ({shown}): their "
+        "weights stay meta tensors, which the ZO methods cannot perturb or update. Make the model fit on the "
+        "GPUs: set model.max_memory to GPU indices only (e.g. {0: 70GiB, 1: 70GiB}, no cpu or disk entry), "
+        "use more GPUs, model.dtype=bfloat16, or a smaller model"
+    )
+
+
+def dispatch(model: PreTrainedModel, device_map: str, max_memory: dict | None = None) -> PreTrainedModel:
     """Spread a model built in memory over the node's GPUs, as from_pretrained(device_map=...) does."""
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
     no_split = getattr(model, "_no_split_modules", None) or []
-    max_memory = None if device_map == "sequential" else get_balanced_memory(
-        model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
-    )
+    if max_memory is None and device_map != "sequential":
+        max_memory = get_balanced_memory(
+            model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+        )
     placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     model.hf_device_map = placement
     return dispatch_model(model, device_map=placement)

@@ -54,3 +54,34 @@ def test_new_heads_draw_from_the_cpu_generator_whatever_their_device():
     torch.manual_seed(7)
     init_head_on_cpu(model, model.classifier)
     assert torch.equal(torch.randn(4), after_cpu) and model.classifier.dense.weight.is_meta
+
+
+def test_device_map_that_offloads_is_refused_with_the_modules_named():
+    import pytest
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adazeta.errors import ConfigError
+    from adazeta.models import gpu_max_memory, refuse_offload
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, vocab_size=64))
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+                           "model.norm": 1, "lm_head": "disk"}
+    with pytest.raises(ConfigError, match="offloaded 2 module") as err:
+        refuse_offload(model, "auto")
+    message = str(err.value)
+    assert "model.layers.1" in message and "lm_head" in message and "cpu/disk" in message
+    assert "model.max_memory" in message and "model.layers.0" not in message
+
+    model.hf_device_map = {"": "cpu"}  # the whole model on the CPU: nothing offloaded
+    refuse_offload(model, "auto")
+    del model.hf_device_map
+    model.model.layers[1].mlp.to("meta")  # offloaded weights as accelerate leaves them
+    with pytest.raises(ConfigError, match=r"to meta \(model\.layers\.1\.mlp\.gate_proj"):
+        refuse_offload(model, "auto")
+    assert isinstance(model.model.layers[0].mlp.up_proj.weight, torch.nn.Parameter)
+
+    assert gpu_max_memory({"0": "70GiB", 1: "70GiB"}) == {0: "70GiB", 1: "70GiB"}
+    with pytest.raises(ConfigError, match="'cpu'.*only GPU indices"):
+        gpu_max_memory({0: "70GiB", "cpu": "200GiB"})
