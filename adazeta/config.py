@@ -96,7 +96,8 @@ class ModelConfig:
     dtype: str = "float32"
     """Base-model dtype: float32, bfloat16, float16. Trainable parameters always stay in float32."""
     device: str = "auto"
-    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ... Under torchrun `auto` or
+    `cuda`: each rank takes the GPU of its LOCAL_RANK (an explicit index is refused)."""
     max_length: int = 128
     """Longest tokenised input; longer inputs are truncated from the passage side, with a warning."""
     trust_remote_code: bool = False
