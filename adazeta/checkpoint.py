@@ -244,11 +244,24 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, scalars
 
 
+def cuda_rng_states(tensors: dict[str, torch.Tensor], device_count: int) -> tuple[dict[int, torch.Tensor], list[int]]:
+    """The saved CUDA RNG states (`rng.cuda.<index>`, one per GPU visible when the checkpoint was
+    written) that this process can restore: ({index: state} for index < device_count, in index
+    order, and the indices dropped). Indices compare as numbers, not strings (rng.cuda.10 after
+    rng.cuda.2); a run resumed on fewer GPUs restores those it has."""
+    found = sorted((int(k.removeprefix("rng.cuda.")), v) for k, v in tensors.items() if k.startswith("rng.cuda."))
+    return {i: v for i, v in found if i < device_count}, [i for i, _ in found if i >= device_count]
+
+
 def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if torch.cuda.is_available():
+        cuda, dropped = cuda_rng_states(tensors, torch.cuda.device_count())
+        for index, state in cuda.items():
+            torch.cuda.set_rng_state(state, index)
+        if dropped:
+            log.warning("the checkpoint holds CUDA RNG states for GPUs %s, which this process does not see "
+                        "(%d visible): they are not restored", dropped, torch.cuda.device_count())
     version, state, gauss = scalars["python"]
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = scalars["numpy"]

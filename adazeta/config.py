@@ -96,14 +96,19 @@ class ModelConfig:
     dtype: str = "float32"
     """Base-model dtype: float32, bfloat16, float16. Trainable parameters always stay in float32."""
     device: str = "auto"
-    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ... Under torchrun `auto` or
+    `cuda`: each rank takes the GPU of its LOCAL_RANK (an explicit index is refused)."""
     max_length: int = 128
     """Longest tokenised input; longer inputs are truncated from the passage side, with a warning."""
     trust_remote_code: bool = False
     """Passed to from_pretrained; only when you trust the model repository's code."""
     device_map: str | None = None
     """`auto`: spread a model larger than one GPU over the node's GPUs (accelerate); forward-only
-    methods only. null: the whole model on `device`."""
+    methods only. null: the whole model on `device`. A placement that offloads layers to the CPU
+    or disk is refused (the ZO methods write and read every weight in place)."""
+    max_memory: Any = None
+    """With `device_map`: the memory accelerate may fill per GPU, e.g. `{0: 70GiB, 1: 70GiB}`
+    (GPU indices only: no `cpu` or `disk` entry); null: accelerate's own budget."""
 
 
 @dataclass

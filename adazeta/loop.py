@@ -36,7 +36,13 @@ from adazeta.errors import ConfigError, DivergenceError, Interrupted
 from adazeta.guard import Guard, check_precision, get_lr, set_lr
 from adazeta.interrupt import interruption, resume_command
 from adazeta.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
-from adazeta.memory import get_memory_stats, make_resident, peak_gib, reset_peak
+from adazeta.memory import (
+    device_peaks_gib,
+    get_memory_stats,
+    make_resident,
+    model_devices,
+    reset_peak,
+)
 from adazeta.methods import Method, build_method
 from adazeta.models import load_model, prompt_init_head
 from adazeta.objectives import Objective
@@ -117,7 +123,9 @@ class Setup:
     objective: Objective
     device: torch.device
     method: Method
-    inference_gib: float
+    inference_gib: float  # summed over mem_devices
+    inference_device_max_gib: float  # the largest one device's share
+    mem_devices: list[torch.device]  # every device holding weights (several under model.device_map)
 
 
 def setup(cfg: DictConfig, dist: distributed.Dist | None = None) -> Setup:
@@ -134,10 +142,11 @@ def setup(cfg: DictConfig, dist: distributed.Dist | None = None) -> Setup:
     # Inference memory of this model and batch size, measured before any training state exists,
     # with every weight resident (on CPU, mmapped weights count once read).
     make_resident(model)
-    reset_peak(device)
+    mem_devices = model_devices(model)  # input `device` is only the first of them under device_map
+    reset_peak(mem_devices)
     with torch.no_grad():
         objective.forward(model, to_device(objective.encode(splits.train[: cfg.train.batch_size], train=True), device))
-    inference_gib = peak_gib(device)
+    inference = device_peaks_gib(mem_devices)
 
     method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
     if dist is not None:
@@ -147,7 +156,7 @@ def setup(cfg: DictConfig, dist: distributed.Dist | None = None) -> Setup:
         # LM-BFF label words take their leading space from the tokenizer side: add it here.
         prompts = [task.mlm_template(blank, " " + word).strip() for word in task.label_words]
         prompt_init_head(method.model, objective, prompts, device)
-    return Setup(task, splits, objective, device, method, inference_gib)
+    return Setup(task, splits, objective, device, method, sum(inference), max(inference), mem_devices)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -177,7 +186,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
     bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size
     dev_batches, test_batches = objective.eval_batches(splits.dev, ebs), objective.eval_batches(splits.test, ebs)
     n_trainable = sum(t.param.numel() for t in trainables)
-    reset_peak(device)  # the training peak: weights, method state, activations; not model loading
+    reset_peak(built.mem_devices)  # the training peak: weights, method state, activations; not model loading
     schedule = instantiate(cfg.schedule)
     steps_per_epoch = max(len(splits.train) // bs, 1)
     schedule.bind(steps_per_epoch=steps_per_epoch, max_steps=max(cfg.train.max_steps, 1))
@@ -289,7 +298,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
                     "zo/queries": window[-1][2],
                     "time/step_s": sum(w[3] for w in window) / n,
                     "time/tokens_per_s": sum(w[4] for w in window) / max(sum(w[3] for w in window), 1e-9),
-                    **get_memory_stats(device),
+                    **get_memory_stats(built.mem_devices),
                 }
                 if dist.enabled:
                     metrics["dist/resyncs"] = resyncs
@@ -335,9 +344,12 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.train.eval_on_test and best_path.exists():
         load_trainables(trainables, best_path)
         summary.update({f"test/{k}": v for k, v in objective.evaluate(model, test_batches, device).items()})
-    peak = peak_gib(device)
+    peaks = device_peaks_gib(built.mem_devices)
+    peak = sum(peaks)
     summary.update({
         "mem/peak_gib": peak, "mem/inference_gib": built.inference_gib, "mem/peak_over_inference": peak / built.inference_gib,
+        "mem/peak_device_max_gib": max(peaks), "mem/inference_device_max_gib": built.inference_device_max_gib,
+        "mem/devices": [str(d) for d in built.mem_devices],
         "time/wall_s": time.perf_counter() - t_start, "device": str(device),
         "train/tokens": state.tokens, "time/tokens_per_s": state.tokens / max(state.train_s, 1e-9),
     })
