@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, subprocess_env
 
 spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(spec)
+gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
 spec.loader.exec_module(gpu_check)
 
 
