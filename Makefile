@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 # the Llama-family one that ships offline.
 PLAN_ARGS ?= model=llama2-7b train.batch_size=16 model.tokenizer=packaged:smollm2-135m $(if $(SST2_DIR),task.data_dir=$(SST2_DIR))
 
-.PHONY: help install train test test-slow bench plan compare study study-full lint format clean
+.PHONY: help install train test test-slow bench plan gpu-check compare study study-full lint format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ bench: ## Benchmark tables of docs/benchmarks.md: MiniLM (all tables), SmolLM2-1
 plan: ## Peak memory of Llama-2-7B (bf16, batch 16, SST-2 lengths) with AdaZeta, MeZO and ft, predicted before downloading it
 	adazeta-plan --methods adazeta,mezo --check 3,4 $(PLAN_ARGS)
 	adazeta-plan --methods ft $(PLAN_ARGS)
+
+gpu-check: ## On a GPU (under 10 min): each method's bf16 step and CUDA peak against adazeta-plan, parallel queries, 2-GPU torchrun, replay; one table. ARGS="--dry-run" on CPU
+	$(PYTHON) scripts/gpu_check.py $(ARGS)
 
 compare: ## CPU-sized comparison: 4 methods x 2 seeds on SmolLM2-135M/SST-2 (about an hour), then figures + table in COMPARE_DIR
 	$(if $(SST2_DIR),ADAZETA_SST2_DIR=$(SST2_DIR)) adazeta-train -m seed=0,1 \

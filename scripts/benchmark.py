@@ -427,6 +427,8 @@ def planner_table(args) -> str:
     check = sorted({d for d in (4, depth // 4, depth) if 2 < d <= depth})
     p = planner.plan([f"model={args.model}", "method=adazeta", f"train.batch_size={args.batch_size}", *args.overrides],
                      fit=(1, 2), check=tuple(check), seq_len=args.seq_len,
+                     # checked against runs on this machine: predict for its device
+                     target_device="cuda" if torch.cuda.is_available() else "cpu",
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     return planner.report(p)
 
