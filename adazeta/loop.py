@@ -351,8 +351,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
         "mem/peak_device_max_gib": max(peaks), "mem/inference_device_max_gib": built.inference_device_max_gib,
         "mem/devices": [str(d) for d in built.mem_devices],
         "time/wall_s": time.perf_counter() - t_start, "device": str(device),
-        "train/tokens": state.tokens, "time/tokens_per_s": state.tokens / max(state.train_s, 1e-9),
+        "train/tokens": state.tokens,
     })
+    if state.train_s > 0:  # a run of max_steps=0 has no throughput
+        summary["time/tokens_per_s"] = state.tokens / state.train_s
     loggers.log_dict({k: v for k, v in summary.items() if k.startswith(("test/", "best/"))}, cfg.train.max_steps)
     loggers.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -254,3 +254,4 @@ def test_zero_steps_evaluates_the_untrained_model(tmp_path, entrypoint):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["best/step"] == 0 and summary["forward_passes"] == 0
     assert summary["best/eval_accuracy"] == rows[0]["eval/accuracy"] and "test/accuracy" in summary
+    assert summary["train/tokens"] == 0 and "time/tokens_per_s" not in summary  # no throughput without steps
