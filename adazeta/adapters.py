@@ -285,8 +285,10 @@ def inject_tt_adapters(
         init: ``"paper"`` or ``"identity"`` (see ``TTAdapter``).
 
     The adapter size is the layer's in_features on the input side and out_features on the output
-    side. Adapters are built in fp32 on the device of the layer's weight (meta included). Nothing
-    is frozen. Returns the qualified names of the wrapped layers, in ``named_modules()`` order.
+    side. Adapters are built in fp32 on the device of the layer's weight (meta included), their
+    values drawn on the CPU from the global CPU generator in module order (``TTLinear.
+    reset_parameters``), so the init does not depend on where the layers sit. Nothing is frozen.
+    Returns the qualified names of the wrapped layers, in ``named_modules()`` order.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if targets is None:

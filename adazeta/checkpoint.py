@@ -59,9 +59,11 @@ class LoopState:
 
     step: int = 0  # steps applied; also the data position (one batch per step)
     forward_passes: int = 0
-    window: list[list] = field(default_factory=list)  # [loss, g, q, step_s] since the last train log
+    window: list[list] = field(default_factory=list)  # [loss, g, q, step_s, tokens] since the last train log
     best: dict = field(default_factory=dict)  # step and dev metrics of the best-dev weights
     rollbacks: int = 0
+    tokens: int = 0  # forward tokens this process has processed in training steps (tokens x passes)
+    train_s: float = 0.0  # wall seconds this process has spent in training steps
 
 
 # -- files ---------------------------------------------------------------------------------
@@ -242,11 +244,24 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, scalars
 
 
+def cuda_rng_states(tensors: dict[str, torch.Tensor], device_count: int) -> tuple[dict[int, torch.Tensor], list[int]]:
+    """The saved CUDA RNG states (`rng.cuda.<index>`, one per GPU visible when the checkpoint was
+    written) that this process can restore: ({index: state} for index < device_count, in index
+    order, and the indices dropped). Indices compare as numbers, not strings (rng.cuda.10 after
+    rng.cuda.2); a run resumed on fewer GPUs restores those it has."""
+    found = sorted((int(k.removeprefix("rng.cuda.")), v) for k, v in tensors.items() if k.startswith("rng.cuda."))
+    return {i: v for i, v in found if i < device_count}, [i for i, _ in found if i >= device_count]
+
+
 def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if torch.cuda.is_available():
+        cuda, dropped = cuda_rng_states(tensors, torch.cuda.device_count())
+        for index, state in cuda.items():
+            torch.cuda.set_rng_state(state, index)
+        if dropped:
+            log.warning("the checkpoint holds CUDA RNG states for GPUs %s, which this process does not see "
+                        "(%d visible): they are not restored", dropped, torch.cuda.device_count())
     version, state, gauss = scalars["python"]
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = scalars["numpy"]
@@ -396,7 +411,10 @@ class Checkpointer:
         self.guard.load_state_dict(saved["guard"])
         self.objective.truncated = saved["truncated"]
         self.last = folder
-        return LoopState(**{k: saved[k] for k in ("step", "forward_passes", "window", "best", "rollbacks")})
+        # Checkpoints written before tokens were counted: their window entries lack the count (0).
+        window = [w + [0] * (5 - len(w)) for w in saved["window"]]
+        return LoopState(**{k: saved[k] for k in ("step", "forward_passes", "best", "rollbacks")}, window=window,
+                         tokens=saved.get("tokens", 0), train_s=saved.get("train_s", 0.0))
 
 
 # -- resuming --------------------------------------------------------------------------------

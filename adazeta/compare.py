@@ -99,7 +99,7 @@ SUMMARY_KEYS = ("method", "task", "model", "seed", "metric", "mem/peak_gib", "me
 
 # Values the figures and the table compute with.
 NUMBERS = ("step", "forward_passes", "eval/loss", "time/step_s", "seed", "mem/peak_gib", "mem/inference_gib",
-           "mem/peak_over_inference")
+           "mem/peak_over_inference", "time/tokens_per_s")
 
 
 def read_json(path: Path, line: int, data: bytes, keys: Sequence[str]) -> dict:
@@ -237,6 +237,9 @@ def table(groups: dict[str, list[Run]], target: float | None) -> list[dict]:
             "inference_mem_gib": np.mean([r.summary["mem/inference_gib"] for r in runs]),
             "peak_over_inference": np.mean([r.summary["mem/peak_over_inference"] for r in runs]),
             "time_per_step_s": np.mean([r.time_per_step() for r in runs]),
+            # Forward tokens per second of training (runs from before it was logged have none).
+            "tokens_per_s": (np.mean([r.summary["time/tokens_per_s"] for r in runs])
+                             if all("time/tokens_per_s" in r.summary for r in runs) else NA),
         }
         if target is not None:
             hits = [h for h in (r.first_below(target) for r in runs) if h is not None]
@@ -265,7 +268,7 @@ def markdown(rows: list[dict]) -> str:
     head = [
         "method", "runs", "best dev", "test at best dev",
         "steps to target" if target == NA else f"steps to dev loss ≤ {target}",
-        "forward passes to target", "reached", "peak mem (GiB)", "peak / inference", "s / step",
+        "forward passes to target", "reached", "peak mem (GiB)", "peak / inference", "s / step", "tokens / s",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -275,7 +278,7 @@ def markdown(rows: list[dict]) -> str:
             _pm(r["test_at_best_dev_mean"], r["test_at_best_dev_std"], r["runs"]),
             _fmt(r["steps_to_target"]), _fmt(r["forward_passes_to_target"]),
             r["reached_target"], f"{r['peak_mem_gib']:.3f}", f"{r['peak_over_inference']:.2f}×",
-            f"{r['time_per_step_s']:.3f}",
+            f"{r['time_per_step_s']:.3f}", _fmt(round(r["tokens_per_s"])) if r["tokens_per_s"] != NA else NA,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -98,14 +98,19 @@ class ModelConfig:
     float32; full-parameter methods train the base weights in this dtype (ZO: perturbed inside the
     forward, updates stochastically rounded; see adazeta/zo.py)."""
     device: str = "auto"
-    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ... Under torchrun `auto` or
+    `cuda`: each rank takes the GPU of its LOCAL_RANK (an explicit index is refused)."""
     max_length: int = 128
     """Longest tokenised input; longer inputs are truncated from the passage side, with a warning."""
     trust_remote_code: bool = False
     """Passed to from_pretrained; only when you trust the model repository's code."""
     device_map: str | None = None
     """`auto`: spread a model larger than one GPU over the node's GPUs (accelerate); forward-only
-    methods only. null: the whole model on `device`."""
+    methods only. null: the whole model on `device`. A placement that offloads layers to the CPU
+    or disk is refused (the ZO methods write and read every weight in place)."""
+    max_memory: Any = None
+    """With `device_map`: the memory accelerate may fill per GPU, e.g. `{0: 70GiB, 1: 70GiB}`
+    (GPU indices only: no `cpu` or `disk` entry); null: accelerate's own budget."""
 
 
 @dataclass
@@ -299,6 +304,17 @@ class GuardConfig:
     on) is not applied (> 1); null: only non-finite values stop a step."""
     window: int = 20
     """Accepted step losses in the running mean."""
+    max_update: float | None = 10.0
+    """A ZO step whose update would move the trainable weights by more than this many times their
+    norm is not applied (> 0); null: off. The size is known before the update from the learning
+    rate, the projected gradients and the number of trainable values n (z ~ N(0, I)):
+    lr * c * sqrt(n) / ||theta||, with c = sqrt(sum_q g_q^2) / Q for sgd, momentum and conservative,
+    1 / sqrt(Q) for sign, 1 for adam; ||theta|| is measured once, at the first step. It catches
+    what a loss check cannot: a learning rate so large that one step flattens the model (every
+    candidate scored alike: a loss of ln 2 on a two-way task, below the starting loss). On
+    SmolLM2-135M at each method's default lr, lr * sqrt(n) / ||theta|| is 0.0014 (adazeta), 0.0054
+    (mezo_lora) and 5e-6 (mezo): a projected gradient of about 2,000 (adazeta) or 200 (mezo_lora)
+    would be needed to reach 10."""
     action: GuardAction = GuardAction.stop
     """`stop`: save a checkpoint and stop with a clear message; `rollback`: restore the last
     checkpoint and multiply the lr by `lr_factor` (at most `max_rollbacks` times)."""

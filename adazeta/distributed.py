@@ -87,6 +87,35 @@ class Dist:
             td.destroy_process_group()
 
 
+def rank_device(device: str, local_rank: int, gpus: int) -> str:
+    """The device of one torchrun rank, from `model.device`, the rank's LOCAL_RANK and the number of
+    GPUs it sees. Each rank takes one GPU of its own: GPU LOCAL_RANK when the node's GPUs are all
+    visible, or the one GPU it sees when the launcher gives each task one (SLURM's
+    --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES per task, so LOCAL_RANK may exceed 0 with one
+    GPU visible). An explicit index (cuda:0) would put every rank on that GPU (NCCL: "duplicate
+    GPU"), so it is refused."""
+    if device == "cpu" or (device == "auto" and gpus == 0):
+        return "cpu"
+    if device not in ("auto", "cuda"):
+        if device.startswith("cuda:"):
+            raise ConfigError(
+                f"model.device={device} under torchrun would put every rank on that GPU; use model.device=cuda "
+                "(or auto): each rank takes the GPU of its LOCAL_RANK (CUDA_VISIBLE_DEVICES selects the node's GPUs)"
+            )
+        return device  # not a CUDA device: resolve_device judges it
+    if gpus == 0:
+        raise ConfigError(f"model.device={device} under torchrun, but this process sees no GPU; use model.device=cpu")
+    if gpus == 1:
+        return "cuda:0"  # one GPU per task: LOCAL_RANK % 1
+    if local_rank >= gpus:
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank}, but this process sees {gpus} GPUs (0..{gpus - 1}): start at most {gpus} "
+            f"processes per node (torchrun --nproc_per_node {gpus}), or give each process one GPU "
+            "(CUDA_VISIBLE_DEVICES, SLURM --gpus-per-task=1)"
+        )
+    return f"cuda:{local_rank}"
+
+
 def setup(cfg: DistConfig, model: ModelConfig, method: MethodConfig, batch_size: int) -> Dist:
     """Join the process group torchrun set up the environment for (no-op in a single process).
     On CUDA each rank takes the GPU of its LOCAL_RANK, so `model.device=auto|cuda` is that GPU."""
@@ -101,10 +130,12 @@ def setup(cfg: DistConfig, model: ModelConfig, method: MethodConfig, batch_size:
             f"model.device_map={model.device_map} spreads one model over the node's GPUs; under torchrun each "
             "rank holds a whole model on its own GPU: set model.device_map=null, or run without torchrun"
         )
-    device = resolve_device(model.device)
-    if device.type == "cuda" and device.index is None:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        device = torch.device("cuda", torch.cuda.current_device())
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device(rank_device(model.device, int(os.environ.get("LOCAL_RANK", "0")), gpus))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # model.device=auto|cuda then means this GPU (models.load_model)
+    else:
+        resolve_device(model.device)  # its errors for a device that is not one
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"dist.backend={cfg.backend!r} is not one of {list(BACKENDS)}")
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")

@@ -1,5 +1,6 @@
-"""The divergence guard: a step whose loss or projected gradient is not finite, or whose loss
-explodes past `guard.explode_factor` times the recent accepted losses, is not applied.
+"""The divergence guard: a step whose loss or projected gradient is not finite, whose loss
+explodes past `guard.explode_factor` times the recent accepted losses, or (ZO) whose update would
+move the weights by more than `guard.max_update` times their norm, is not applied.
 
 The reference is the mean of the last `guard.window` accepted step losses; until that many have
 been accepted, the largest accepted so far, so the guard protects from the second step on (the
@@ -44,8 +45,19 @@ class Guard:
     (empty for first-order methods)."""
 
     def __init__(self, cfg: GuardConfig):
-        self.factor, self.window = cfg.explode_factor, cfg.window
+        self.factor, self.window, self.max_update = cfg.explode_factor, cfg.window, cfg.max_update
         self.recent: deque[float] = deque(maxlen=cfg.window)
+
+    def check_update(self, step: int, ratio: float, lr: float, grads: list[float]) -> None:
+        """Stop a step whose update would move the trainables by `ratio` (> guard.max_update)
+        times their norm, before it is applied."""
+        if self.max_update is not None and ratio > self.max_update:
+            raise DivergenceError(
+                f"step {step}: the update would move the trainable weights by about {ratio:.3g} times their "
+                f"norm (> guard.max_update={self.max_update:g}; lr {lr:.3g}, projected gradients "
+                f"{show(grads)}); the step was not applied",
+                step,
+            )
 
     def __call__(self, step: int, losses: list[float], grads: list[float]) -> None:
         if not all(math.isfinite(v) for v in [*losses, *grads]):

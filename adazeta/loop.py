@@ -36,7 +36,13 @@ from adazeta.errors import ConfigError, DivergenceError, Interrupted
 from adazeta.guard import Guard, check_precision, get_lr, set_lr
 from adazeta.interrupt import interruption, resume_command
 from adazeta.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
-from adazeta.memory import get_memory_stats, make_resident, peak_gib, reset_peak
+from adazeta.memory import (
+    device_peaks_gib,
+    get_memory_stats,
+    make_resident,
+    model_devices,
+    reset_peak,
+)
 from adazeta.methods import Method, build_method
 from adazeta.models import load_model, prompt_init_head
 from adazeta.objectives import Objective
@@ -117,7 +123,9 @@ class Setup:
     objective: Objective
     device: torch.device
     method: Method
-    inference_gib: float
+    inference_gib: float  # summed over mem_devices
+    inference_device_max_gib: float  # the largest one device's share
+    mem_devices: list[torch.device]  # every device holding weights (several under model.device_map)
 
 
 def setup(cfg: DictConfig, dist: distributed.Dist | None = None) -> Setup:
@@ -134,10 +142,11 @@ def setup(cfg: DictConfig, dist: distributed.Dist | None = None) -> Setup:
     # Inference memory of this model and batch size, measured before any training state exists,
     # with every weight resident (on CPU, mmapped weights count once read).
     make_resident(model)
-    reset_peak(device)
+    mem_devices = model_devices(model)  # input `device` is only the first of them under device_map
+    reset_peak(mem_devices)
     with torch.no_grad():
         objective.forward(model, to_device(objective.encode(splits.train[: cfg.train.batch_size], train=True), device))
-    inference_gib = peak_gib(device)
+    inference = device_peaks_gib(mem_devices)
 
     method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
     if dist is not None:
@@ -147,7 +156,7 @@ def setup(cfg: DictConfig, dist: distributed.Dist | None = None) -> Setup:
         # LM-BFF label words take their leading space from the tokenizer side: add it here.
         prompts = [task.mlm_template(blank, " " + word).strip() for word in task.label_words]
         prompt_init_head(method.model, objective, prompts, device)
-    return Setup(task, splits, objective, device, method, inference_gib)
+    return Setup(task, splits, objective, device, method, sum(inference), max(inference), mem_devices)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -177,7 +186,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
     bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size
     dev_batches, test_batches = objective.eval_batches(splits.dev, ebs), objective.eval_batches(splits.test, ebs)
     n_trainable = sum(t.param.numel() for t in trainables)
-    reset_peak(device)  # the training peak: weights, method state, activations; not model loading
+    reset_peak(built.mem_devices)  # the training peak: weights, method state, activations; not model loading
     schedule = instantiate(cfg.schedule)
     steps_per_epoch = max(len(splits.train) // bs, 1)
     schedule.bind(steps_per_epoch=steps_per_epoch, max_steps=max(cfg.train.max_steps, 1))
@@ -256,7 +265,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
         while state.step < cfg.train.max_steps:
             step = state.step + 1
             t0 = time.perf_counter()
-            batch = to_device(objective.encode(dist.shard(next(stream)), train=True), device)
+            encoded = objective.encode(dist.shard(next(stream)), train=True)
+            tokens = int(encoded["attention_mask"].sum()) if "attention_mask" in encoded else encoded["input_ids"].numel()
+            batch = to_device(encoded, device)
             q = schedule(step - 1)  # schedules count steps from 0
             try:
                 result = method.step(objective.batch_loss(model, batch), step, q)
@@ -268,9 +279,11 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
             if replay is not None:
                 replay.append(step, result.seeds, result.grads, get_lr(method.step))
             step_s = time.perf_counter() - t0
-            state.window.append([result.loss, result.projected_grad, q, step_s])
+            step_tokens = tokens * result.forward_passes  # every forward pass of the step reads the batch
+            state.tokens, state.train_s = state.tokens + step_tokens, state.train_s + step_s
+            state.window.append([result.loss, result.projected_grad, q, step_s, step_tokens])
             bar.update(step - bar.n)
-            bar.set_postfix(loss=f"{result.loss:.4f}", q=q, step_s=f"{step_s:.2f}")
+            bar.set_postfix(loss=f"{result.loss:.4f}", q=q, step_s=f"{step_s:.2f}", tok_s=f"{step_tokens / step_s:.0f}")
 
             if dist.enabled and cfg.dist.check_steps and step % cfg.dist.check_steps == 0:
                 resyncs += distributed.check_drift(trainables, dist, step)
@@ -284,7 +297,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
                     "train/lr": get_lr(method.step),
                     "zo/queries": window[-1][2],
                     "time/step_s": sum(w[3] for w in window) / n,
-                    **get_memory_stats(device),
+                    "time/tokens_per_s": sum(w[4] for w in window) / max(sum(w[3] for w in window), 1e-9),
+                    **get_memory_stats(built.mem_devices),
                 }
                 if dist.enabled:
                     metrics["dist/resyncs"] = resyncs
@@ -330,11 +344,17 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.train.eval_on_test and best_path.exists():
         load_trainables(trainables, best_path)
         summary.update({f"test/{k}": v for k, v in objective.evaluate(model, test_batches, device).items()})
-    peak = peak_gib(device)
+    peaks = device_peaks_gib(built.mem_devices)
+    peak = sum(peaks)
     summary.update({
         "mem/peak_gib": peak, "mem/inference_gib": built.inference_gib, "mem/peak_over_inference": peak / built.inference_gib,
+        "mem/peak_device_max_gib": max(peaks), "mem/inference_device_max_gib": built.inference_device_max_gib,
+        "mem/devices": [str(d) for d in built.mem_devices],
         "time/wall_s": time.perf_counter() - t_start, "device": str(device),
+        "train/tokens": state.tokens,
     })
+    if state.train_s > 0:  # a run of max_steps=0 has no throughput
+        summary["time/tokens_per_s"] = state.tokens / state.train_s
     loggers.log_dict({k: v for k, v in summary.items() if k.startswith(("test/", "best/"))}, cfg.train.max_steps)
     loggers.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

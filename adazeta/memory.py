@@ -1,5 +1,8 @@
 """Peak-memory accounting: CUDA allocator stats on GPU, the process's peak resident set on CPU.
 
+Every call takes one device or several: under `model.device_map` a model's layers sit on several
+GPUs, and the peaks of all of them (`model_devices`) are reset and read together.
+
 On Linux the CPU peak (VmHWM) can be reset by writing 5 to /proc/self/clear_refs, so that a peak
 measures one phase (inference, training) and not the transient of loading the model.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -16,19 +20,54 @@ GIB = 1024**3
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        _CLEAR.write_text("5")
-    except OSError:  # not Linux, or not permitted: the peak stays a whole-process high-water mark
-        pass
+Devices = torch.device | Iterable[torch.device]
 
 
-def peak_gib(device: torch.device) -> float:
-    """Peak memory since the last reset_peak: torch.cuda.max_memory_allocated on CUDA, the peak
-    resident set (VmHWM) on CPU."""
+def model_devices(model: torch.nn.Module) -> list[torch.device]:
+    """The devices whose memory a run of `model` uses: every CUDA device holding one of its
+    parameters or buffers, in index order (several under `model.device_map`), or else the CPU."""
+    found = {t.device for t in [*model.parameters(), *model.buffers()]}
+    cuda = sorted((d for d in found if d.type == "cuda"), key=lambda d: d.index or 0)
+    return cuda or [torch.device("cpu")]
+
+
+def _devices(devices: Devices) -> list[torch.device]:
+    if isinstance(devices, (torch.device, str)):
+        devices = [devices]
+    devices = [torch.device(d) for d in devices]
+    # A CUDA device without an index is the current one: pin it, so that each is counted once.
+    return list(dict.fromkeys(
+        torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+        for d in devices
+    ))
+
+
+def reset_peak(devices: Devices) -> None:
+    """Start a new peak on each of `devices` (a device or several)."""
+    for device in _devices(devices):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            continue
+        try:
+            _CLEAR.write_text("5")
+        except OSError:  # not Linux, or not permitted: the peak stays a whole-process high-water mark
+            pass
+
+
+def device_peaks_gib(devices: Devices) -> list[float]:
+    """Peak memory of each device since the last reset_peak: torch.cuda.max_memory_allocated on
+    CUDA, the peak resident set (VmHWM) of the process on the CPU."""
+    return [_peak_gib(device) for device in _devices(devices)]
+
+
+def peak_gib(devices: Devices) -> float:
+    """Peak memory since the last reset_peak, summed over `devices`: under `device_map` the model's
+    layers share the GPUs, so one GPU's peak (GPU 0 holds least under balanced_low_0) describes a
+    part of the model only. The sum is an upper bound of the peaks' simultaneous total."""
+    return sum(device_peaks_gib(devices))
+
+
+def _peak_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / GIB
     try:
@@ -53,8 +92,13 @@ def make_resident(model: torch.nn.Module) -> None:
             t.detach().reshape(-1)[::step].sum()
 
 
-def get_memory_stats(device: torch.device) -> dict[str, float]:
-    stats = {"mem/peak_gib": peak_gib(device)}
-    if device.type == "cuda":
-        stats["mem/reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+def get_memory_stats(devices: Devices) -> dict[str, float]:
+    """`mem/peak_gib`: the peaks summed over `devices`; `mem/peak_device_max_gib`: the largest
+    one device's peak (what must fit on a GPU); `mem/reserved_gib`: CUDA's reserved memory, summed."""
+    devices = _devices(devices)
+    peaks = device_peaks_gib(devices)
+    stats = {"mem/peak_gib": sum(peaks), "mem/peak_device_max_gib": max(peaks)}
+    cuda = [d for d in devices if d.type == "cuda"]
+    if cuda:
+        stats["mem/reserved_gib"] = sum(torch.cuda.max_memory_reserved(d) for d in cuda) / GIB
     return stats

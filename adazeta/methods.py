@@ -4,6 +4,7 @@ LoRA, sparse mask) + an optimiser (the ZO estimator with an update rule, or back
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,6 +81,9 @@ class ZOStep:
         elif cfg.update_rule.value == "adam":
             kwargs = {"betas": tuple(cfg.betas), "adam_eps": cfg.adam_eps}
         self.rule = RULES[cfg.update_rule.value](self.spsa, cfg.lr, cfg.weight_decay, **kwargs)
+        self.update_scale = UPDATE_SCALE[cfg.update_rule.value]
+        self.numel = sum(t.param.numel() for t in trainables)
+        self.norm: float | None = None  # of the trainables, measured at the first guarded step
         self.seed = seed
         self.estimate: Estimate = self.sequential
         self.guard: Guard | None = None
@@ -112,6 +116,11 @@ class ZOStep:
             grads, losses = [g for g, _ in results], [loss for _, loss in results]
             if self.guard is not None:
                 self.guard(step, losses, grads)
+                if self.norm is None:
+                    self.norm = weight_norm(self.spsa.trainables)
+                if self.norm > 0:
+                    ratio = self.rule.lr * self.update_scale(grads) * self.numel**0.5 / self.norm
+                    self.guard.check_update(step, ratio, self.rule.lr, grads)
             check_update_fits(step, self.rule.lr, grads)
             if self.spsa.displaced and self.rule.fusable:  # the weights sit at theta - eps z_last
                 coeffs = self.rule.coefficients(grads)
@@ -177,6 +186,28 @@ class FOStep:
 
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+# The coefficient c of an update lr * (1/Q) sum_q c_q z_q per rule, as an RMS over queries: the
+# update's norm is about lr * UPDATE_SCALE(grads) * sqrt(n) for z ~ N(0, I) over n values.
+UPDATE_SCALE: dict[str, Callable[[list[float]], float]] = {
+    "sgd": lambda g: math.sqrt(sum(x * x for x in g)) / len(g),
+    "momentum": lambda g: math.sqrt(sum(x * x for x in g)) / len(g),  # this step's share of m
+    "conservative": lambda g: math.sqrt(sum(x * x for x in g)) / len(g),
+    "sign": lambda g: 1 / math.sqrt(len(g)),
+    "adam": lambda g: 1.0,  # normalised by the second moment: about one z per step
+}
+
+
+@torch.no_grad()
+def weight_norm(trainables: list[Trainable]) -> float:
+    """sqrt(sum of squares) of the trainable values, in float64, a slice at a time (no copy of a
+    large low-precision tensor in fp32)."""
+    total = 0.0
+    for t in trainables:
+        flat = t.param.detach().reshape(-1)
+        for a in range(0, flat.numel(), 1 << 20):
+            total += float(flat[a:a + (1 << 20)].double().pow(2).sum())
+    return math.sqrt(total)
 
 
 def check_update_fits(step: int, lr: float, grads: list[float]) -> None:

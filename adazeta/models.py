@@ -3,6 +3,7 @@ an architecture built with random weights (no download)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,7 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     if cfg.device_map is not None and cfg.device_map not in DEVICE_MAPS:
         raise ConfigError(f"model.device_map={cfg.device_map!r} is not one of {list(DEVICE_MAPS)} (or null)")
+    max_memory = gpu_max_memory(cfg.max_memory)
     if cfg.init == Init.random:
         if not cfg.arch or "model_type" not in cfg.arch:
             raise ConfigError(
@@ -165,18 +167,21 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
         except (ValueError, TypeError, StrictDataclassError) as e:  # some families check sizes only here
             raise bad_arch(cfg, e) from None
         if cfg.device_map is not None:
-            model = dispatch(model, cfg.device_map)
+            model = dispatch(model, cfg.device_map, max_memory)
     else:
         # With a device_map the weights load straight onto their devices, never whole on one.
         model = auto_cls.from_pretrained(
             path, config=hf_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-            **({"device_map": cfg.device_map} if cfg.device_map is not None else {}),
+            **({"device_map": cfg.device_map, "max_memory": max_memory} if cfg.device_map is not None else {}),
         )
+        if cfg.device_map is not None and head == Head.classification:
+            init_head_on_cpu(model, classification_head(model))  # not from its GPU's generator
     if auto_cls is AutoModel:
         model = MeanPoolClassifier(model, num_labels)
     if cfg.device_map is None:
         model.to(device)
     else:  # inputs go where the embeddings are; accelerate's hooks move activations between devices
+        refuse_offload(model, cfg.device_map)
         device = model.get_input_embeddings().weight.device
         log.info("device_map=%s: %s", cfg.device_map, dict(model.hf_device_map))
     model.eval()  # ZO forwards run without dropout; first-order methods switch to train() themselves
@@ -193,15 +198,59 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def dispatch(model: PreTrainedModel, device_map: str) -> PreTrainedModel:
+def gpu_max_memory(value) -> dict | None:
+    """`model.max_memory` as accelerate takes it: {GPU index: size}; a cpu or disk entry would let
+    accelerate offload layers, which `refuse_offload` refuses anyway."""
+    if value is None:
+        return None
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"model.max_memory={value!r} must map GPU indices to sizes, e.g. {{0: 70GiB, 1: 70GiB}}")
+    out = {}
+    for key, size in value.items():
+        if str(key).isdigit():
+            out[int(key)] = size
+        else:
+            raise ConfigError(
+                f"model.max_memory has the entry {key!r}: {size!r}; only GPU indices may appear (0, 1, ...): "
+                "a cpu or disk entry offloads layers, which the ZO methods cannot train. Drop that entry"
+            )
+    return out
+
+
+def refuse_offload(model: torch.nn.Module, device_map: str) -> None:
+    """Refuse a placement that keeps weights off the GPUs. accelerate leaves the weights of layers it
+    offloads to the CPU or disk as meta tensors and loads them per forward; the ZO methods perturb,
+    update and draw z for the weights in place, and adapters are built beside them: all of that
+    would fail (or silently do nothing) on a meta tensor."""
+    placement = dict(getattr(model, "hf_device_map", None) or {})
+    on_gpu = any(d not in ("cpu", "disk") for d in placement.values())  # all on "cpu": a CPU run, no offload
+    offloaded = {name or "<the model>": d for name, d in placement.items() if d == "disk" or (d == "cpu" and on_gpu)}
+    if not offloaded:  # placed elsewhere, or not recorded: the meta weights tell
+        offloaded = {n.rpartition(".")[0] or n: "meta" for n, p in model.named_parameters() if p.is_meta}
+    if not offloaded:
+        return
+    names = list(offloaded)
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    where = "/".join(sorted(set(map(str, offloaded.values()))))
+    raise ConfigError(
+        f"model.device_map={device_map} offloaded {len(names)} module(s) to {where} ({shown}): their "
+        "weights stay meta tensors, which the ZO methods cannot perturb or update. Make the model fit on the "
+        "GPUs: set model.max_memory to GPU indices only (e.g. {0: 70GiB, 1: 70GiB}, no cpu or disk entry), "
+        "use more GPUs, model.dtype=bfloat16, or a smaller model"
+    )
+
+
+def dispatch(model: PreTrainedModel, device_map: str, max_memory: dict | None = None) -> PreTrainedModel:
     """Spread a model built in memory over the node's GPUs, as from_pretrained(device_map=...) does."""
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
     no_split = getattr(model, "_no_split_modules", None) or []
-    max_memory = None if device_map == "sequential" else get_balanced_memory(
-        model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
-    )
+    if max_memory is None and device_map != "sequential":
+        max_memory = get_balanced_memory(
+            model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+        )
     placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     model.hf_device_map = placement
     return dispatch_model(model, device_map=placement)
@@ -213,9 +262,11 @@ class MeanPoolClassifier(torch.nn.Module):
     def __init__(self, encoder: PreTrainedModel, num_labels: int):
         super().__init__()
         self.encoder, self.config = encoder, encoder.config
-        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels, device=encoder.device)
+        # Drawn on the CPU from the global generator, then moved: the same head on every device.
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels, device="cpu")
         self.classifier.weight.data.normal_(0.0, encoder.config.initializer_range)
         self.classifier.bias.data.zero_()
+        self.classifier.to(encoder.device)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         # Sentence-pair tasks give BERT tokenizers' segment ids: the encoder reads them as usual.
@@ -249,6 +300,26 @@ def prompt_init_head(model, objective, prompts: list[str], device: torch.device,
     alpha = margin / (feats * centred).sum(-1).mean().clamp(min=1e-6)
     head.weight.copy_(alpha * centred)
     head.bias.zero_()
+
+
+@torch.no_grad()
+def init_head_on_cpu(model: PreTrainedModel, head: torch.nn.Module) -> None:
+    """Re-draw a new classification head with the model's own init (`_init_weights`) on the CPU,
+    from the global CPU generator, and copy the values to wherever the head sits.
+
+    from_pretrained(device_map=...) initialises the weights a checkpoint lacks (a new head) on
+    their GPU, from that GPU's generator: the run would start from another head than a CPU run,
+    and, as torch.manual_seed seeds every GPU alike, from one that depends on the GPU it landed on.
+    """
+    twin = copy.deepcopy(head).to_empty(device="cpu")
+    for t in [*twin.modules(), *twin.parameters(), *twin.buffers()]:
+        if hasattr(t, "_is_hf_initialized"):  # transformers' init functions skip flagged tensors
+            del t._is_hf_initialized
+    for module in twin.modules():
+        model._init_weights(module)
+    for param, drawn in zip(head.parameters(), twin.parameters(), strict=True):
+        if not param.is_meta:
+            param.copy_(drawn)
 
 
 def classification_head(model: PreTrainedModel) -> torch.nn.Module:

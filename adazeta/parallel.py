@@ -160,20 +160,24 @@ class ParallelQueries:
 
     @contextlib.contextmanager
     def replicas(self, n: int) -> Iterator[None]:
-        """Swap each owner's forward for its per-replica version over the first n stacks."""
-        saved: list[tuple[nn.Module, Callable | None]] = []
+        """Swap each owner's forward for its per-replica version over the first n stacks. A module
+        that accelerate hooked (under `model.device_map`) keeps its hook: the swap replaces the
+        forward the hook wraps (`_old_forward`), so the hook still moves the inputs to the module's
+        device and the outputs on, as it does for the sequential queries."""
+        saved: list[tuple[nn.Module, str, Callable | None]] = []
         try:
             for module, owned in self.owners:
-                original = module.__dict__.get("forward")
-                module.forward = replica_forward(module, {name: self.stacks[i][:n] for name, i in owned}, n)
-                saved.append((module, original))
+                attr = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+                original = module.__dict__.get(attr)
+                setattr(module, attr, replica_forward(module, {name: self.stacks[i][:n] for name, i in owned}, n))
+                saved.append((module, attr, original))
             yield
         finally:
-            for module, original in saved:
+            for module, attr, original in saved:
                 if original is None:
-                    del module.forward  # back to the class's forward
+                    delattr(module, attr)  # back to the class's forward
                 else:
-                    module.forward = original  # e.g. an accelerate hook's wrapper
+                    setattr(module, attr, original)  # e.g. the forward an accelerate hook wraps
 
 
 def owners(model: nn.Module, spsa: SPSA) -> list[tuple[nn.Module, list[tuple[str, int]]]]:
@@ -220,7 +224,7 @@ def replica_forward(module: nn.Module, params: dict[str, torch.Tensor], n: int) 
         a, b = a.mT.contiguous().mT, b.mT.contiguous().mT
 
         def tt_forward(x: torch.Tensor) -> torch.Tensor:
-            xs = _blocks(x, n, module)
+            xs = _blocks(x, n, module, a.device)
             h = torch.bmm(xs, a)
             y = torch.bmm(h, b) if bias is None else torch.baddbmm(_rows(bias), h, b)
             return y.reshape(*x.shape[:-1], module.d_out)
@@ -231,7 +235,7 @@ def replica_forward(module: nn.Module, params: dict[str, torch.Tensor], n: int) 
     bias = params.get("bias", module.bias)
 
     def linear_forward(x: torch.Tensor) -> torch.Tensor:
-        xs = _blocks(x, n, module)
+        xs = _blocks(x, n, module, weight.device)
         w = weight.transpose(-1, -2)  # (n, in, out), or (in, out) when only the bias is trainable
         if bias is None:
             y = xs @ w
@@ -249,8 +253,11 @@ def _rows(bias: torch.Tensor) -> torch.Tensor:
     return bias.unsqueeze(1) if bias.dim() == 2 else bias
 
 
-def _blocks(x: torch.Tensor, n: int, module: nn.Module) -> torch.Tensor:
-    """(n * rows, ..., d) -> (n, rows * ..., d): replica r's rows are the r-th block."""
+def _blocks(x: torch.Tensor, n: int, module: nn.Module, device: torch.device) -> torch.Tensor:
+    """(n * rows, ..., d) -> (n, rows * ..., d): replica r's rows are the r-th block, on `device`
+    (the weights'): under `device_map` a head's input comes from the final norm, which may sit on
+    another GPU; accelerate's hook moves it, and so does this where no hook does."""
+    x = x.to(device)
     if x.shape[0] % n:
         raise RuntimeError(
             f"parallel queries: a {type(module).__name__} got {x.shape[0]} rows, not a multiple "

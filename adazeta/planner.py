@@ -26,6 +26,18 @@ can draw: the `train.batch_size` longest examples of the task's training sample,
 model's tokenizer (`--seq-len N` uses N synthetic tokens per row instead). Token ids are folded
 into the model's vocabulary: with random weights only the shapes matter.
 
+A CUDA target measured on a CPU: some buffers exist on CUDA only, because the CPU paths that avoid
+them need `normal_` drawn chunk by chunk to equal one draw over the tensor, which holds for torch's
+CPU kernels only (adazeta/zo.py `chunks_exact`). On CUDA every pass over the weights draws each
+tensor's z whole into one scratch buffer (the largest trainable tensor of each dtype: 250 MiB for
+Llama-2-7B's bf16 embedding), masked passes keep two bools per value of that tensor, and
+Sparse-MeZO's in-forward perturbation copies each module's weights whole with two bool masks
+(adazeta/sparse.py: no module is `blockable`). The measurement reports what the CPU run held of each
+buffer; the plan adds the CUDA size minus that (`--target-device`, default: where `model.device`
+runs, CUDA for model.device=auto) and prints both. A measurement on CUDA sees these buffers itself,
+and also reports the allocator's reserved memory (`torch.cuda.max_memory_reserved`), which a CPU
+measurement cannot predict: the caching allocator keeps freed blocks and rounds segments up.
+
 Low precision on a CPU: an AVX2 CPU runs bf16 matmuls at a few GFLOP/s, so a bf16 forward at 7B
 width takes minutes. The planner then measures in float32 and converts each measured peak:
 
@@ -70,6 +82,21 @@ RESULT_TAG = "ADAZETA_PLAN_RESULT "
 
 
 @dataclass
+class CudaTerm:
+    """A buffer a CUDA run allocates whose size a CPU measurement does not show (module docstring)."""
+
+    name: str  # what it is, with the tensor that sizes it
+    source: str  # where the code allocates it
+    cuda_gib: float  # its size on CUDA, in the target dtype
+    cpu_gib: float  # what the CPU measurement held of it, in the measured dtype
+
+    def added(self, ratio: float) -> float:
+        """GiB to add to a measurement converted with `ratio` (target over measured bytes per
+        value): the conversion scaled the CPU buffer by `ratio` too, so that is what it holds."""
+        return self.cuda_gib - ratio * self.cpu_gib
+
+
+@dataclass
 class Measurement:
     """One measured training step of the architecture cut to `layers` layers (a fresh process)."""
 
@@ -83,6 +110,11 @@ class Measurement:
     trainable_params: int
     step_s: float
     tokens: list[int] = field(default_factory=list)  # batch shape: rows x tokens
+    cuda_terms: list[CudaTerm] = field(default_factory=list)  # measured on CPU: what CUDA adds
+    reserved_gib: float | None = None  # measured on CUDA: the allocator's reserved peak, same baseline
+
+    def __post_init__(self):
+        self.cuda_terms = [CudaTerm(**t) if isinstance(t, dict) else t for t in self.cuda_terms]
 
     def converted(self, dtype: str) -> tuple[float, float]:
         """(peak, inference) in GiB as a `dtype` run would have them (module docstring)."""
@@ -110,10 +142,32 @@ class Plan:
     b_inf: float
     # (layers, converted, native) peaks in the target dtype, at depths measured natively too.
     dtype_checks: list[tuple[int, float, float]] = field(default_factory=list)
+    target_device: str = "cpu"  # the device type the prediction is for: cpu or cuda
+    # A CUDA target measured on a CPU: the buffers only CUDA allocates (of the deepest fitted
+    # measurement; their sizes do not depend on depth), added to the line's prediction.
+    cuda_terms: list[CudaTerm] = field(default_factory=list)
+    reserved: tuple[float, float] | None = None  # measured on CUDA: (a, b) of the reserved line
+
+    @property
+    def ratio(self) -> float:
+        return DTYPE_BYTES[self.dtype] / DTYPE_BYTES[self.measured_dtype]
+
+    @property
+    def added_gib(self) -> float:
+        return sum(t.added(self.ratio) for t in self.cuda_terms)
+
+    @property
+    def line_gib(self) -> float:
+        """The fitted line at full depth: the measured step, converted to the target dtype."""
+        return self.a + self.b * self.depth
 
     @property
     def peak_gib(self) -> float:
-        return self.a + self.b * self.depth
+        return self.line_gib + self.added_gib
+
+    @property
+    def reserved_gib(self) -> float | None:
+        return None if self.reserved is None else self.reserved[0] + self.reserved[1] * self.depth
 
     @property
     def inference_gib(self) -> float:
@@ -251,6 +305,80 @@ def param_gib(params) -> float:
     return sum(p.numel() * p.element_size() for p in params) / GIB
 
 
+def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
+    """What a CUDA run of `method` allocates that this CPU process did not, after a step has run
+    here: each buffer's CUDA size (values of the largest tensor or module, at the target dtype's
+    bytes; `kept` parameters stay float32) beside the size this process's buffers reached.
+    Empty for first-order methods: backprop allocates alike on both devices."""
+    import torch
+
+    from adazeta.methods import ZOStep
+    from adazeta.sparse import InForwardPerturbation
+    from adazeta.zo import CHUNK
+
+    step = method.step
+    if not isinstance(step, ZOStep):
+        return []
+    spsa, mask = step.spsa, step.mask
+    magnitude = mask is not None and getattr(mask, "chunked", False)
+
+    def dtype_of(p) -> str:
+        return "float32" if id(p) in kept else target_dtype
+
+    def held(buffers, kind=None) -> float:  # GiB of the CPU buffers (of a kind: "float", "bool")
+        bufs = [b for b in buffers if kind is None or (b.dtype == torch.bool) == (kind == "bool")]
+        return sum(b.numel() * b.element_size() for b in bufs) / GIB
+
+    # Per dtype, the largest trainable tensor: on CUDA chunks_exact is False (zo.py), so SPSA.bounds
+    # are all None and run_lane draws every tensor's z whole through SPSA.z into `SPSA.scratch`,
+    # one buffer per (device, dtype) grown to the largest tensor drawn.
+    largest: dict[str, tuple[int, str]] = {}
+    for t in spsa.trainables:
+        d = dtype_of(t.param)
+        largest[d] = max(largest.get(d, (0, "")), (t.param.numel(), t.name))
+    lanes = [b for lane in spsa.lanes for b in lane.buffers.values()]
+    names = ", ".join(f"{n} ({numel:,} {d})" for d, (numel, n) in largest.items())
+    terms = [CudaTerm(
+        f"z scratch: the largest trainable tensor per dtype, {names}", "zo.py SPSA.z (run_lane, whole tensors)",
+        sum(numel * DTYPE_BYTES[d] for d, (numel, _) in largest.items()) / GIB,
+        held(spsa.scratch.values()) + held(lanes, "float"))]
+    top = max(numel for numel, _ in largest.values())
+    if magnitude:
+        # run_lane's whole-tensor branch computes the magnitude mask into lane.buffer(p, 2n, bool).
+        terms.append(CudaTerm(
+            "update mask: 2 bools per value of the largest tensor", "zo.py run_lane (mask.chunk into lane.buffer)",
+            max(2 * top, 2 * CHUNK) / GIB, held(lanes, "bool")))
+    perturb = getattr(spsa.loss_pair, "__self__", None)
+    if isinstance(perturb, InForwardPerturbation):
+        # No module is `blockable` on CUDA (it needs chunks_exact): pre_hook -> perturbed_copy
+        # takes each module's own trainables whole from the work buffer, stacked over the
+        # enclosing modules that own trainables too (`take`).
+        index_of = {id(t.param) for t in spsa.trainables}
+        stacked: dict[str, int] = {}
+
+        def walk(module, above: dict[str, int]) -> None:
+            here = dict(above)
+            for p in module.parameters(recurse=False):
+                if id(p) in index_of:
+                    here[dtype_of(p)] = here.get(dtype_of(p), 0) + p.numel()
+            for d, n in here.items():
+                stacked[d] = max(stacked.get(d, 0), n)
+            for child in module.children():
+                walk(child, here)
+
+        walk(method.model, {})
+        terms.append(CudaTerm(
+            "perturbed copy: the largest module's trainable weights", "sparse.py InForwardPerturbation.perturbed_copy",
+            sum(n * DTYPE_BYTES[d] for d, n in stacked.items()) / GIB, held(perturb.work.values())))
+        if magnitude:
+            # SPSA.z -> SparseMask.__call__ -> compute(out=scratch(w, 1)) -> within(..., scratch(w)):
+            # two bool buffers per device, grown to the largest tensor.
+            terms.append(CudaTerm(
+                "forward masks: 2 bools per value of the largest tensor", "sparse.py SparseMask.scratch (slots 0, 1)",
+                2 * top / GIB, held(mask.buffers.values())))
+    return terms
+
+
 def measure_here(spec: dict) -> dict:
     """Build the model of `spec`, run one inference forward and `spec["steps"]` training steps on
     the saved batch, and return the peaks above the memory in use before the model was built."""
@@ -299,6 +427,7 @@ def measure_here(spec: dict) -> dict:
 
     gc.collect()
     base = in_use()
+    base_reserved = torch.cuda.memory_reserved(device) / GIB if device.type == "cuda" else 0.0
     loaded, objective = build()
     model = loaded.model
     base_params = {id(p) for p in model.parameters()}
@@ -323,12 +452,16 @@ def measure_here(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+    kept_ids = {id(p) for p in kept}
+    target = spec.get("target_dtype") or str(cfg.model.dtype)
+    terms = cuda_terms(method, target, kept_ids) if device.type == "cpu" else []
+    reserved = torch.cuda.max_memory_reserved(device) / GIB - base_reserved if device.type == "cuda" else None
     return asdict(Measurement(
         layers=spec.get("layers") or 0, dtype=str(cfg.model.dtype), peak_gib=peak_gib(device) - base,
         inference_gib=inference, weights_gib=param_gib(params), kept_gib=param_gib({id(p): p for p in kept}.values()),
         params=sum(p.numel() for p in params),
         trainable_params=sum(t.param.numel() for t in method.trainables), step_s=times[-1],
-        tokens=list(batch["input_ids"].shape),
+        tokens=list(batch["input_ids"].shape), cuda_terms=terms, reserved_gib=reserved,
     ))
 
 
@@ -374,19 +507,19 @@ def own_tokenizer(model_cfg, log=print) -> str:
 
 
 def native_is_slow(device_name: str, dtype: str) -> bool:
-    """Low precision on a CPU: measure in float32 and convert (module docstring)."""
-    import torch
-
+    """Low precision on a CPU: measure in float32 and convert (module docstring). A GPU in the
+    machine does not make a CPU measurement (model.device=cpu) faster."""
     from adazeta.models import resolve_device
 
-    return dtype != "float32" and resolve_device(device_name).type == "cpu" and not torch.cuda.is_available()
+    return dtype != "float32" and resolve_device(device_name).type == "cpu"
 
 
 def plan(overrides: list[str], fit: tuple[int, ...] = (1, 2), check: tuple[int, ...] = (), seq_len: int | None = None,
          q: int = 1, steps: int | None = None, check_dtype: tuple[int, ...] = (), threads: int | None = None,
-         jobs: int = 1, log=print) -> Plan:
+         jobs: int = 1, target_device: str = "auto", log=print) -> Plan:
     """Measure the architecture of `overrides` at the `fit` and `check` depths (`jobs` processes
-    at a time) and fit the line."""
+    at a time) and fit the line. `target_device` (auto, cpu, cuda): the device the prediction is
+    for; auto takes model.device's type, and CUDA for model.device=auto."""
     from adazeta.config import Optimizer
     from adazeta.errors import ConfigError
     from adazeta.validate import validate
@@ -396,6 +529,7 @@ def plan(overrides: list[str], fit: tuple[int, ...] = (1, 2), check: tuple[int, 
 
     cfg = compose_config(overrides)
     validate(cfg)
+    target_device = target_device_of(target_device, str(cfg.model.device))
     arch = architecture(cfg.model)
     key, depth = layer_key(arch), int(arch[layer_key(arch)])
     extra = [*overrides, "model.init=random"]  # never the weights: the architecture only
@@ -414,7 +548,7 @@ def plan(overrides: list[str], fit: tuple[int, ...] = (1, 2), check: tuple[int, 
 
         def spec(layers: int, dtype: str) -> dict:
             return {"overrides": extra, "arch": {**arch, key: layers}, "dtype": dtype, "batch": batch_path,
-                    "q": q, "steps": steps, "layers": layers, "threads": threads}
+                    "q": q, "steps": steps, "layers": layers, "threads": threads, "target_dtype": target}
 
         def timed_measure(layers: int, dtype: str) -> Measurement:
             t0 = time.perf_counter()
@@ -436,9 +570,38 @@ def plan(overrides: list[str], fit: tuple[int, ...] = (1, 2), check: tuple[int, 
     by_depth = {m.layers: m for m in results}
     dtype_checks = [(n.layers, by_depth[n.layers].converted(target)[0] if n.layers in by_depth else a + b * n.layers,
                      n.peak_gib) for n in natives]
+    deepest = max(fitted, key=lambda m: m.layers)
+    # Measured on CUDA: the buffers are in the measurement, and the allocator's reserved peak is known.
+    terms = deepest.cuda_terms if target_device == "cuda" else []
+    reserved = None
+    if all(m.reserved_gib is not None for m in fitted):
+        reserved = fit_line([m.layers for m in fitted], [m.reserved_gib for m in fitted])
     return Plan(model=cfg.model.name, method=cfg.method.name, depth=depth, dtype=target, measured_dtype=measured,
                 device=str(cfg.model.device), batch=batch_desc, fit_layers=sorted(fit), measurements=results,
-                a=a, b=b, a_inf=a_inf, b_inf=b_inf, dtype_checks=dtype_checks)
+                a=a, b=b, a_inf=a_inf, b_inf=b_inf, dtype_checks=dtype_checks, target_device=target_device,
+                cuda_terms=terms, reserved=reserved)
+
+
+TARGET_DEVICES = ("auto", "cpu", "cuda")
+
+
+def target_device_of(target: str, model_device: str) -> str:
+    """cpu or cuda: `target` (--target-device), or for auto the type of model.device, and CUDA for
+    model.device=auto (a plan sizes a run before it starts, and auto runs on CUDA wherever there is
+    a GPU)."""
+    from adazeta.errors import ConfigError
+
+    if target not in TARGET_DEVICES:
+        raise ConfigError(f"--target-device {target!r} is not a device type; choose one of {', '.join(TARGET_DEVICES)}")
+    if target == "auto":
+        target = "cuda" if model_device == "auto" else model_device.split(":")[0]
+    if target not in ("cpu", "cuda"):
+        raise ConfigError(f"model.device={model_device!r}: the planner predicts for cpu or cuda; "
+                          "give --target-device cpu or cuda")
+    if target == "cpu" and model_device.startswith("cuda"):
+        raise ConfigError(f"--target-device cpu with model.device={model_device!r}: the measurement would run on "
+                          "CUDA; set model.device=cpu to plan a CPU run")
+    return target
 
 
 def human(n: int) -> str:
@@ -477,21 +640,38 @@ def report(p: Plan) -> str:
             lines.append(f"| **{p.depth}** | **{a + b * p.depth:.2f}** (native line) | **{p.peak_gib:.2f}** | "
                          f"{100 * (p.peak_gib - a - b * p.depth) / (a + b * p.depth):+.1f}% |")
         lines.append("")
+    if p.cuda_terms:
+        lines += [f"CUDA target, measured on {p.device}: buffers only CUDA allocates (adazeta/planner.py docstring)",
+                  "", f"| term | allocated by | CUDA GiB ({p.dtype}) | held in the measurement GiB ({mdt}) | added GiB |",
+                  "|---|---|---:|---:|---:|"]
+        lines += [f"| {t.name} | {t.source} | {t.cuda_gib:.4f} | {t.cpu_gib:.4f} | {t.added(p.ratio):+.4f} |"
+                  for t in p.cuda_terms]
+        lines += [f"| **total** | | | | **{p.added_gib:+.4f}** |", ""]
     ref = REPORTED.get((p.model, p.method))
     measured_line = f" (the {mdt} line: {a + b * p.depth:.2f} GiB)" if mdt != p.dtype else ""
-    lines.append(f"**Predicted peak of {p.method} on {p.model} ({p.dtype}): {p.peak_gib:.2f} GiB "
-                 f"({p.peak_gib * GIB / GB:.1f} GB)**{measured_line}; inference {p.inference_gib:.2f} GiB, "
-                 f"ratio {p.peak_gib / p.inference_gib:.2f}" + (f"; reported: {ref}" if ref else ""))
+    parts = f" = line {p.line_gib:.2f} + CUDA terms {p.added_gib:.2f}" if p.cuda_terms else ""
+    if p.reserved_gib is not None:
+        kind = f"allocated; reserved by the CUDA allocator {p.reserved_gib:.2f} GiB"
+    elif p.target_device == "cuda":
+        kind = "allocated; the CUDA allocator reserves more: measure on a GPU for that"
+    else:
+        kind = "resident set"
+    lines.append(f"**Predicted peak of {p.method} on {p.model} ({p.dtype}, {p.target_device}): {p.peak_gib:.2f} GiB "
+                 f"({p.peak_gib * GIB / GB:.1f} GB)**{parts} ({kind}){measured_line}; inference {p.inference_gib:.2f} "
+                 f"GiB, ratio {p.peak_gib / p.inference_gib:.2f}" + (f"; reported: {ref}" if ref else ""))
     return "\n".join(lines)
 
 
 def summary_table(plans: list[Plan]) -> str:
-    rows = ["| method | dtype | predicted peak GiB | GB | inference GiB | peak / inference | worst check error | reported |",
-            "|---|---|---:|---:|---:|---:|---:|---|"]
+    rows = ["| method | dtype | device | predicted peak GiB | of which CUDA terms | GB | inference GiB | peak / inference "
+            "| worst check error | reported |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for p in plans:
         errs = [abs(e) for _, _, e in p.checks()]
         worst = f"{100 * max(errs):.1f}%" if errs else "not checked"
-        rows.append(f"| {p.method} | {p.dtype} | {p.peak_gib:.2f} | {p.peak_gib * GIB / GB:.1f} | {p.inference_gib:.2f} "
+        terms = f"{p.added_gib:.2f}" if p.cuda_terms else ""
+        rows.append(f"| {p.method} | {p.dtype} | {p.target_device} | {p.peak_gib:.2f} | {terms} | {p.peak_gib * GIB / GB:.1f} "
+                    f"| {p.inference_gib:.2f} "
                     f"| {p.peak_gib / p.inference_gib:.2f} | {worst} | {REPORTED.get((p.model, p.method), '')} |")
     return "\n".join(rows)
 
@@ -531,6 +711,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check-dtype", type=depths, default="", help="depths to measure natively in the target dtype too "
                    "(e.g. 1,2; slow on CPU), against the converted float32 measurement")
     p.add_argument("--threads", type=positive, default=None, help="torch threads in each measurement")
+    p.add_argument("--target-device", choices=TARGET_DEVICES, default="auto",
+                   help="the device the prediction is for (default auto: model.device's type; cuda for "
+                   "model.device=auto); a cuda target measured on a CPU adds the buffers only CUDA allocates")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for adazeta-train")
     args = p.parse_args(argv)
@@ -552,7 +735,7 @@ def main(argv: list[str] | None = None) -> None:
             overrides = list(args.overrides) + ([f"method={method}"] if method else [])
             plans.append(plan(overrides, fit=ints(args.fit), check=ints(args.check), seq_len=args.seq_len,
                               q=args.q, steps=args.steps, check_dtype=ints(args.check_dtype), threads=args.threads,
-                              log=lambda s: print(s, file=sys.stderr, flush=True)))
+                              target_device=args.target_device, log=lambda s: print(s, file=sys.stderr, flush=True)))
             print(report(plans[-1]) + "\n", flush=True)
     except (AdazetaError, HydraException, OmegaConfBaseException) as e:  # a bad override: its message, no traceback
         sys.exit(f"error: {e}")

@@ -89,6 +89,12 @@ def _check_modes(name: str, modes, dim: int) -> tuple[int, ...]:
     return modes
 
 
+def _fill(param: torch.Tensor, values: torch.Tensor) -> None:
+    """Copy CPU-drawn values into a parameter on any device; a meta parameter holds no values."""
+    if not param.is_meta:
+        param.copy_(values)
+
+
 class TTLinear(nn.Module):
     """Linear map d_in -> d_out whose weight is a tensor train (AdaZeta, arXiv 2406.18060).
 
@@ -105,8 +111,8 @@ class TTLinear(nn.Module):
     Init (as in the paper and its reference code): core k ~ N(0, 1) / sqrt(r_k) * sigma^(1/K), with
     r_k the core's *right* rank, K the number of cores and sigma = sqrt(1 / (d_in + d_out)), so the
     entries of the dense weight have a standard deviation of about sigma. The bias is
-    U(-1/sqrt(d_out), 1/sqrt(d_out)). Only ``nn.init`` functions are used, so building on the meta
-    device works.
+    U(-1/sqrt(d_out), 1/sqrt(d_out)). Drawn on the CPU whatever ``device`` is, so a layer starts
+    from the same values on every device (see ``reset_parameters``); building on meta works.
     """
 
     def __init__(
@@ -146,15 +152,26 @@ class TTLinear(nn.Module):
             self.register_parameter("bias", None)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """(Re-)draw the paper's init, e.g. after ``to_empty()`` on a model built on meta."""
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """(Re-)draw the paper's init, e.g. after ``to_empty()`` on a model built on meta.
+
+        The values are drawn on the CPU, from ``generator`` (default: the global CPU generator that
+        ``torch.manual_seed`` seeds), in core order, and then copied to the cores' device. Drawing
+        on the cores' device would use that device's generator: a GPU run would start from other
+        adapters than a CPU run of the same seed, and, since ``torch.manual_seed`` seeds every GPU
+        alike, under ``device_map`` the first adapters on GPU 1 would repeat GPU 0's. On the meta
+        device the draws are made (so the layers after it draw what they would anyway) and dropped.
+        """
         sigma = math.sqrt(1.0 / (self.d_in + self.d_out))
         for core in self.cores:
             std = sigma ** (1.0 / len(self.cores)) / math.sqrt(core.shape[-1])
-            nn.init.normal_(core, mean=0.0, std=std)
+            values = torch.empty(core.shape, dtype=core.dtype, device="cpu")
+            _fill(core, values.normal_(0.0, std, generator=generator))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.d_out)
-            nn.init.uniform_(self.bias, -bound, bound)
+            values = torch.empty(self.d_out, dtype=self.bias.dtype, device="cpu")
+            _fill(self.bias, values.uniform_(-bound, bound, generator=generator))
 
     def factors(self, cores=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Contract the cores into A (d_in x r_M) and B (r_M x d_out), with W = A @ B.

@@ -58,6 +58,7 @@ CHECKS: list[Check] = [
     ("train.save_steps", NON_NEGATIVE, ">= 0 (0: a checkpoint only at the end)"),
     ("train.save_total_limit", AT_LEAST_1, ">= 1 (how many of the newest checkpoints to keep)"),
     ("guard.explode_factor", lambda v: v > 1, "> 1 (or null: only non-finite values stop a step)"),
+    ("guard.max_update", lambda v: v > 0, "> 0 (or null: no check of the update's size)"),
     ("guard.window", AT_LEAST_1, ">= 1"),
     ("guard.lr_factor", lambda v: 0 < v < 1, "in (0, 1)"),
     ("guard.max_rollbacks", AT_LEAST_1, ">= 1"),

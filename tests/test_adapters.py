@@ -365,6 +365,42 @@ def test_explicit_targets_and_meta_device():
     assert all(p.is_meta for _, p in adapter_parameters(model))
 
 
+def test_adapter_init_does_not_depend_on_the_layers_device():
+    # Layer 0 on meta stands in for a layer on another GPU (a device with a generator of its
+    # own): the adapters of layer 1, on the CPU, must hold the values they get when every layer
+    # is on the CPU, not the first draws of a fresh sequence (which repeat layer 0's).
+    torch.manual_seed(0)
+    model = _tiny_llama()
+    torch.manual_seed(1)
+    inject_tt_adapters(model, bottleneck=8)
+    reference = dict(adapter_parameters(model))
+
+    torch.manual_seed(0)
+    spread = _tiny_llama()
+    spread.model.layers[0].to("meta")
+    torch.manual_seed(1)
+    inject_tt_adapters(spread, bottleneck=8)
+    params = dict(adapter_parameters(spread))
+    assert params.keys() == reference.keys()
+    on_meta = [n for n in params if n.startswith("model.layers.0.")]
+    on_cpu = [n for n in params if n.startswith("model.layers.1.")]
+    assert on_meta and all(params[n].is_meta for n in on_meta)
+    assert on_cpu and all(torch.equal(params[n], reference[n]) for n in on_cpu)
+    # and the two layers got different draws
+    first = reference["model.layers.0.mlp.gate_proj.adapter.down.cores.0"]
+    assert not torch.equal(reference["model.layers.1.mlp.gate_proj.adapter.down.cores.0"], first)
+
+
+def test_tt_init_draws_from_the_cpu_generator_whatever_the_device():
+    torch.manual_seed(3)
+    with torch.device("meta"):  # a default device other than the CPU: the draws stay on the CPU
+        TTAdapter(64, bottleneck=8)
+    after_meta = torch.randn(4)
+    torch.manual_seed(3)
+    TTAdapter(64, bottleneck=8)
+    assert torch.equal(after_meta, torch.randn(4))  # the meta build drew as many CPU values
+
+
 def test_unknown_family_needs_targets():
     model = _tiny_llama()
     model.config.model_type = "mystery"

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from adazeta.compare import Run, main
@@ -41,6 +42,7 @@ def write_run(folder: Path, method: str, seed: int, task: str = "sst2", model: s
         "best/eval_loss": min(dev), "best/eval_accuracy": best, "trainable_params": 100,
         "test/loss": 0.6, "test/accuracy": test, "mem/peak_gib": peak, "mem/inference_gib": infer,
         "mem/peak_over_inference": peak / infer, "time/wall_s": 60 * step_s, "device": "cpu",
+        "time/tokens_per_s": 8 * 32 * fp_per_step / step_s,  # 8 rows of 32 tokens per forward pass
     }
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
 
@@ -79,6 +81,9 @@ def test_figures_and_table(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert float(m["peak_over_inference"]) == pytest.approx((1.6 + 1.8) / 2)
     assert float(m["time_per_step_s"]) == pytest.approx(0.25)
     assert float(a["time_per_step_s"]) == pytest.approx(0.1)
+    expected_tps = {g: np.mean([256 * RUNS[k][1] / RUNS[k][2] for k in RUNS if k[0] == g]) for g in ("adazeta", "mezo")}
+    assert float(a["tokens_per_s"]) == pytest.approx(expected_tps["adazeta"])
+    assert float(m["tokens_per_s"]) == pytest.approx(expected_tps["mezo"])
     # Target 0.6: adazeta seed 0 at step 40 (160 passes), seed 1 at step 20 (80 passes);
     # mezo seed 0 never, seed 1 at step 60 (120 passes).
     assert (float(a["steps_to_target"]), float(a["forward_passes_to_target"])) == (30.0, 120.0)

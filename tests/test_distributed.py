@@ -183,3 +183,38 @@ def test_torchrun_configuration_errors(tmp_path, overrides, argv, message):
     assert proc.returncode != 0
     assert message in output(proc)
     assert "Traceback" not in output(proc)
+
+
+@pytest.mark.parametrize(
+    ("device", "local_rank", "gpus", "expected"),
+    [
+        ("auto", 3, 4, "cuda:3"),  # one node, every GPU visible: GPU LOCAL_RANK
+        ("cuda", 1, 2, "cuda:1"),
+        ("auto", 3, 1, "cuda:0"),  # SLURM --gpus-per-task=1: the one GPU this task sees
+        ("cuda", 7, 1, "cuda:0"),
+        ("auto", 1, 0, "cpu"),  # no GPU: gloo on the CPU
+        ("cpu", 2, 8, "cpu"),
+    ],
+)
+def test_torchrun_rank_takes_the_gpu_of_its_local_rank(device, local_rank, gpus, expected):
+    from adazeta.distributed import rank_device
+
+    assert rank_device(device, local_rank, gpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("device", "local_rank", "gpus", "message"),
+    [
+        ("cuda:0", 1, 2, "model.device=cuda:0 under torchrun would put every rank on that GPU; use model.device=cuda"),
+        ("cuda:1", 0, 1, "model.device=cuda:1 under torchrun"),
+        ("auto", 4, 2, "LOCAL_RANK=4, but this process sees 2 GPUs (0..1): start at most 2 processes per node"),
+        ("cuda", 0, 0, "this process sees no GPU; use model.device=cpu"),
+    ],
+)
+def test_torchrun_device_errors_name_the_value_and_the_fix(device, local_rank, gpus, message):
+    from adazeta.distributed import rank_device
+    from adazeta.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        rank_device(device, local_rank, gpus)
+    assert message in str(err.value) and "\n" not in str(err.value)

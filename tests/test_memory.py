@@ -42,3 +42,33 @@ def test_sparse_mezo_step_stays_near_inference_memory():
     embedding_gib = 30522 * 1024 * 4 / 1024**3
     for m in plan.measurements:
         assert m.peak_gib - m.inference_gib < 0.2 * embedding_gib, (m.layers, m.peak_gib, m.inference_gib)
+
+
+def test_peaks_under_device_map_count_every_gpu(monkeypatch):
+    """Under device_map the layers share the GPUs: every GPU holding weights is reset and read, the
+    summary gives the sum and the largest one. CUDA's counters are faked (no GPU here), per index."""
+    from types import SimpleNamespace
+
+    from adazeta.memory import GIB, get_memory_stats, model_devices, peak_gib, reset_peak
+
+    peaks = {0: 1 * GIB, 1: 5 * GIB, 2: 3 * GIB}
+    resets = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: peaks[torch.device(d).index])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 2 * peaks[torch.device(d).index])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: resets.append(torch.device(d).index))
+
+    class Spread(torch.nn.Module):  # weights on cuda:2, cuda:0 and cuda:1, as accelerate places them
+        def parameters(self, recurse=True):
+            return iter([SimpleNamespace(device=torch.device("cuda", i)) for i in (2, 0, 0)])
+
+        def buffers(self, recurse=True):
+            return iter([SimpleNamespace(device=torch.device("cuda", 1))])
+
+    devices = model_devices(Spread())
+    assert devices == [torch.device("cuda", i) for i in (0, 1, 2)]
+    reset_peak(devices)
+    assert sorted(resets) == [0, 1, 2]
+    stats = get_memory_stats(devices)
+    assert stats == {"mem/peak_gib": 9.0, "mem/peak_device_max_gib": 5.0, "mem/reserved_gib": 18.0}
+    assert peak_gib(devices) == 9.0 and peak_gib(torch.device("cuda", 1)) == 5.0
+    assert model_devices(torch.nn.Linear(2, 2)) == [torch.device("cpu")]

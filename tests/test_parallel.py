@@ -176,3 +176,45 @@ def test_full_weight_methods_reject_parallel_queries(method):
 def test_first_order_methods_reject_parallel_queries():
     with pytest.raises(ConfigError, match="zo.parallel_queries=true.*first-order"):
         setup("lora_fo", "tiny-bert")
+
+
+def test_replicas_of_a_hooked_head_keep_accelerates_input_move():
+    """Under device_map accelerate hooks the head, and its hook moves the input (from the final
+    norm, maybe on another GPU) to the head's device. The replica forward must run inside that
+    hook, not replace it. Stand-in without GPUs: a float64 body before a float32 head, whose hook
+    casts its input as AlignDevicesHook moves it; bypassing the hook fails in baddbmm."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    from adazeta.zo import SPSA, Trainable
+
+    class MoveInputs(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return tuple(a.to(module.weight.dtype) for a in args), kwargs
+
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, dtype=torch.float64), torch.nn.Linear(4, 2))
+    add_hook_to_module(model[1], MoveInputs())
+    hooked = model[1].forward
+    x, y = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(6, 2, generator=gen)
+
+    class Loss:
+        def __call__(self):
+            return torch.nn.functional.mse_loss(model(x), y)
+
+        def replicated(self, r):
+            return ((model(x.repeat(r, 1)) - y.repeat(r, 1)) ** 2).reshape(r, -1).mean(1)
+
+    spsa = SPSA([Trainable(n, p, decay=False) for n, p in model[1].named_parameters()], eps=1e-2)
+    seeds = [query_seed(0, 1, q) for q in range(3)]
+    expected = []
+    with torch.no_grad():
+        for seed in seeds:
+            spsa.perturb(seed, +1.0)
+            plus = Loss()().item()
+            spsa.perturb(seed, -2.0)
+            minus = Loss()().item()
+            spsa.perturb(seed, +1.0)
+            expected.append([(plus - minus) / (2 * spsa.eps), (plus + minus) / 2])
+    got = ParallelQueries(model, spsa)(Loss(), seeds)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    assert model[1].forward is hooked and "_old_forward" in model[1].__dict__  # the hook is back as it was

@@ -150,3 +150,29 @@ def test_auto_skips_damaged_checkpoints_says_so_and_still_reproduces_the_run(tmp
     assert caplog.text.count("train.resume=auto: skipping a damaged checkpoint: cannot read") == 2
     assert "the newest intact one of 4 checkpoints of runs with this config (skipped 2 newer damaged ones" in caplog.text
     assert_same_run(resumed, full)
+
+
+def test_cuda_rng_states_restore_by_numeric_index_and_drop_missing_gpus(monkeypatch, caplog):
+    """A checkpoint written with 12 visible GPUs, resumed with 4: GPU i gets rng.cuda.<i> (string
+    order would hand GPU 2 the state of GPU 10), the others are dropped with a warning. CUDA's
+    setters are faked (no GPU here); the restore code is the real one."""
+    import torch
+
+    from adazeta.checkpoint import cuda_rng_states, rng_state, set_rng_state
+
+    now, scalars = rng_state()  # restoring them below leaves this process's RNGs as they are
+    tensors = {**now, **{f"rng.cuda.{i}": torch.full((8,), i, dtype=torch.uint8) for i in range(12)}}
+    kept, dropped = cuda_rng_states(tensors, 4)
+    assert list(kept) == [0, 1, 2, 3] and dropped == list(range(4, 12))
+    assert all(torch.equal(state, tensors[f"rng.cuda.{i}"]) for i, state in kept.items())
+    assert cuda_rng_states(tensors, 16) == ({i: tensors[f"rng.cuda.{i}"] for i in range(12)}, [])
+
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.__setitem__(device, state))
+    with caplog.at_level(logging.WARNING, logger="adazeta"):
+        set_rng_state(tensors, scalars)
+    assert sorted(restored) == [0, 1, 2, 3]
+    assert all(int(restored[i][0]) == i for i in range(4))
+    assert "[4, 5, 6, 7, 8, 9, 10, 11]" in caplog.text and "not restored" in caplog.text

@@ -39,9 +39,9 @@ def test_every_shipped_plan_composes_every_run(name):
 def test_unknown_plan_and_setting_name_the_choices(capsys):
     assert main(["nope"]) == 2
     assert "no study plan 'nope'" in capsys.readouterr().err
-    assert main(["quick", "--settings", "minilm_sst3", "--dry-run"]) == 2
+    assert main(["quick", "--settings", "smollm2_sst3", "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "minilm_sst3" in err and "minilm_sst2" in err
+    assert "smollm2_sst3" in err and "smollm2_sst2" in err
 
 
 def test_study_selects_on_dev_reruns_the_choice_and_skips_finished_runs(tmp_path, monkeypatch):

@@ -27,11 +27,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-TRAIN_KEYS = {"train/loss", "zo/projected_grad", "zo/queries", "time/step_s", "mem/peak_gib"}
+TRAIN_KEYS = {"train/loss", "zo/projected_grad", "zo/queries", "time/step_s", "time/tokens_per_s", "mem/peak_gib"}
 EVAL_KEYS = {"eval/loss", "eval/accuracy"}
 SUMMARY_KEYS = {
     "best/step", "best/eval_accuracy", "best/eval_loss", "test/loss", "test/accuracy",
     "mem/peak_gib", "mem/inference_gib", "trainable_params", "time/wall_s", "forward_passes",
+    "train/tokens", "time/tokens_per_s",
 }
 NUM_TRAIN, NUM_DEV, NUM_TEST, BATCH, STEPS = 16, 8, 8, 4, 2
 
@@ -44,6 +45,7 @@ RUNS = {
     for method in ("mezo", "adazeta") for model in ("tiny-bert", "tiny-llama", "tiny-roberta")
 }
 RUNS[WANDB_RUN] += ["logger=wandb", "logger.mode=offline"]
+RUNS["mezo_q2-tiny-llama"] = ["method=mezo", "model=tiny-llama", "schedule=constant", "schedule.q=2"]
 TWO_STEP = list(RUNS)
 
 
@@ -118,7 +120,18 @@ def test_two_step_run_writes_well_formed_metrics(runs, name):
     assert final[0]["test/accuracy"] == summary["test/accuracy"]
     assert summary["mem/peak_gib"] >= summary["mem/inference_gib"] > 0
     assert summary["time/wall_s"] > 0
+    # Every row holds at least one token and at most the model's max_length; each pass reads them all.
+    max_length = job_config(compose_config(overrides)).model.max_length
+    assert BATCH * passes[-1] <= summary["train/tokens"] <= BATCH * passes[-1] * max_length
+    assert summary["time/tokens_per_s"] > 0 and last["time/tokens_per_s"] > 0
     assert (summary["data/train"], summary["data/dev"], summary["data/test"]) == (NUM_TRAIN, NUM_DEV, NUM_TEST)
+
+
+def test_tokens_count_every_forward_pass(runs):
+    """The same batches (one seed) read by twice the queries: exactly twice the forward tokens."""
+    tokens = {name: json.loads((completed(runs, name)[0] / "run" / "summary.json").read_text())["train/tokens"]
+              for name in ("mezo-tiny-llama", "mezo_q2-tiny-llama")}
+    assert tokens["mezo_q2-tiny-llama"] == 2 * tokens["mezo-tiny-llama"] > 0
 
 
 @pytest.mark.parametrize("name", TWO_STEP)
@@ -241,3 +254,4 @@ def test_zero_steps_evaluates_the_untrained_model(tmp_path, entrypoint):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["best/step"] == 0 and summary["forward_passes"] == 0
     assert summary["best/eval_accuracy"] == rows[0]["eval/accuracy"] and "test/accuracy" in summary
+    assert summary["train/tokens"] == 0 and "time/tokens_per_s" not in summary  # no throughput without steps
