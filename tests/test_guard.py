@@ -66,7 +66,9 @@ def test_nan_loss_is_caught_at_its_step_and_moves_no_weight(name):
         # The in-place +eps z / -2 eps z / +eps z round trip of the step's query ran (in fp32 it
         # restores theta to within a rounding, as in every step); the update did not: the weights
         # equal, bit for bit, those of the round trip alone.
-        spsa = SPSA([Trainable(n, torch.nn.Parameter(v.clone()), True) for n, v in before.items()], cfg.method.eps)
+        # Grouped as the method's own estimator groups its trainables (one z per flat buffer).
+        spsa = SPSA([Trainable(n, torch.nn.Parameter(v.clone()), t.decay) for (n, v), t in zip(before.items(), step.spsa.trainables, strict=True)],
+                    cfg.method.eps, group=step.spsa.grouped)
         seed = query_seed(cfg.seed, 3, 0)
         for scale in (1.0, -2.0, 1.0):
             spsa.perturb(seed, scale)
