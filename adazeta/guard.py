@@ -25,8 +25,6 @@ import logging
 import math
 from collections import deque
 
-import torch
-
 from adazeta.config import GuardConfig
 from adazeta.errors import DivergenceError
 from adazeta.zo import LOW_PRECISION, Trainable

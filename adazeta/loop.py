@@ -151,7 +151,10 @@ def setup(cfg: DictConfig, dist: distributed.Dist | None = None) -> Setup:
     method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
     if dist is not None:
         distributed.distribute(method.step, dist)  # no-op without torchrun
-    if loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt:
+    if loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt and not task.has_mlm:
+        log.warning("model.head_init=prompt: task %s has no label prompt (no label words); the head keeps its "
+                    "random init, as with model.head_init=random", task.name)
+    elif loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt:
         blank = Example(fields={f: "" for f in task.text_fields}, label=0)
         # LM-BFF label words take their leading space from the tokenizer side: add it here.
         prompts = [task.mlm_template(blank, " " + word).strip() for word in task.label_words]

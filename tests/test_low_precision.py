@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import compose_config, job_config
 
+from adazeta import zo
 from adazeta.errors import ConfigError
 from adazeta.guard import Guard
 from adazeta.loop import setup, to_device
 from adazeta.updates import Adam, Momentum
-from adazeta import zo
 from adazeta.zo import SPSA, Trainable
 
 SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false"]

@@ -1130,3 +1130,19 @@ def test_train_two_steps_on_real_files(name, tmp_path):
         summary["forward_passes"] == 4 and summary["data/train"] == 32 and summary["data/dev"] == 16
     )
     assert 0.0 <= summary["best/eval_accuracy"] <= 1.0 and summary["test/loss"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["rte", "boolq", "cb", "wic"])
+def test_minilm_trains_on_every_real_sentence_pair_task(name, tmp_path):
+    """The packaged MiniLM through its mean-pooled head on real sentence pairs, which carry
+    token_type_ids (they crashed it before issue 15)."""
+    data = SHARED_DATA / name
+    if not data.is_dir():
+        pytest.skip(f"{data} is absent")
+    proc = run_entrypoint([f"task={name}", f"task.data_dir={data}", "model=minilm", "method=adazeta",
+                           "train.max_steps=2", "train.eval_steps=2", "train.batch_size=4", "task.num_train=16",
+                           "task.num_dev=8", "task.num_test=8", "train.progress=false"], tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["model"] == "minilm" and summary["forward_passes"] == 4 and 0 <= summary["test/accuracy"] <= 1
