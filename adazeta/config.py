@@ -57,6 +57,11 @@ class Update(Enum):
     adam = "adam"  # Adam moments on g_hat
 
 
+class ZOObjective(Enum):
+    loss = "loss"  # the task's training loss (cross-entropy), as every method minimises by default
+    metric = "metric"  # minus the task metric of the batch (accuracy; F1 of greedy generations)
+
+
 class Mask(Enum):
     magnitude = "magnitude"  # Sparse-MeZO: |theta| <= per-tensor threshold
     random = "random"  # R-MeZO: a random subset with probability keep_ratio, new every step
@@ -238,6 +243,11 @@ class MethodConfig:
     """Sparse mask: magnitude (Sparse-MeZO) or random (R-MeZO) (trainable=sparse)."""
     keep_ratio: float = 0.2
     """Fraction of weights a random mask keeps each step (mask=random)."""
+    objective: ZOObjective = ZOObjective.loss
+    """What a ZO step minimises: `loss` (the task's cross-entropy) or `metric` (minus the task metric
+    of the training batch: accuracy, or the F1 of greedy generations for SQuAD/DROP; MeZO's
+    --non_diff). A metric has no gradient, so only forward-pass methods can train on it (zo only;
+    not with zo.parallel_queries). train/loss then logs minus the metric, in [-1, 0]."""
     in_forward: bool = True
     """Sparse-MeZO's memory-efficient form: perturb inside each layer's forward, never writing
     weights or storing a mask; false: perturb in place with the step's masks stored (refused on a

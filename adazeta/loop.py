@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from adazeta import checkpoint, distributed, run_folder
-from adazeta.config import GuardAction, Head, HeadInit, Optimizer
+from adazeta.config import GuardAction, Head, HeadInit, Optimizer, ZOObjective
 from adazeta.errors import ConfigError, DivergenceError, Interrupted
 from adazeta.guard import Guard, check_precision, get_lr, set_lr
 from adazeta.interrupt import interruption, resume_command
@@ -268,12 +268,14 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
         while state.step < cfg.train.max_steps:
             step = state.step + 1
             t0 = time.perf_counter()
-            encoded = objective.encode(dist.shard(next(stream)), train=True)
+            examples = dist.shard(next(stream))
+            # method.objective=metric scores the batch as evaluation does (prompts, no gold continuation)
+            encoded = objective.encode(examples, train=cfg.method.objective != ZOObjective.metric)
             tokens = int(encoded["attention_mask"].sum()) if "attention_mask" in encoded else encoded["input_ids"].numel()
             batch = to_device(encoded, device)
             q = schedule(step - 1)  # schedules count steps from 0
             try:
-                result = method.step(objective.batch_loss(model, batch), step, q)
+                result = method.step(objective.batch_loss(model, batch, cfg.method.objective, examples), step, q)
             except DivergenceError as e:  # raised by the guard before the update: no weight moved
                 state = diverged(e)
                 stream = batches(splits.train, min(bs, len(splits.train)), cfg.seed, start=state.step)

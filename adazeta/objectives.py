@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
-from adazeta.config import Head
+from adazeta.config import Head, ZOObjective
 from adazeta.errors import ConfigError
 from adazeta.tasks import Example, Task
 from adazeta.tasks.metrics import exact_match, f1_score
@@ -322,8 +322,15 @@ class Objective:
         logits = logits.float()
         return F.cross_entropy(logits, batch["labels"], reduction="none"), logits.argmax(dim=-1)
 
-    def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> BatchLoss:
-        """The training loss of `batch` as a callable for `method.step` (see `BatchLoss`)."""
+    def batch_loss(
+        self, model, batch: dict[str, torch.Tensor], kind: ZOObjective = ZOObjective.loss,
+        examples: list[Example] | None = None,
+    ) -> BatchLoss | MetricLoss:
+        """What `method.step` minimises on `batch`, as a callable: the training loss (`BatchLoss`),
+        or with `kind=metric` minus the task metric of the batch (`MetricLoss`; `batch` then
+        encoded as for evaluation, `encode(examples)`, and `examples` the batch's examples)."""
+        if kind == ZOObjective.metric:
+            return MetricLoss(self, model, batch, examples)
         return BatchLoss(self, model, batch)
 
     def replicate(self, batch: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
@@ -392,11 +399,16 @@ class Objective:
                 for text, ex in zip(self.generate(model, t), b.examples, strict=True):
                     scores["f1"] += f1_score(text, ex.answers)
                     scores["em"] += exact_match(text, ex.answers)
-            elif "gold" in t:
-                scores["accuracy"] += float(t["gold"].gather(1, preds.unsqueeze(1)).sum())
             else:
-                scores["accuracy"] += float((preds == t["labels"]).sum())
+                scores["accuracy"] += float(self.correct(t, preds).sum())
         return {"loss": loss_sum / n, **{k: v / n for k, v in scores.items()}}
+
+    @staticmethod
+    def correct(batch: dict[str, torch.Tensor], preds: torch.Tensor) -> torch.Tensor:
+        """1.0 where an example's prediction is right, else 0.0 (a per-example float tensor)."""
+        if "gold" in batch:  # candidates scored by log-prob: gold[i, j] marks example i's right ones
+            return batch["gold"].gather(1, preds.unsqueeze(1)).squeeze(1).float()
+        return (preds == batch["labels"]).float()
 
     def generate(self, model, batch: dict[str, torch.Tensor]) -> list[str]:
         """Greedy generation from the batch's prompts: at most task.max_new_tokens tokens, stopping
@@ -413,6 +425,31 @@ class Objective:
         )
         texts = self.tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [first_line(t) for t in texts]
+
+
+class MetricLoss:
+    """Minus the task metric of one batch, as a ZO step's loss (`method.objective=metric`; MeZO's
+    --non_diff, arXiv 2305.17333 section 3.3): the accuracy of the model's predictions, or for
+    SQuAD/DROP the mean F1 of its greedy generations against the gold answers. SPSA needs only the
+    value at theta +/- eps z, so a metric without a gradient can be optimised directly.
+
+    The value moves in steps of 1/batch (accuracy) or by whole changed answers (F1): a query whose
+    two perturbed models answer alike estimates a zero gradient, and the step does not move."""
+
+    def __init__(self, objective: Objective, model, batch: dict[str, torch.Tensor], examples: list[Example] | None):
+        if objective.task.generation and examples is None:
+            raise ValueError("MetricLoss of a generation task needs the batch's examples (their gold answers)")
+        self.objective, self.model, self.batch, self.examples = objective, model, batch, examples
+
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        task = self.objective.task
+        if task.generation:
+            texts = self.objective.generate(self.model, self.batch)
+            f1 = [f1_score(text, ex.answers) for text, ex in zip(texts, self.examples, strict=True)]
+            return -torch.tensor(sum(f1) / len(f1), device=self.batch["input_ids"].device)
+        _, preds = self.objective.forward(self.model, self.batch)
+        return -self.objective.correct(self.batch, preds).mean()
 
 
 class BatchLoss:

@@ -108,6 +108,7 @@ READ_BY: list[tuple[str, Callable[[DictConfig], bool], str]] = [
      "method.trainable=sparse with method.mask=random"),
     ("method.eps", _zo, "method.optimizer=zo"),
     ("method.update_rule", _zo, "method.optimizer=zo"),
+    ("method.objective", _zo, "method.optimizer=zo"),
     ("zo.", _zo, "method.optimizer=zo"),
     ("method.momentum", lambda c: _zo(c) and _method(c, "update_rule") == "momentum",
      "method.update_rule=momentum"),
@@ -173,6 +174,14 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     if q_start is not None and q_end is not None and q_end < q_start:
         raise ConfigError(f"schedule.q_end={q_end} is below schedule.q_start={q_start}: the linear schedule grows "
                           "from q_start to q_end; set schedule.q_end >= schedule.q_start")
+    if not _zo(cfg) and _method(cfg, "objective") == "metric":
+        raise ConfigError(f"method.objective=metric with method={_method(cfg, 'name')} (method.optimizer=fo): a "
+                          "metric has no gradient to backpropagate; use a ZO method (e.g. method=mezo) or "
+                          "method.objective=loss")
+    if _zo(cfg) and _method(cfg, "objective") == "metric" and lookup(cfg, "zo.parallel_queries"):
+        raise ConfigError("method.objective=metric with zo.parallel_queries=true: a metric is scored on each "
+                          "query's own predictions (greedy generation for SQuAD/DROP), which replicas of one "
+                          "forward cannot give; set zo.parallel_queries=false or method.objective=loss")
     betas = lookup(cfg, "method.betas")
     if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
         raise ConfigError(f"method.betas={list(betas)} must be two values in [0, 1)")
