@@ -4,16 +4,25 @@ greedy generations for SQuAD."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import pytest
 import torch
-from conftest import build_method_on, output, read_jsonl, tiny_model
-from test_tasks import hand_causal_scores, make_task, squad_files
+from conftest import REPO, build_method_on, output, read_jsonl, tiny_model
+from test_tasks import hand_causal_scores, make_task, task_cfg
 
 from adazeta.config import Head, ZOObjective
 from adazeta.objectives import BatchLoss, MetricLoss, Objective, first_line
+from adazeta.tasks import build_task
 from adazeta.tasks.metrics import f1_score
+
+
+def squad_sample():
+    spec = importlib.util.spec_from_file_location("squad_sample", REPO / "scripts" / "squad_sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +88,20 @@ def test_a_zo_step_on_accuracy_sees_only_whole_examples_change(tmp_path):
     assert changed
 
 
+def test_the_squad_sample_script_writes_answers_that_are_spans_of_their_context(tmp_path):
+    squad_sample().write(tmp_path, n_train=30, n_dev=10)
+    task = build_task(task_cfg("squad", tmp_path, num_dev=5))
+    train, dev = task.read_split("train"), task.read_split("validation")
+    assert (len(train), len(dev)) == (30, 10)
+    for ex in train + dev:
+        [answer] = ex.answers
+        assert answer in ex.fields["context"] and ex.fields["question"].endswith("?")
+    assert len({ex.fields["context"] for ex in train}) > 25  # varied stories, not one repeated
+
+
 def test_training_on_squad_f1_runs_and_logs_minus_the_f1(entrypoint, tmp_path):
     data = tmp_path / "squad"
-    data.mkdir()
-    squad_files(data)
+    squad_sample().write(data, n_train=8, n_dev=4)
     proc = entrypoint("model=tiny-llama", "task=squad", f"task.data_dir={data}", "method=mezo",
                       "method.objective=metric", "method.eps=0.5", "train.max_steps=2", "train.batch_size=2",
                       "train.log_steps=1", "train.eval_steps=2", "train.progress=false")
