@@ -14,6 +14,7 @@ is seeded with `cfg.seed` first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -91,7 +92,8 @@ def build_run(cfg: DictConfig, dist: distributed.Dist | None = None,
     method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
     new_params = [p for p in method.model.parameters() if id(p) not in loaded_params]
     if loaded.head == Head.classification:  # load_model keeps a new head in fp32
-        new_params += [p for p in classification_head(model).parameters() if id(p) in loaded_params]
+        with contextlib.suppress(ValueError):  # a head under a name classification_head does not know
+            new_params += [p for p in classification_head(model).parameters() if id(p) in loaded_params]
     if dist is not None:
         distributed.distribute(method.step, dist)  # no-op without torchrun
     if loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt and not task.has_mlm:

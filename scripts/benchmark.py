@@ -520,8 +520,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # The synthetic rows are cut to --seq-len on purpose: no truncation warning per batch.
+    # The synthetic rows are cut to --seq-len on purpose: no truncation warning per batch; and the
+    # task's own split (which build_run loads) is not what the tables time.
     logging.getLogger("adazeta.objectives").setLevel(logging.ERROR)
+    logging.getLogger("adazeta.tasks").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar among the tables
     print(machine_line(), flush=True)
     print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}\n", flush=True)
