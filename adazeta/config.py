@@ -11,12 +11,20 @@ schedules are instantiated from `_target_` with their own schema per option.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
+
+# The configs, shipped inside the package. In a checkout adazeta/conf is a link to the top-level
+# conf/ (resolved, so that messages name the file one edits); in a wheel it is a copy of its files.
+# Everything that composes or reads configs (the trainer, replay, planner, study, scripts, tests)
+# takes it from here.
+CONF_DIR = str((Path(__file__).resolve().parent / "conf").resolve())
 
 
 class Init(Enum):
@@ -423,3 +431,24 @@ def register_configs() -> None:
     cs.store(group="schedule", name="linear_schema", node=LinearScheduleConfig)
     cs.store(group="logger", name="none_schema", node=LoggerConfig)
     cs.store(group="logger", name="wandb_schema", node=WandbLoggerConfig)
+
+
+def compose_config(overrides: Iterable[str] = (), hydra_config: bool = False) -> DictConfig:
+    """conf/config.yaml composed with `overrides` by Hydra's compose API, with the schemas of this
+    module, as `adazeta-train` composes it: the one way to get a run's config outside its Hydra app
+    (replay, planner, study, benchmark, tests). `hydra_config=True` keeps the `hydra` node. A
+    caller's own Hydra state (a script under @hydra.main) is set aside and put back."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    register_configs()
+    backup = get_gh_backup() if GlobalHydra.instance().is_initialized() else None
+    if backup is not None:
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_config)
+    finally:
+        if backup is not None:
+            restore_gh_from_backup(backup)

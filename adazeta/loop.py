@@ -1,9 +1,12 @@
 """The training loop behind `adazeta-train` (entrypoint: adazeta/train.py).
 
-The loop: each step draws a batch, asks the query schedule for Q, estimates Q projected gradients
+A run is three calls (`fit`): `start` builds it (the task, model, objective and method come from
+the one build path, adazeta/build.py; then resume, the guard, checkpoints, the replay log and the
+loggers), `train` runs the steps, `finish` evaluates the best-dev weights on test and writes the
+summary. Each step draws a batch, asks the query schedule for Q, estimates Q projected gradients
 with two-sided SPSA (2Q forward passes, no autograd) and applies the update; every
-`train.eval_steps` it evaluates on dev and keeps the best-dev weights; at the end it evaluates
-those on test. Everything the run writes goes into its Hydra output folder.
+`train.eval_steps` it evaluates on dev and keeps the best-dev weights. Everything the run writes
+goes into its Hydra output folder; `start` closes what it opened on every exit.
 
 Reliability is a few named calls: the divergence guard checks each step before its update
 (adazeta/guard.py); checkpoints are saved every `train.save_steps` and restored by `train.resume`
@@ -13,41 +16,35 @@ Reliability is a few named calls: the divergence guard checks each step before i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from adazeta import checkpoint, distributed, run_folder
-from adazeta.config import GuardAction, Head, HeadInit, Optimizer, ZOObjective
+from adazeta.build import Run, build_run, to_device
+from adazeta.config import GuardAction, Optimizer, ZOObjective
 from adazeta.errors import ConfigError, DivergenceError, Interrupted
 from adazeta.guard import Guard, check_precision, get_lr, set_lr
 from adazeta.interrupt import interruption, resume_command
 from adazeta.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
-from adazeta.memory import (
-    device_peaks_gib,
-    get_memory_stats,
-    make_resident,
-    model_devices,
-    reset_peak,
-)
-from adazeta.methods import Method, build_method
-from adazeta.models import load_model, prompt_init_head
-from adazeta.objectives import Objective
+from adazeta.memory import device_peaks_gib, get_memory_stats, reset_peak
 from adazeta.replay import ReplayLog
-from adazeta.tasks import Example, Splits, Task, build_task
+from adazeta.tasks import Example
 from adazeta.zo import Trainable
 
 log = logging.getLogger("adazeta")
@@ -64,10 +61,6 @@ def batches(examples: list[Example], batch_size: int, seed: int, start: int = 0)
         for i in offsets[skip:]:
             yield order[i : i + batch_size]
         epoch, skip = epoch + 1, 0
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def save_trainables(trainables: list[Trainable], path: Path) -> None:
@@ -116,52 +109,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> Loggers:
     return out
 
 
-@dataclass
-class Setup:
-    task: Task
-    splits: Splits
-    objective: Objective
-    device: torch.device
-    method: Method
-    inference_gib: float  # summed over mem_devices
-    inference_device_max_gib: float  # the largest one device's share
-    mem_devices: list[torch.device]  # every device holding weights (several under model.device_map)
-
-
-def setup(cfg: DictConfig, dist: distributed.Dist | None = None) -> Setup:
-    """Data, model, objective and method, built in the order that fixes the global RNG's draws
-    (random-init weights, new heads, adapters): `adazeta-replay` calls it to rebuild a run's
-    starting weights exactly."""
-    torch.manual_seed(cfg.seed)  # random-init models, new heads and adapters draw from the global RNG
-    task = build_task(cfg.task)
-    splits = task.load()
-    loaded = load_model(cfg.model, num_labels=task.num_labels)
-    model, device = loaded.model, loaded.device
-    objective = Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length)
-
-    # Inference memory of this model and batch size, measured before any training state exists,
-    # with every weight resident (on CPU, mmapped weights count once read).
-    make_resident(model)
-    mem_devices = model_devices(model)  # input `device` is only the first of them under device_map
-    reset_peak(mem_devices)
-    with torch.no_grad():
-        objective.forward(model, to_device(objective.encode(splits.train[: cfg.train.batch_size], train=True), device))
-    inference = device_peaks_gib(mem_devices)
-
-    method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
-    if dist is not None:
-        distributed.distribute(method.step, dist)  # no-op without torchrun
-    if loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt and not task.has_mlm:
-        log.warning("model.head_init=prompt: task %s has no label prompt (no label words); the head keeps its "
-                    "random init, as with model.head_init=random", task.name)
-    elif loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt:
-        blank = Example(fields={f: "" for f in task.text_fields}, label=0)
-        # LM-BFF label words take their leading space from the tokenizer side: add it here.
-        prompts = [task.mlm_template(blank, " " + word).strip() for word in task.label_words]
-        prompt_init_head(method.model, objective, prompts, device)
-    return Setup(task, splits, objective, device, method, sum(inference), max(inference), mem_devices)
-
-
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train and evaluate; return the summary (also written to <run_dir>/summary.json). The run
     folder stays locked until the run ends."""
@@ -171,8 +118,53 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         run_folder.release(run_dir)
 
 
+class StepStats(NamedTuple):
+    """One step in the metric window (the steps since the last train log; a checkpoint keeps the
+    open window, as lists in this order)."""
+
+    loss: float
+    projected_grad: float | None  # None for first-order methods
+    q: int
+    step_s: float
+    tokens: int  # forward tokens: the batch's tokens times the step's forward passes
+
+
+@dataclass
+class Training:
+    """A run in training: its objects (`run`) and what trains them. Made by `start`."""
+
+    cfg: DictConfig
+    run_dir: Path
+    run: Run
+    dist: distributed.Dist
+    ckpt: checkpoint.Checkpointer
+    state: checkpoint.LoopState
+    replay: ReplayLog | None
+    loggers: Loggers
+    bar: tqdm
+    dev_batches: list  # the dev and test splits, encoded once
+    test_batches: list
+    resume_from: Path | None
+    t_start: float
+    resyncs: int = 0  # replicas put back in step by the drift check (torchrun)
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best_trainable.safetensors"
+
+
 def fit(cfg: DictConfig, run_dir: Path) -> dict:
-    """The run: setup, the training loop, the final evaluation and the summary."""
+    """The run: build, train, finish."""
+    with start(cfg, run_dir) as t:
+        train(t)
+        return finish(t)
+
+
+@contextlib.contextmanager
+def start(cfg: DictConfig, run_dir: Path) -> Iterator[Training]:
+    """Build the run (adazeta/build.py) and what trains it: the guard, the checkpointer (restoring
+    `train.resume`), the replay log, the loggers and the progress bar. On every exit (the end, an
+    error, a divergence, an interruption) the replay log, the loggers and the bar are closed."""
     t_start = time.perf_counter()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -183,26 +175,20 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError("guard.action=rollback is not available under torchrun (only rank 0 keeps checkpoints); "
                           "use guard.action=stop and resume with train.resume=<run folder>")
 
-    built = setup(cfg, dist)
-    splits, objective, device, method = built.splits, built.objective, built.device, built.method
-    model, trainables = method.model, method.trainables
-    bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size
-    dev_batches, test_batches = objective.eval_batches(splits.dev, ebs), objective.eval_batches(splits.test, ebs)
-    n_trainable = sum(t.param.numel() for t in trainables)
-    reset_peak(built.mem_devices)  # the training peak: weights, method state, activations; not model loading
-    schedule = instantiate(cfg.schedule)
-    steps_per_epoch = max(len(splits.train) // bs, 1)
-    schedule.bind(steps_per_epoch=steps_per_epoch, max_steps=max(cfg.train.max_steps, 1))
+    run = build_run(cfg, dist)
+    method, splits, ebs = run.method, run.splits, cfg.train.eval_batch_size
+    dev_batches, test_batches = run.objective.eval_batches(splits.dev, ebs), run.objective.eval_batches(splits.test, ebs)
+    reset_peak(run.mem_devices)  # the training peak: weights, method state, activations; not model loading
     log.info(
         "%s on %s/%s: %d trainable parameters, %d train / %d dev / %d test examples, %d steps",
-        cfg.method.name, cfg.task.name, cfg.model.name, n_trainable,
+        cfg.method.name, cfg.task.name, cfg.model.name, run.trainable_params,
         len(splits.train), len(splits.dev), len(splits.test), cfg.train.max_steps,
     )
     guard = Guard(cfg.guard)
     method.step.guard = guard  # sees each step's losses and projected gradients before its update
-    check_precision(trainables, zo=cfg.method.optimizer == Optimizer.zo)
-    ckpt = checkpoint.Checkpointer(run_dir, cfg, method, guard, objective, writes=dist.is_main)
-    metric = objective.metric  # accuracy, or f1 for SQuAD/DROP
+    check_precision(method.trainables, zo=cfg.method.optimizer == Optimizer.zo)
+    ckpt = checkpoint.Checkpointer(run_dir, cfg, method, guard, run.objective, writes=dist.is_main)
+    metric = run.objective.metric  # accuracy, or f1 for SQuAD/DROP
     state = checkpoint.LoopState(best={"step": -1, f"eval/{metric}": -1.0, "eval/loss": math.inf})
     rows, records = [], []
     if resume_from is not None:
@@ -211,157 +197,182 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
         state = ckpt.restore(resume_from)
         if dist.is_main:
             rows, records = checkpoint.carry_over(resume_from, run_dir)
-    replay = None
-    if cfg.train.replay_log and cfg.method.optimizer == Optimizer.zo and dist.is_main:
-        replay = ReplayLog(run_dir / "replay.jsonl", method.step, records)
-    ckpt.replay = replay  # its position goes into each checkpoint; a rollback rewinds it
-    loggers = build_loggers(cfg, run_dir) if dist.is_main else Loggers([])  # only rank 0 writes
-    for row in rows:  # a resumed run's folder starts with the old run's curve up to its checkpoint
-        loggers.log_dict({k: v for k, v in row.items() if k != "step"}, row["step"])
-    if cfg.guard.action == GuardAction.rollback and ckpt.last is None:
-        ckpt.save(state)  # a good state to roll back to before the first periodic checkpoint
-    best_path = run_dir / "best_trainable.safetensors"
-    resyncs = 0
+    with contextlib.ExitStack() as opened:
+        replay = None
+        if cfg.train.replay_log and cfg.method.optimizer == Optimizer.zo and dist.is_main:
+            replay = opened.enter_context(contextlib.closing(ReplayLog(run_dir / "replay.jsonl", method.step, records)))
+        ckpt.replay = replay  # its position goes into each checkpoint; a rollback rewinds it
+        loggers = build_loggers(cfg, run_dir) if dist.is_main else Loggers([])  # only rank 0 writes
+        opened.enter_context(contextlib.closing(loggers))
+        for row in rows:  # a resumed run's folder starts with the old run's curve up to its checkpoint
+            loggers.log_dict({k: v for k, v in row.items() if k != "step"}, row["step"])
+        if cfg.guard.action == GuardAction.rollback and ckpt.last is None:
+            ckpt.save(state)  # a good state to roll back to before the first periodic checkpoint
+        bar = opened.enter_context(contextlib.closing(tqdm(
+            total=cfg.train.max_steps, initial=state.step, disable=not (cfg.train.progress and dist.is_main),
+            desc=cfg.method.name)))
+        yield Training(cfg, run_dir, run, dist, ckpt, state, replay, loggers, bar, dev_batches, test_batches,
+                       resume_from, t_start)
 
-    def evaluate_dev(step: int) -> dict[str, float]:
-        """Dev metrics now; keeps the trainable weights if they are the best so far."""
-        dev = {f"eval/{k}": v for k, v in objective.evaluate(model, dev_batches, device).items()}
-        if (dev[f"eval/{metric}"], -dev["eval/loss"]) > (state.best[f"eval/{metric}"], -state.best["eval/loss"]):
-            state.best = {"step": step, **dev}
-            save_trainables(trainables, best_path)
-        log.info("step %d: dev loss %.4f, dev %s %.4f", step, dev["eval/loss"], metric, dev[f"eval/{metric}"])
-        return dev
 
-    def diverged(e: DivergenceError) -> checkpoint.LoopState:
-        """guard.action=rollback: back to the last checkpoint with a lower lr. Otherwise stop, with
-        the weights of the last good step saved (the bad step was not applied)."""
-        lr = get_lr(method.step)
-        if cfg.guard.action == GuardAction.rollback and state.rollbacks < cfg.guard.max_rollbacks:
-            set_lr(method.step, lr * cfg.guard.lr_factor)
-            back = ckpt.restore(ckpt.last, rollback=True)
-            back.rollbacks, back.best = state.rollbacks + 1, state.best  # best-dev weights stay valid
-            log.warning("%s; rollback %d of %d to step %d (%s), lr %.3g -> %.3g", e, back.rollbacks,
-                        cfg.guard.max_rollbacks, back.step, ckpt.last, lr, get_lr(method.step))
-            checkpoint.rewind_metrics(run_dir, back.step)
-            event = {"guard/rollbacks": back.rollbacks, "guard/diverged_step": e.step, "train/lr": get_lr(method.step)}
-            loggers.log_dict(event, back.step)
-            return back
-        if replay is not None:
-            replay.reject(e.step)  # its round trips happened (they round the saved weights)
-        folder = ckpt.save(state)
-        tried = f" after {state.rollbacks} rollbacks (guard.max_rollbacks={cfg.guard.max_rollbacks})" if state.rollbacks else ""
-        raise DivergenceError(
-            f"{e}{tried}. The weights of step {state.step} are saved in {folder}. Lower method.lr (now {lr:.3g}) "
-            f"or method.eps and resume with train.resume={run_dir}"
-            + ("" if tried else ", or let the run roll back and lower the lr itself with guard.action=rollback"),
-            e.step,
-        ) from None
-
+def train(t: Training) -> None:
+    """The training steps, from the checkpoint's step (or 0) to `train.max_steps`: batch, Q, step,
+    log, eval, checkpoint, stop."""
+    cfg, run, dist = t.cfg, t.run, t.dist
     # The zero-shot point of the curve (and the only evaluation of a run with max_steps=0); a
     # resumed run already has it from the run it continues.
-    if (cfg.train.eval_at_start or cfg.train.max_steps == 0) and state.step == 0 and dist.is_main:
-        loggers.log_dict({"forward_passes": 0, **evaluate_dev(0)}, 0)
-    stream = batches(splits.train, min(bs, len(splits.train)), cfg.seed, start=state.step)
-    bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (cfg.train.progress and dist.is_main),
-               desc=cfg.method.name)
-    with interruption(run_dir) as stop:  # SIGINT/SIGTERM: checkpoint and exit after the current step
-        while state.step < cfg.train.max_steps:
-            step = state.step + 1
-            t0 = time.perf_counter()
+    if (cfg.train.eval_at_start or cfg.train.max_steps == 0) and t.state.step == 0 and dist.is_main:
+        t.loggers.log_dict({"forward_passes": 0, **evaluate_dev(t, 0)}, 0)
+    stream = train_batches(t)
+    with interruption(t.run_dir) as stop:  # SIGINT/SIGTERM: checkpoint and exit after the current step
+        while t.state.step < cfg.train.max_steps:
+            step, t0 = t.state.step + 1, time.perf_counter()
             examples = dist.shard(next(stream))
             # method.objective=metric scores the batch as evaluation does (prompts, no gold continuation)
-            encoded = objective.encode(examples, train=cfg.method.objective != ZOObjective.metric)
+            encoded = run.objective.encode(examples, train=cfg.method.objective != ZOObjective.metric)
             tokens = int(encoded["attention_mask"].sum()) if "attention_mask" in encoded else encoded["input_ids"].numel()
-            batch = to_device(encoded, device)
-            q = schedule(step - 1)  # schedules count steps from 0
+            batch = to_device(encoded, run.device)
+            q = run.schedule(step - 1)  # schedules count steps from 0
             try:
-                result = method.step(objective.batch_loss(model, batch, cfg.method.objective, examples), step, q)
+                loss_fn = run.objective.batch_loss(run.method.model, batch, cfg.method.objective, examples)
+                result = run.method.step(loss_fn, step, q)
             except DivergenceError as e:  # raised by the guard before the update: no weight moved
-                state = diverged(e)
-                stream = batches(splits.train, min(bs, len(splits.train)), cfg.seed, start=state.step)
+                t.state = diverged(t, e)
+                stream = train_batches(t)
                 continue
+            state = t.state
             state.step, state.forward_passes = step, state.forward_passes + result.forward_passes
-            if replay is not None:
-                replay.append(step, result.seeds, result.grads, get_lr(method.step))
+            if t.replay is not None:
+                t.replay.append(step, result.seeds, result.grads, get_lr(run.method.step))
             step_s = time.perf_counter() - t0
             step_tokens = tokens * result.forward_passes  # every forward pass of the step reads the batch
             state.tokens, state.train_s = state.tokens + step_tokens, state.train_s + step_s
-            state.window.append([result.loss, result.projected_grad, q, step_s, step_tokens])
-            bar.update(step - bar.n)
-            bar.set_postfix(loss=f"{result.loss:.4f}", q=q, step_s=f"{step_s:.2f}", tok_s=f"{step_tokens / step_s:.0f}")
-
+            state.window.append(StepStats(result.loss, result.projected_grad, q, step_s, step_tokens))
+            t.bar.update(step - t.bar.n)
+            t.bar.set_postfix(loss=f"{result.loss:.4f}", q=q, step_s=f"{step_s:.2f}", tok_s=f"{step_tokens / step_s:.0f}")
             if dist.enabled and cfg.dist.check_steps and step % cfg.dist.check_steps == 0:
-                resyncs += distributed.check_drift(trainables, dist, step)
+                t.resyncs += distributed.check_drift(run.method.trainables, dist, step)
 
-            metrics = {}
-            if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps:
-                window, n = state.window, len(state.window)
-                metrics = {
-                    "forward_passes": state.forward_passes,
-                    "train/loss": sum(w[0] for w in window) / n,
-                    "train/lr": get_lr(method.step),
-                    "zo/queries": window[-1][2],
-                    "time/step_s": sum(w[3] for w in window) / n,
-                    "time/tokens_per_s": sum(w[4] for w in window) / max(sum(w[3] for w in window), 1e-9),
-                    **get_memory_stats(built.mem_devices),
-                }
-                if dist.enabled:
-                    metrics["dist/resyncs"] = resyncs
-                if window[-1][1] is not None:  # first-order methods have no projected gradient
-                    metrics["zo/projected_grad"] = sum(w[1] for w in window) / n
-                state.window = []
-            if dist.is_main and (step % cfg.train.eval_steps == 0 or step == cfg.train.max_steps):
-                metrics.update({"forward_passes": state.forward_passes, **evaluate_dev(step)})
+            last = step == cfg.train.max_steps
+            metrics = train_metrics(t) if step % cfg.train.log_steps == 0 or last else {}
+            if dist.is_main and (step % cfg.train.eval_steps == 0 or last):
+                metrics.update({"forward_passes": state.forward_passes, **evaluate_dev(t, step)})
             if metrics:
-                loggers.log_dict(metrics, step)
+                t.loggers.log_dict(metrics, step)
             stopping = dist.any(bool(stop.signum))  # every rank stops at the same step
             if stopping and not stop.signum:  # another rank was signalled first
                 stop.signum = signal.SIGTERM
-            if ckpt.due(step) or step == cfg.train.max_steps or stopping:
-                ckpt.save(state)
+            if t.ckpt.due(step) or last or stopping:
+                t.ckpt.save(state)
             if stopping:
-                bar.close()
-                loggers.close()
-                raise Interrupted(f"interrupted by {stop.name} at step {step}: checkpoint saved in {ckpt.last}; "
-                                  f"resume with: {resume_command(run_dir)}", stop.signum)
-    bar.close()
-    if replay is not None:
-        replay.close()
+                raise Interrupted(f"interrupted by {stop.name} at step {step}: checkpoint saved in {t.ckpt.last}; "
+                                  f"resume with: {resume_command(t.run_dir)}", stop.signum)
 
+
+def train_batches(t: Training):
+    """The training batches from the current step's data position on."""
+    train_set = t.run.splits.train
+    return batches(train_set, min(t.cfg.train.batch_size, len(train_set)), t.cfg.seed, start=t.state.step)
+
+
+def train_metrics(t: Training) -> dict:
+    """The train log: means over the metric window (the steps since the last log), which it empties."""
+    steps = [StepStats(*s) for s in t.state.window]  # a resumed run's window comes back as lists
+    n, seconds = len(steps), sum(s.step_s for s in steps)
+    metrics = {
+        "forward_passes": t.state.forward_passes,
+        "train/loss": sum(s.loss for s in steps) / n,
+        "train/lr": get_lr(t.run.method.step),
+        "zo/queries": steps[-1].q,
+        "time/step_s": seconds / n,
+        "time/tokens_per_s": sum(s.tokens for s in steps) / max(seconds, 1e-9),
+        **get_memory_stats(t.run.mem_devices),
+    }
+    if t.dist.enabled:
+        metrics["dist/resyncs"] = t.resyncs
+    if steps[-1].projected_grad is not None:  # first-order methods have no projected gradient
+        metrics["zo/projected_grad"] = sum(s.projected_grad for s in steps) / n
+    t.state.window = []
+    return metrics
+
+
+def evaluate_dev(t: Training, step: int) -> dict[str, float]:
+    """Dev metrics now; keeps the trainable weights if they are the best so far."""
+    run, metric, best = t.run, t.run.objective.metric, t.state.best
+    dev = {f"eval/{k}": v for k, v in run.objective.evaluate(run.method.model, t.dev_batches, run.device).items()}
+    if (dev[f"eval/{metric}"], -dev["eval/loss"]) > (best[f"eval/{metric}"], -best["eval/loss"]):
+        t.state.best = {"step": step, **dev}
+        save_trainables(run.method.trainables, t.best_path)
+    log.info("step %d: dev loss %.4f, dev %s %.4f", step, dev["eval/loss"], metric, dev[f"eval/{metric}"])
+    return dev
+
+
+def diverged(t: Training, e: DivergenceError) -> checkpoint.LoopState:
+    """guard.action=rollback: back to the last checkpoint with a lower lr. Otherwise stop, with
+    the weights of the last good step saved (the bad step was not applied)."""
+    cfg, step_fn, state, ckpt = t.cfg, t.run.method.step, t.state, t.ckpt
+    lr = get_lr(step_fn)
+    if cfg.guard.action == GuardAction.rollback and state.rollbacks < cfg.guard.max_rollbacks:
+        set_lr(step_fn, lr * cfg.guard.lr_factor)
+        back = ckpt.restore(ckpt.last, rollback=True)
+        back.rollbacks, back.best = state.rollbacks + 1, state.best  # best-dev weights stay valid
+        log.warning("%s; rollback %d of %d to step %d (%s), lr %.3g -> %.3g", e, back.rollbacks,
+                    cfg.guard.max_rollbacks, back.step, ckpt.last, lr, get_lr(step_fn))
+        checkpoint.rewind_metrics(t.run_dir, back.step)
+        event = {"guard/rollbacks": back.rollbacks, "guard/diverged_step": e.step, "train/lr": get_lr(step_fn)}
+        t.loggers.log_dict(event, back.step)
+        return back
+    if t.replay is not None:
+        t.replay.reject(e.step)  # its round trips happened (they round the saved weights)
+    folder = ckpt.save(state)
+    tried = f" after {state.rollbacks} rollbacks (guard.max_rollbacks={cfg.guard.max_rollbacks})" if state.rollbacks else ""
+    raise DivergenceError(
+        f"{e}{tried}. The weights of step {state.step} are saved in {folder}. Lower method.lr (now {lr:.3g}) "
+        f"or method.eps and resume with train.resume={t.run_dir}"
+        + ("" if tried else ", or let the run roll back and lower the lr itself with guard.action=rollback"),
+        e.step,
+    ) from None
+
+
+def finish(t: Training) -> dict:
+    """The summary of a trained run: best dev, test of the best-dev weights, memory, time; also
+    written to <run_dir>/summary.json."""
+    cfg, run, dist, state, splits = t.cfg, t.run, t.dist, t.state, t.run.splits
+    t.bar.close()
     summary = {
         "method": cfg.method.name, "label": cfg.label or cfg.method.name, "task": cfg.task.name,
         "model": cfg.model.name, "seed": cfg.seed,
         "steps": cfg.train.max_steps, "forward_passes": state.forward_passes,
-        "metric": metric, "best/step": state.best["step"],
+        "metric": run.objective.metric, "best/step": state.best["step"],
         **{f"best/{k.replace('/', '_')}": v for k, v in state.best.items() if k != "step"},
-        "guard/rollbacks": state.rollbacks, "resumed_from": str(resume_from) if resume_from else None,
-        "trainable_params": n_trainable,
+        "guard/rollbacks": state.rollbacks, "resumed_from": str(t.resume_from) if t.resume_from else None,
+        "trainable_params": run.trainable_params,
         "data/train": len(splits.train), "data/dev": len(splits.dev), "data/test": len(splits.test),
-        "data/truncated": objective.truncated,
+        "data/truncated": run.objective.truncated,
     }
     if dist.enabled:  # bit-identical replicas have equal digests
         summary["dist/world_size"], summary["dist/mode"] = dist.world, cfg.dist.mode.value
-        summary["dist/checksums"] = distributed.gather_checksums(trainables, dist)
-        summary["dist/resyncs"] = resyncs
+        summary["dist/checksums"] = distributed.gather_checksums(run.method.trainables, dist)
+        summary["dist/resyncs"] = t.resyncs
         dist.close()
         if not dist.is_main:
             return summary
-    if cfg.train.eval_on_test and best_path.exists():
-        load_trainables(trainables, best_path)
-        summary.update({f"test/{k}": v for k, v in objective.evaluate(model, test_batches, device).items()})
-    peaks = device_peaks_gib(built.mem_devices)
+    if cfg.train.eval_on_test and t.best_path.exists():
+        load_trainables(run.method.trainables, t.best_path)
+        test = run.objective.evaluate(run.method.model, t.test_batches, run.device)
+        summary.update({f"test/{k}": v for k, v in test.items()})
+    peaks = device_peaks_gib(run.mem_devices)
     peak = sum(peaks)
     summary.update({
-        "mem/peak_gib": peak, "mem/inference_gib": built.inference_gib, "mem/peak_over_inference": peak / built.inference_gib,
-        "mem/peak_device_max_gib": max(peaks), "mem/inference_device_max_gib": built.inference_device_max_gib,
-        "mem/devices": [str(d) for d in built.mem_devices],
-        "time/wall_s": time.perf_counter() - t_start, "device": str(device),
+        "mem/peak_gib": peak, "mem/inference_gib": run.inference_gib, "mem/peak_over_inference": peak / run.inference_gib,
+        "mem/peak_device_max_gib": max(peaks), "mem/inference_device_max_gib": run.inference_device_max_gib,
+        "mem/devices": [str(d) for d in run.mem_devices],
+        "time/wall_s": time.perf_counter() - t.t_start, "device": str(run.device),
         "train/tokens": state.tokens,
     })
     if state.train_s > 0:  # a run of max_steps=0 has no throughput
         summary["time/tokens_per_s"] = state.tokens / state.train_s
-    loggers.log_dict({k: v for k, v in summary.items() if k.startswith(("test/", "best/"))}, cfg.train.max_steps)
-    loggers.close()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    t.loggers.log_dict({k: v for k, v in summary.items() if k.startswith(("test/", "best/"))}, cfg.train.max_steps)
+    (t.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("summary: %s", json.dumps(summary))
     return summary

@@ -80,6 +80,22 @@ def _peak_gib(device: torch.device) -> float:
     return rss * (1 if sys.platform == "darwin" else 1024) / GIB
 
 
+def in_use_gib(device: torch.device) -> float | None:
+    """Memory in use on `device` now: torch.cuda.memory_allocated on CUDA, the process's resident
+    set (VmRSS) on the CPU; None where the system does not tell (no /proc). Taken before a model is
+    built, it is what a later peak subtracts to count the model's memory only (adazeta/planner.py)."""
+    device = _devices(device)[0]
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / GIB
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return None
+
+
 @torch.no_grad()
 def make_resident(model: torch.nn.Module) -> None:
     """Read one value per memory page of every CPU parameter and buffer. Weights loaded from

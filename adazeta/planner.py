@@ -67,6 +67,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from adazeta.config import compose_config  # light: the schemas and Hydra's compose
+
 GIB, GB = 1024**3, 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -200,22 +202,6 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 # -- configuration -------------------------------------------------------------------------------
-def compose_config(overrides: list[str]):
-    """conf/config.yaml composed with the trainer's overrides (Hydra's compose API)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    from adazeta.config import register_configs
-    from adazeta.train import CONF_DIR
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    return cfg
-
-
 def architecture(model_cfg) -> dict:
     """The Hugging Face config keys of the model: `model.arch`, or the config.json of a local or
     packaged checkpoint (the weights are never read)."""
@@ -293,14 +279,6 @@ def plan_batch(cfg, arch: dict, seq_len: int | None):
 
 
 # -- one measurement (in its own process) ----------------------------------------------------------
-def resident_gib() -> float:
-    """The process's current resident set (VmRSS), GiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024 / GIB
-    raise OSError("no VmRSS in /proc/self/status: CPU memory planning needs Linux")
-
-
 def param_gib(params) -> float:
     return sum(p.numel() * p.element_size() for p in params) / GIB
 
@@ -380,17 +358,15 @@ def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
 
 
 def measure_here(spec: dict) -> dict:
-    """Build the model of `spec`, run one inference forward and `spec["steps"]` training steps on
-    the saved batch, and return the peaks above the memory in use before the model was built."""
+    """Build the run of `spec` (adazeta/build.py: one inference forward on the saved batch), run
+    `spec["steps"]` training steps on that batch, and return the peaks above the memory in use
+    before the model was built."""
     import torch
     from omegaconf import open_dict
 
-    from adazeta.config import Head
-    from adazeta.memory import make_resident, peak_gib, reset_peak
-    from adazeta.methods import build_method
-    from adazeta.models import classification_head, load_model, resolve_device
-    from adazeta.objectives import Objective
-    from adazeta.tasks import build_task
+    from adazeta.build import build_run
+    from adazeta.memory import peak_gib, reset_peak
+    from adazeta.models import resolve_device
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -401,48 +377,29 @@ def measure_here(spec: dict) -> dict:
         if spec.get("dtype"):
             cfg.model.dtype = spec["dtype"]
     device = resolve_device(cfg.model.device)
-    task = build_task(cfg.task)
     batch = {k: v.to(device) for k, v in torch.load(spec["batch"], weights_only=True).items()}
-
-    def build():
-        torch.manual_seed(cfg.seed)
-        loaded = load_model(cfg.model, num_labels=task.num_labels)
-        # Pretrained weights may come as pages of a memory-mapped file, resident only once read;
-        # a forward reads only the embedding rows of its tokens. Read everything once, so that
-        # inference counts all the weights, as device memory would.
-        make_resident(loaded.model)
-        return loaded, Objective(task, loaded.tokenizer, loaded.head, 10**6)
-
     if spec.get("warmup"):
-        # One forward of a throwaway copy first: the CPU's first use of each kernel maps library
+        # One forward of a throwaway build first: the CPU's first use of each kernel maps library
         # code and per-thread buffers (tens of MiB), a constant that would otherwise count as the
         # model's. Worth it for small models; noise at 7B width.
-        loaded, objective = build()
-        with torch.no_grad():
-            objective.forward(loaded.model, batch)
-        del loaded, objective
-
-    def in_use() -> float:
-        return torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else resident_gib()
+        build_run(cfg, inference_batch=batch)  # dropped at once
 
     gc.collect()
-    base = in_use()
     base_reserved = torch.cuda.memory_reserved(device) / GIB if device.type == "cuda" else 0.0
-    loaded, objective = build()
-    model = loaded.model
-    base_params = {id(p) for p in model.parameters()}
-    reset_peak(device)
-    with torch.no_grad():
-        objective.forward(model, batch)
-    inference = peak_gib(device) - base
-    method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
+    # Pretrained weights may come as pages of a memory-mapped file, resident only once read;
+    # build_run reads every weight once before its inference forward, so that inference counts all
+    # the weights, as device memory would.
+    run = build_run(cfg, inference_batch=batch)
+    if run.memory_before_gib is None:
+        raise OSError("no VmRSS in /proc/self/status: CPU memory planning needs Linux")
+    base = run.memory_before_gib  # in use just before the model was built
+    inference = run.inference_gib - base
+    method = run.method
     params = list(method.model.parameters())
-    kept = [p for p in params if id(p) not in base_params]  # created by the method: fp32
-    if loaded.head == Head.classification:  # load_model keeps a new head in fp32
-        kept += list(classification_head(model).parameters())
+    kept = run.new_params  # a new head, adapters, LoRA factors: fp32 in a low-precision run
     q = spec.get("q", 1)
 
-    loss_fn = objective.batch_loss(method.model, batch)  # replicable: zo.parallel_queries works here
+    loss_fn = run.objective.batch_loss(method.model, batch)  # replicable: zo.parallel_queries works here
     gc.collect()
     reset_peak(device)
     times = []

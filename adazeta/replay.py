@@ -165,10 +165,9 @@ def read_record(path: Path, line: int, text: str) -> dict:
 def run_config(run_dir: Path):
     """The run's config: the resolved values it saved in <run>/config.yaml, typed by the schema
     (the schedule and logger options, which have schemas of their own, are picked from them)."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    from adazeta.train import CONF_DIR
+    from adazeta.config import compose_config
 
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -179,8 +178,7 @@ def run_config(run_dir: Path):
     try:
         saved = OmegaConf.load(path)
         schedule = saved.schedule._target_.rsplit(".", 1)[-1].removesuffix("Schedule").lower()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"schedule={schedule}", f"logger={saved.logger.name}"])
+        cfg = compose_config([f"schedule={schedule}", f"logger={saved.logger.name}"])
         with open_dict(cfg):  # open: free-form nodes (model.arch, adapter.modes) take the run's keys
             cfg.pop("hydra", None)
             return OmegaConf.merge(cfg, saved)
@@ -194,8 +192,8 @@ def replay(run_dir: Path, checkpoint: Path | None = None, save: Path | None = No
     """Rebuild the trainable parameters of `run_dir` at its newest checkpoint (or `checkpoint`)
     from the base model and replay.jsonl; compare them with the checkpoint's."""
     from adazeta import checkpoint as ckpt
+    from adazeta.build import build_run
     from adazeta.config import Optimizer
-    from adazeta.loop import setup
 
     cfg = run_config(run_dir)
     if cfg.method.optimizer != Optimizer.zo:
@@ -219,7 +217,7 @@ def replay(run_dir: Path, checkpoint: Path | None = None, save: Path | None = No
                               f"(has {len(records)} records): it is incomplete")
 
     torch.manual_seed(cfg.seed)
-    built = setup(cfg)  # the same model, adapters, head and method as the run, in the same RNG order
+    built = build_run(cfg)  # the same model, adapters, head and method as the run, in the same RNG order
     zo_step = built.method.step
     perturb = zo_step.spsa.perturb
     for record in records:

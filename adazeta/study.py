@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from adazeta.compare import Run, mean_band, read_run
 from adazeta.errors import AdazetaError, ConfigError
 
-STUDY_DIR = (Path(__file__).resolve().parent / "conf" / "study").resolve()  # shipped with the package, as train.CONF_DIR
+STUDY_DIR = (Path(__file__).resolve().parent / "conf" / "study").resolve()  # shipped with the package, as config.CONF_DIR
 ZERO_SHOT = "zero-shot"
 ROLES = ("floor", "search", "seed", "ceiling", "long")
 
@@ -107,15 +107,11 @@ def grid_points(grid: DictConfig | None) -> list[dict[str, object]]:
 def passes_per_step(overrides: list[str], max_steps: int) -> list[int]:
     """Forward passes at each step of a run composed from `overrides`: 2Q from its own query
     schedule for a ZO method, 1 (a forward and a backward) for a first-order one, as the loop counts."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from adazeta.config import Optimizer, register_configs
-    from adazeta.train import CONF_DIR
+    from adazeta.config import Optimizer, compose_config
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(overrides)
     if cfg.method.optimizer != Optimizer.zo:
         return [1] * max_steps
     num_train = cfg.task.num_train or cfg.train.batch_size

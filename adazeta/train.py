@@ -22,15 +22,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from adazeta.config import register_configs
+from adazeta.config import CONF_DIR, register_configs
 from adazeta.errors import AdazetaError, Interrupted, RunFolderError, environment_error
 from adazeta.validate import validate
 
 log = logging.getLogger("adazeta")
-# The configs, shipped inside the package. In a checkout adazeta/conf is a link to the top-level
-# conf/ (resolved, so that messages name the file one edits); in a wheel it is a copy of its files.
-# Everything that composes or reads configs (replay, planner, study, scripts, tests) takes it from here.
-CONF_DIR = str((Path(__file__).resolve().parent / "conf").resolve())
+__all__ = ["CONF_DIR", "main"]  # CONF_DIR (adazeta/config.py): the configs this command composes
 
 register_configs()
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -63,15 +62,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-import adazeta.train  # noqa: E402  (registers the config schemas; its CONF_DIR)
 from adazeta import planner  # noqa: E402
-from adazeta.config import Optimizer, ZOConfig  # noqa: E402
-from adazeta.methods import build_method  # noqa: E402
-from adazeta.models import load_model  # noqa: E402
+from adazeta.build import build_run  # noqa: E402
+from adazeta.config import Optimizer, compose_config  # noqa: E402
 from adazeta.objectives import Objective  # noqa: E402
-from adazeta.tasks import Example, build_task  # noqa: E402
+from adazeta.tasks import Example  # noqa: E402
 
 ZO_METHODS = ["adazeta", "mezo", "mezo_lora", "sparse_mezo"]
 FO_METHODS = ["ft", "lora_fo"]
@@ -107,15 +103,7 @@ def load_average() -> str:
         return "n/a"
 
 
-def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=adazeta.train.CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 # -- one model, one method, one batch --------------------------------------------------------------------
-_PRISTINE: dict[tuple, tuple] = {}
-
-
 @dataclass
 class Bench:
     method: str
@@ -156,29 +144,34 @@ class Bench:
         self.steps_taken += 1
         self.step(self.loss, self.steps_taken, q)
 
+    def tokens_per_forward(self, q: int) -> int:
+        """Run a step and return the most tokens one forward of the model took in it: a step of
+        parallel queries stacks replicas of the batch into each forward (adazeta/parallel.py)."""
+        seen = []
+
+        def hook(module, args, kwargs):
+            seen.append(kwargs["input_ids"].numel() if "input_ids" in kwargs else args[0].numel())
+
+        handle = self.model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.run_step(q)
+        finally:
+            handle.remove()
+        return max(seen)
+
     @property
     def zo(self) -> bool:
         return self.cfg.method.optimizer == Optimizer.zo
 
 
-def setup(model: str, method: str, overrides: list[str], zo: ZOConfig | None = None) -> Bench:
-    """Load `model` once (a deep copy per method, since methods wrap and unfreeze it) and apply
-    `method`'s trainable-set transform."""
-    cfg = compose_cfg([f"method={method}", f"model={model}", *overrides])
-    task = build_task(cfg.task)
-    key = (model, tuple(overrides))
-    if key not in _PRISTINE:
-        torch.manual_seed(0)
-        _PRISTINE.clear()  # one pristine model at a time
-        _PRISTINE[key] = load_model(cfg.model, num_labels=task.num_labels), task.num_labels
-    loaded, _ = _PRISTINE[key]
-    torch.manual_seed(0)
-    # zo= when build_method takes it: `zo.*` overrides on the command line reach the speed tables.
-    zo = zo if zo is not None else cfg.zo
-    m = build_method(copy.deepcopy(loaded.model), cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=zo)
-    objective = Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length)
-    return Bench(method, cfg, m.model, m.step, sum(t.param.numel() for t in m.trainables), objective, task,
-                 loaded.device, [(t.name, t.param, t.decay) for t in m.trainables])
+def setup(model: str, method: str, overrides: list[str]) -> Bench:
+    """`method` on `model`, built as adazeta-train builds it (adazeta/build.py); `overrides` are
+    Hydra overrides (`zo.*` ones included)."""
+    cfg = compose_config([f"method={method}", f"model={model}", *overrides])
+    run = build_run(cfg)
+    m = run.method
+    return Bench(method, cfg, m.model, m.step, run.trainable_params, run.objective, run.task, run.device,
+                 [(t.name, t.param, t.decay) for t in m.trainables])
 
 
 def sync() -> None:
@@ -400,18 +393,17 @@ def parallel_table(args) -> str:
             "| bare tokens/s | sequential step s | parallel step s | speed-up | ceiling | parallel / bare |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for method in args.parallel_methods:
-        seq = setup(args.parallel_model, method, args.overrides, zo=ZOConfig(parallel_queries=False))
-        par = setup(args.parallel_model, method, args.overrides, zo=ZOConfig(parallel_queries=True))
+        seq = setup(args.parallel_model, method, [*args.overrides, "zo.parallel_queries=false"])
+        par = setup(args.parallel_model, method, [*args.overrides, "zo.parallel_queries=true"])
         measured = []
         for bs in args.parallel_batches:
             seq.with_batch(bs, args.parallel_seq_len)
             par.with_batch(bs, args.parallel_seq_len)
             seq.run_step(1)  # warm-up, and the replicated batch of the parallel path
-            par.run_step(q)
+            per_chunk = par.tokens_per_forward(q)
             t = timed({"bare": lambda s=seq: s.forwards(2 * q), "seq": lambda s=seq: s.run_step(q),
                        "par": lambda p=par: p.run_step(q)}, max(args.repeats - 1, 1))
             tokens = seq.batch["input_ids"].numel()
-            per_chunk = par.step.estimate.chunk_size(par.loss, 2 * q) * tokens
             measured.append((seq.shape, tokens, per_chunk, t))
         rows += [f"| {method} | " + " | ".join(cells) + " |" for cells in parallel_rows(measured, q)]
         print(f"  parallel: {method} done", file=sys.stderr, flush=True)
@@ -421,7 +413,7 @@ def parallel_table(args) -> str:
 
 
 def planner_table(args) -> str:
-    cfg = compose_cfg([f"model={args.model}"])
+    cfg = compose_config([f"model={args.model}"])
     arch = planner.architecture(cfg.model)
     depth = int(arch[planner.layer_key(arch)])
     check = sorted({d for d in (4, depth // 4, depth) if 2 < d <= depth})
@@ -528,8 +520,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # The synthetic rows are cut to --seq-len on purpose: no truncation warning per batch.
+    # The synthetic rows are cut to --seq-len on purpose: no truncation warning per batch; and the
+    # task's own split (which build_run loads) is not what the tables time.
     logging.getLogger("adazeta.objectives").setLevel(logging.ERROR)
+    logging.getLogger("adazeta.tasks").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar among the tables
     print(machine_line(), flush=True)
     print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}\n", flush=True)

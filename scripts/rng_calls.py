@@ -15,12 +15,10 @@ from __future__ import annotations
 from unittest import mock
 
 import torch
-from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import adazeta.train  # noqa: F401  (registers the config schemas)
 from adazeta import zo
-from adazeta.config import Head
+from adazeta.config import Head, compose_config
 from adazeta.trainable import make_trainable
 from adazeta.zo import SPSA
 
@@ -41,8 +39,7 @@ def count(spsa: SPSA) -> int:
 
 
 def measure(layers: int) -> dict[str, int]:
-    with initialize_config_dir(config_dir=adazeta.train.CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=llama2-7b", "method=adazeta"])
+    cfg = compose_config(["model=llama2-7b", "method=adazeta"])
     arch = {k: v for k, v in dict(cfg.model.arch).items() if k not in ("model_type", "architectures")}
     arch.update(num_hidden_layers=layers, vocab_size=256)
     torch.manual_seed(0)

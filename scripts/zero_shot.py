@@ -18,13 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from adazeta.config import register_configs
+from adazeta.config import compose_config
 from adazeta.models import load_model
 from adazeta.objectives import Objective
 from adazeta.tasks import build_task
-from adazeta.train import CONF_DIR
 
 
 def main() -> None:
@@ -46,36 +44,31 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    register_configs()
     results, loaded = [], None
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        for name in args.tasks.split(","):
-            cfg = compose(
-                "config",
-                overrides=[
-                    f"model={args.model}",
-                    f"task={name}",
-                    f"task.data_dir={Path(args.data_root) / name}",
-                    f"task.num_test={args.limit}",
-                    *args.overrides,
-                ],
-            )
-            t0 = time.perf_counter()
-            task = build_task(cfg.task)
-            test = task.load().test
-            if loaded is None:
-                loaded = load_model(cfg.model, num_labels=task.num_labels)
-            objective = Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length)
-            metrics = objective.evaluate(loaded.model, test, loaded.device, args.batch_size)
-            row = {
-                "task": name,
-                "n": len(test),
-                **metrics,
-                "truncated": objective.truncated,
-                "seconds": time.perf_counter() - t0,
-            }
-            results.append(row)
-            print(json.dumps(row), flush=True)
+    for name in args.tasks.split(","):
+        cfg = compose_config([
+            f"model={args.model}",
+            f"task={name}",
+            f"task.data_dir={Path(args.data_root) / name}",
+            f"task.num_test={args.limit}",
+            *args.overrides,
+        ])
+        t0 = time.perf_counter()
+        task = build_task(cfg.task)
+        test = task.load().test
+        if loaded is None:
+            loaded = load_model(cfg.model, num_labels=task.num_labels)
+        objective = Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length)
+        metrics = objective.evaluate(loaded.model, test, loaded.device, args.batch_size)
+        row = {
+            "task": name,
+            "n": len(test),
+            **metrics,
+            "truncated": objective.truncated,
+            "seconds": time.perf_counter() - t0,
+        }
+        results.append(row)
+        print(json.dumps(row), flush=True)
 
     extra = ("task", "n", "seconds", "truncated")
     metrics = [k for k in results[0] if k not in extra]

@@ -23,10 +23,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-import adazeta.train  # noqa: E402, F401  (registers the structured-config schemas)
+import adazeta.config  # noqa: E402
 
 # One thread: the tests' tensors are tiny, and with 2 threads on a 2-core machine that is busy with
 # anything else, OpenMP barriers made tiny ops ~30x slower (measured: 1000 small Linear calls
@@ -34,7 +33,7 @@ import adazeta.train  # noqa: E402, F401  (registers the structured-config schem
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = Path(adazeta.train.CONF_DIR)
+CONF_DIR = Path(adazeta.config.CONF_DIR)
 # The spine of every two-step run in these tests: tiny data, no progress bar.
 TINY_RUN = [
     "train.max_steps=2", "train.eval_steps=1", "train.batch_size=4", "task.num_train=16",
@@ -57,9 +56,9 @@ def config_groups() -> list[str]:
 
 
 def compose_config(overrides: Iterable[str] = (), hydra_config: bool = True) -> DictConfig:
-    """Compose conf/config.yaml with Hydra's compose API, exactly as the entrypoint would."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_config)
+    """Compose conf/config.yaml with Hydra's compose API, exactly as the entrypoint would
+    (adazeta.config.compose_config), keeping the `hydra` node by default."""
+    return adazeta.config.compose_config(overrides, hydra_config=hydra_config)
 
 
 def job_config(cfg: DictConfig) -> DictConfig:
@@ -85,20 +84,19 @@ def tiny_model(name: str):
     return load_model(cfg.model, num_labels=2)
 
 
-def build_method_on(overrides: Iterable[str]):
-    """The method, objective and task of a composed config, as the loop builds them (seeded):
-    -> (Method, Objective, Task)."""
-    from adazeta.methods import build_method
-    from adazeta.models import load_model
-    from adazeta.objectives import Objective
-    from adazeta.tasks import build_task
+def build_run_on(overrides: Iterable[str]):
+    """The run of a composed config, built by the loop's build path (adazeta/build.py, seeded
+    with `seed`, 0 by default) -> Run."""
+    from adazeta.build import build_run
 
-    cfg = compose_config(overrides, hydra_config=False)
-    torch.manual_seed(0)
-    task = build_task(cfg.task)
-    loaded = load_model(cfg.model, num_labels=task.num_labels)
-    m = build_method(loaded.model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
-    return m, Objective(task, loaded.tokenizer, loaded.head, cfg.model.max_length), task
+    return build_run(compose_config(overrides, hydra_config=False))
+
+
+def build_method_on(overrides: Iterable[str]):
+    """The method, objective and task of a composed config, as the loop builds them:
+    -> (Method, Objective, Task)."""
+    run = build_run_on(overrides)
+    return run.method, run.objective, run.task
 
 
 def subprocess_env(home: Path) -> dict[str, str]:

@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import compose_config, job_config, read_jsonl
 
+from adazeta.build import build_run, to_device
 from adazeta.errors import DivergenceError
 from adazeta.guard import Guard, check_precision
-from adazeta.loop import run, setup, to_device
+from adazeta.loop import run
 from adazeta.objectives import Objective
 from adazeta.replay import ReplayLog, replay
 from adazeta.validate import validate
@@ -25,7 +26,7 @@ SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_
 
 def built(*overrides: str):
     cfg = job_config(compose_config([*SMALL, *overrides]))
-    b = setup(cfg)
+    b = build_run(cfg)
     batch = to_device(b.objective.encode(b.splits.train[:4], train=True), b.device)
     loss_fn = lambda: b.objective.forward(b.method.model, batch)[0].mean()  # noqa: E731
     b.method.step.guard = Guard(cfg.guard)

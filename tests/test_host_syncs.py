@@ -16,7 +16,7 @@ import torch
 from conftest import build_method_on
 
 import adazeta
-from adazeta.loop import to_device
+from adazeta.build import to_device
 from adazeta.tasks import Example
 
 PACKAGE = str(Path(adazeta.__file__).parent)

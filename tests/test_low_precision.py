@@ -12,9 +12,9 @@ import torch
 from conftest import compose_config, job_config
 
 from adazeta import zo
+from adazeta.build import build_run, to_device
 from adazeta.errors import ConfigError
 from adazeta.guard import Guard
-from adazeta.loop import setup, to_device
 from adazeta.updates import Adam, Momentum
 from adazeta.zo import SPSA, Trainable
 
@@ -23,7 +23,7 @@ SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_
 
 def built(*overrides: str):
     cfg = job_config(compose_config([*SMALL, *overrides]))
-    b = setup(cfg)
+    b = build_run(cfg)
     batch = to_device(b.objective.encode(b.splits.train[:4], train=True), b.device)
     loss_fn = lambda: b.objective.forward(b.method.model, batch)[0].mean()  # noqa: E731
     b.method.step.guard = Guard(cfg.guard)

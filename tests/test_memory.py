@@ -8,11 +8,14 @@ import sys
 import pytest
 import torch
 
-from adazeta.memory import make_resident
-from adazeta.planner import resident_gib
+from adazeta.memory import in_use_gib, make_resident
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the resident set is read from /proc/self/status, which only Linux has")
+
+
+def resident_gib() -> float:
+    return in_use_gib(torch.device("cpu"))  # the process's resident set (VmRSS)
 
 
 def test_make_resident_counts_memory_mapped_weights(tmp_path):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from adazeta.errors import Interrupted
 from adazeta.loop import run
-from adazeta.replay import ReplayLog
+from adazeta.replay import ReplayLog, replay
 from adazeta.validate import validate
 
 BASE = [
@@ -115,6 +115,32 @@ def test_interrupted_run_resumes_with_auto(tmp_path, monkeypatch):
     resumed = train(tmp_path, "second", *overrides, "train.resume=auto")
     assert (resumed / "resumed_from.txt").read_text().strip() == str(first / "checkpoints" / "step-0000006")
     assert_same_run(resumed, full)
+
+
+def test_an_interrupted_run_leaves_its_replay_log_closed_and_complete(tmp_path, monkeypatch):
+    """SIGTERM at step 6: the run's exit closes the replay log (as every exit does), and the log
+    holds every step up to the checkpoint, so that adazeta-replay rebuilds that checkpoint's
+    weights exactly from it."""
+    overrides = METHODS["adazeta-adam"]
+    append, logs = ReplayLog.append, []
+
+    def append_and_signal(self, step, *args):
+        append(self, step, *args)
+        logs.append(self)
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ReplayLog, "append", append_and_signal)
+    monkeypatch.setattr(sys, "argv", ["adazeta-train", *overrides])
+    with pytest.raises(Interrupted):
+        train(tmp_path, "first", *overrides)
+    first = tmp_path / "runs" / "day" / "first"
+    (log,) = set(logs)
+    assert log.file.closed
+    assert [r["step"] for r in read_jsonl(first / "replay.jsonl")] == [1, 2, 3, 4, 5, 6]
+    out = replay(first)
+    assert out["steps"] == 6 and out["checkpoint"] == str(first / "checkpoints" / "step-0000006")
+    assert out["unequal"] == [] and out["tensors"] > 0
 
 
 def test_auto_without_a_checkpoint_starts_afresh(tmp_path):
