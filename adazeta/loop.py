@@ -148,9 +148,8 @@ def setup(cfg: DictConfig, dist: distributed.Dist | None = None) -> Setup:
         objective.forward(model, to_device(objective.encode(splits.train[: cfg.train.batch_size], train=True), device))
     inference = device_peaks_gib(mem_devices)
 
-    method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
-    if dist is not None:
-        distributed.distribute(method.step, dist)  # no-op without torchrun
+    # Under torchrun the estimator shares each step's queries (or batch) across the ranks.
+    method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo, dist=dist)
     if loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt and not task.has_mlm:
         log.warning("model.head_init=prompt: task %s has no label prompt (no label words); the head keeps its "
                     "random init, as with model.head_init=random", task.name)
@@ -198,8 +197,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
         cfg.method.name, cfg.task.name, cfg.model.name, n_trainable,
         len(splits.train), len(splits.dev), len(splits.test), cfg.train.max_steps,
     )
-    guard = Guard(cfg.guard)
-    method.step.guard = guard  # sees each step's losses and projected gradients before its update
+    guard = Guard(cfg.guard)  # passed to each step: sees its losses and projected gradients before its update
     check_precision(trainables, zo=cfg.method.optimizer == Optimizer.zo)
     ckpt = checkpoint.Checkpointer(run_dir, cfg, method, guard, objective, writes=dist.is_main)
     metric = objective.metric  # accuracy, or f1 for SQuAD/DROP
@@ -273,7 +271,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
             batch = to_device(encoded, device)
             q = schedule(step - 1)  # schedules count steps from 0
             try:
-                result = method.step(objective.batch_loss(model, batch), step, q)
+                result = method.step(objective.batch_loss(model, batch), step, q, guard=guard)
             except DivergenceError as e:  # raised by the guard before the update: no weight moved
                 state = diverged(e)
                 stream = batches(splits.train, min(bs, len(splits.train)), cfg.seed, start=state.step)

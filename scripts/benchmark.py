@@ -411,7 +411,7 @@ def parallel_table(args) -> str:
             t = timed({"bare": lambda s=seq: s.forwards(2 * q), "seq": lambda s=seq: s.run_step(q),
                        "par": lambda p=par: p.run_step(q)}, max(args.repeats - 1, 1))
             tokens = seq.batch["input_ids"].numel()
-            per_chunk = par.step.estimate.chunk_size(par.loss, 2 * q) * tokens
+            per_chunk = par.step.estimator.chunk_size(par.loss, 2 * q) * tokens
             measured.append((seq.shape, tokens, per_chunk, t))
         rows += [f"| {method} | " + " | ".join(cells) + " |" for cells in parallel_rows(measured, q)]
         print(f"  parallel: {method} done", file=sys.stderr, flush=True)
