@@ -174,9 +174,8 @@ class ZOFineTuner:
         self.schedule = instantiate(cfg.schedule)
         if steps_per_epoch is not None or max_steps is not None:
             self.schedule.bind(steps_per_epoch=steps_per_epoch, max_steps=max_steps)
-        self.guard = None  # passed to each step: sees its losses and g_q before the update
-        if guard:
-            self.guard = Guard(guard if isinstance(guard, GuardConfig) else GuardConfig())
+        # Passed to each step: sees its losses and g_q before the update.
+        self.guard = Guard(guard if isinstance(guard, GuardConfig) else GuardConfig()) if guard else None
         check_precision(self.trainables, zo=self.is_zo)
         self.steps = 0  # steps taken; the next one is number steps + 1, as in adazeta-train
 
