@@ -32,10 +32,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from adazeta.checkpoint import load_optimizer_state, optimizer_state
 from adazeta.config import GuardConfig, Head, Optimizer
 from adazeta.errors import ConfigError
-from adazeta.guard import Guard, check_precision, get_lr, set_lr
+from adazeta.guard import Guard, check_precision
 from adazeta.methods import StepResult, build_method
 from adazeta.models import MeanPoolClassifier
 from adazeta.train import CONF_DIR
@@ -175,20 +174,18 @@ class ZOFineTuner:
         self.schedule = instantiate(cfg.schedule)
         if steps_per_epoch is not None or max_steps is not None:
             self.schedule.bind(steps_per_epoch=steps_per_epoch, max_steps=max_steps)
-        self.guard = None
-        if guard:
-            self.guard = Guard(guard if isinstance(guard, GuardConfig) else GuardConfig())
-            self._step.guard = self.guard  # sees the step's losses and g_q before the update
+        # Passed to each step: sees its losses and g_q before the update.
+        self.guard = Guard(guard if isinstance(guard, GuardConfig) else GuardConfig()) if guard else None
         check_precision(self.trainables, zo=self.is_zo)
         self.steps = 0  # steps taken; the next one is number steps + 1, as in adazeta-train
 
     @property
     def lr(self) -> float:
-        return get_lr(self._step)
+        return self._step.lr
 
     @lr.setter
     def lr(self, value: float) -> None:
-        set_lr(self._step, value)
+        self._step.lr = value
 
     def queries(self) -> int:
         """Q of the next step, from the query schedule."""
@@ -212,7 +209,7 @@ class ZOFineTuner:
         if self.is_zo:
             self.model.eval()  # L+ and L- must see the same network: no dropout
             loss_fn = torch.no_grad()(loss_fn)  # forward passes only: never build a graph
-        result = self._step(loss_fn, self.steps + 1, q)
+        result = self._step(loss_fn, self.steps + 1, q, guard=self.guard)
         self.steps += 1
         return result
 
@@ -220,7 +217,7 @@ class ZOFineTuner:
         """The trainable weights (weights=False: left out, e.g. where the model is saved anyway), the
         update rule's state (momentum, Adam moments, lr), the step count and the guard's recent
         losses, as copies: save it with torch.save."""
-        tensors, scalars = optimizer_state(self._step)
+        tensors, scalars = self._step.state_dict()
         state = {
             "method": self.config.method.name,
             "steps": self.steps,
@@ -242,7 +239,7 @@ class ZOFineTuner:
                                   f"{sorted(mine - theirs)}, unexpected {sorted(theirs - mine)}")
             for t in self.trainables:
                 t.param.copy_(state["trainables"][t.name])
-        load_optimizer_state(self._step, state["update"]["tensors"], state["update"]["scalars"])
+        self._step.load_state_dict(state["update"]["tensors"], state["update"]["scalars"])
         self.steps = state["steps"]
         if self.guard is not None and state["guard"] is not None:
             self.guard.load_state_dict(state["guard"])

@@ -89,13 +89,12 @@ def build_run(cfg: DictConfig, dist: distributed.Dist | None = None,
     inference = device_peaks_gib(mem_devices)
 
     loaded_params = {id(p) for p in model.parameters()}
-    method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo)
+    # Under torchrun the estimator shares each step's queries (or batch) across the ranks.
+    method = build_method(model, cfg.method, cfg.adapter, loaded.head, cfg.seed, zo=cfg.zo, dist=dist)
     new_params = [p for p in method.model.parameters() if id(p) not in loaded_params]
     if loaded.head == Head.classification:  # load_model keeps a new head in fp32
         with contextlib.suppress(ValueError):  # a head under a name classification_head does not know
             new_params += [p for p in classification_head(model).parameters() if id(p) in loaded_params]
-    if dist is not None:
-        distributed.distribute(method.step, dist)  # no-op without torchrun
     if loaded.head == Head.classification and cfg.model.head_init == HeadInit.prompt and not task.has_mlm:
         log.warning("model.head_init=prompt: task %s has no label prompt (no label words); the head keeps its "
                     "random init, as with model.head_init=random", task.name)

@@ -269,34 +269,13 @@ def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict) -> None:
 
 
 def optimizer_state(stepper) -> tuple[dict[str, torch.Tensor], dict]:
-    """The update rule's state (ZO) or AdamW's (first order), as tensors + JSON scalars."""
-    if hasattr(stepper, "rule"):
-        tensors, scalars = stepper.rule.state_dict()
-        return {f"rule.{k}": v for k, v in tensors.items()}, scalars
-    sd = stepper.opt.state_dict()
-    tensors, per_param = {}, {}
-    for i, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{i}.{k}"] = v
-            else:
-                per_param.setdefault(str(i), {})[k] = v
-    return tensors, {"lr": get_lr(stepper), "param_groups": sd["param_groups"], "state": per_param}
+    """The update rule's state (ZO) or AdamW's (first order), as tensors + JSON scalars: the step's
+    own `state_dict()` (adazeta.methods.Step)."""
+    return stepper.state_dict()
 
 
 def load_optimizer_state(stepper, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
-    if hasattr(stepper, "rule"):
-        stepper.rule.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}, scalars)
-        return
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    for i, st in scalars["state"].items():
-        state.setdefault(int(i), {}).update(st)
-    groups = [{**g, "betas": tuple(g["betas"])} for g in scalars["param_groups"]]
-    stepper.opt.load_state_dict({"state": state, "param_groups": groups})
+    stepper.load_state_dict(tensors, scalars)
 
 
 # -- the checkpointer ------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch.distributed as td
 
 from adazeta.config import DistConfig, DistMode, MethodConfig, ModelConfig, Optimizer
 from adazeta.errors import ConfigError
-from adazeta.zo import Trainable
+from adazeta.zo import SPSA, Trainable
 
 log = logging.getLogger("adazeta")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -164,40 +164,45 @@ def setup(cfg: DistConfig, model: ModelConfig, method: MethodConfig, batch_size:
     return d
 
 
-def distribute(step, d: Dist) -> None:
-    """Make a ZOStep's estimate (seeds -> [Q, 2] of (g_q, loss_q)) share its work across ranks."""
-    if not d.enabled:
-        return
-    estimate, spsa = step.estimate, step.spsa
-    if d.mode == DistMode.data:
-        def data_parallel(loss_fn, seeds):
-            local = estimate(loss_fn, seeds).to(d.comm_device)
+class Sharded:
+    """An estimator whose work is shared across ranks (wraps the method's own estimator, chosen
+    when the method is built with a Dist of world > 1: adazeta/estimators.py). Called like it:
+    (loss_fn, seeds) -> [Q, 2] of (g_q, loss_q), identical on every rank.
+
+    Every query restores its own perturbation (`can_defer_restore` is False): the queries of a step
+    are split across ranks, so no rank holds the last query's displacement for a fused update."""
+
+    can_defer_restore = False
+
+    def __init__(self, inner, d: Dist, spsa: SPSA):
+        self.inner, self.dist, self.spsa = inner, d, spsa
+        self.writes_weights = inner.writes_weights
+
+    def __call__(self, loss_fn, seeds: list[int], defer_restore: bool = False) -> torch.Tensor:
+        d = self.dist
+        if d.mode == DistMode.data:
+            local = self.inner(loss_fn, seeds).to(d.comm_device)
             td.all_reduce(local, op=td.ReduceOp.SUM)  # g and the loss are linear in the shard means
             return (local / d.world).cpu()
-        step.estimate = data_parallel
-        return
-
-    def query_parallel(loss_fn, seeds):
         per_rank = math.ceil(len(seeds) / d.world)
         local = torch.full((per_rank, 2), math.nan, dtype=torch.float64)
-        if step.writes_weights:
+        if self.writes_weights:
             # Query i runs on rank i mod W; the other ranks replay its in-place round trip (z only,
             # no forward), so every rank's weights round exactly as in a single process.
             for i, seed in enumerate(seeds):
                 if i % d.world == d.rank:
-                    local[i // d.world] = estimate(loss_fn, [seed])[0]
+                    local[i // d.world] = self.inner(loss_fn, [seed])[0]
                 else:
-                    spsa.perturb(seed, +1.0)
-                    spsa.perturb(seed, -2.0)
-                    spsa.perturb(seed, +1.0)
+                    self.spsa.perturb(seed, +1.0)
+                    self.spsa.perturb(seed, -2.0)
+                    self.spsa.perturb(seed, +1.0)
         elif mine := seeds[d.rank :: d.world]:
-            local[: len(mine)] = estimate(loss_fn, mine)
+            local[: len(mine)] = self.inner(loss_fn, mine)
         local = local.to(d.comm_device)
         gathered = [torch.empty_like(local) for _ in range(d.world)]
         td.all_gather(gathered, local)
         gathered = [g.cpu() for g in gathered]
         return torch.stack([gathered[i % d.world][i // d.world] for i in range(len(seeds))])
-    step.estimate = query_parallel
 
 
 def checksum(trainables: list[Trainable]) -> str:

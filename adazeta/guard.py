@@ -87,18 +87,13 @@ class Guard:
 
 
 def get_lr(stepper) -> float:
-    """The learning rate of a method's step: the ZO update rule's, or AdamW's."""
-    if hasattr(stepper, "rule"):
-        return stepper.rule.lr
-    return stepper.opt.param_groups[0]["lr"]
+    """The learning rate of a method's step (`methods.Step.lr`: the ZO update rule's, or AdamW's)."""
+    return stepper.lr
 
 
 def set_lr(stepper, lr: float) -> None:
-    if hasattr(stepper, "rule"):
-        stepper.rule.lr = lr
-    else:
-        for group in stepper.opt.param_groups:
-            group["lr"] = lr
+    """Set the learning rate of a method's step (a rollback lowers it)."""
+    stepper.lr = lr
 
 
 def check_precision(trainables: list[Trainable], zo: bool) -> list[str]:

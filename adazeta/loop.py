@@ -184,8 +184,7 @@ def start(cfg: DictConfig, run_dir: Path) -> Iterator[Training]:
         cfg.method.name, cfg.task.name, cfg.model.name, run.trainable_params,
         len(splits.train), len(splits.dev), len(splits.test), cfg.train.max_steps,
     )
-    guard = Guard(cfg.guard)
-    method.step.guard = guard  # sees each step's losses and projected gradients before its update
+    guard = Guard(cfg.guard)  # passed to each step: sees its losses and projected gradients before its update
     check_precision(method.trainables, zo=cfg.method.optimizer == Optimizer.zo)
     ckpt = checkpoint.Checkpointer(run_dir, cfg, method, guard, run.objective, writes=dist.is_main)
     metric = run.objective.metric  # accuracy, or f1 for SQuAD/DROP
@@ -235,7 +234,7 @@ def train(t: Training) -> None:
             q = run.schedule(step - 1)  # schedules count steps from 0
             try:
                 loss_fn = run.objective.batch_loss(run.method.model, batch, cfg.method.objective, examples)
-                result = run.method.step(loss_fn, step, q)
+                result = run.method.step(loss_fn, step, q, guard=t.ckpt.guard)
             except DivergenceError as e:  # raised by the guard before the update: no weight moved
                 t.state = diverged(t, e)
                 stream = train_batches(t)

@@ -1,19 +1,27 @@
 """A method is a composition, not a subclass tree: a trainable-set transform (full, TT adapters,
 LoRA, sparse mask) + an optimiser (the ZO estimator with an update rule, or backprop with AdamW).
-`build_method` returns the (possibly wrapped) model and a `step(loss_fn, step, q)` callable."""
+`build_method` returns the (possibly wrapped) model and its step, built once from the config:
+
+    method = build_method(model, cfg.method, cfg.adapter, head, seed, zo=cfg.zo, dist=dist)
+    result = method.step(loss_fn, step, q, guard=guard)        # a `Step`: ZOStep or FOStep
+
+Who builds what: `make_trainable` the trainable set; `ZOStep` its SPSA (with the sparse mask and
+the noise stream), its estimator (`estimators.build_estimator`) and its update rule; `FOStep`
+AdamW. The guard and the query schedule belong to the caller and are passed in, never assigned."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from adazeta.config import AdapterConfig, Head, MethodConfig, Optimizer, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError, DivergenceError
-from adazeta.parallel import ParallelQueries, check_parallel
-from adazeta.sparse import InForwardPerturbation, SparseMask
+from adazeta.estimators import Estimator, EstimatorFactory, build_estimator
+from adazeta.sparse import SparseMask
 from adazeta.trainable import make_trainable
 from adazeta.updates import RULES
 from adazeta.zo import LOW_PRECISION, SPSA, Trainable, query_seed
@@ -30,36 +38,57 @@ class StepResult:
     grads: list[float] | None = None  # ZO: g_q per query (what the replay log records)
 
 
+# guard(step, losses, grads): raises to stop the step before any weight moves (adazeta.guard.Guard;
+# a ZO step also calls its check_update(step, ratio, lr, grads)).
+Guard = Callable[[int, list[float], list[float]], None]
+
+
+class Step(Protocol):
+    """What the loop, the checkpoint, the guard's rollback and the library API use of a method's
+    step: call it, read and set its learning rate, and save and load its state (tensors, saved as
+    safetensors, and JSON scalars; never a pickle). `ZOStep` and `FOStep` are the two kinds."""
+
+    lr: float
+
+    def __call__(self, loss_fn: LossFn, step: int, q: int, guard: Guard | None = None) -> StepResult: ...
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None: ...
+
+
 @dataclass
 class Method:
     model: torch.nn.Module
     trainables: list[Trainable]
-    step: Callable[[LossFn, int, int], StepResult]
-
-
-# estimate(loss_fn, seeds) -> float tensor [len(seeds), 2] of (g_q, (L+ + L-) / 2) per query.
-Estimate = Callable[[LossFn, list[int]], torch.Tensor]
-# guard(step, losses, grads): raises to stop the step before any weight moves.
-Guard = Callable[[int, list[float], list[float]], None]
+    step: Step
 
 
 class ZOStep:
     """Q queries of two-sided SPSA, then the update rule:
 
-        seeds -> estimate (sequential, batched replicas, or split across ranks) -> guard -> apply
+        seeds -> estimate -> guard -> update rule
 
-    `estimate` returns only scalars, so it can be swapped (parallel replicas, torch.distributed)
-    without touching the update; `guard` sees the step's losses and projected gradients before any
-    weight is written.
+    composed once, here, from the config: the SPSA over the trainable set (z from the noise stream,
+    adazeta/noise.py; Sparse-MeZO's mask), the estimator (sequential, in-forward, parallel
+    replicas, sharded over ranks: adazeta/estimators.py), the update rule (adazeta/updates.py).
+    Nothing of it is replaced afterwards. The estimator returns only scalars; the guard, passed to
+    each call, sees the step's losses and projected gradients before any weight is written.
 
-    Fused restore (`zo.fused_update`, plain SGD or sign rules, in-place perturbation): the
-    sequential estimate leaves the last query's weights at theta - eps z (`spsa.displaced`), and the
-    update folds the restore into its own pass over that z. Whatever stops the step in between
-    (the guard, an error) restores the weights instead. Under torch.distributed the queries of a
-    step are split across ranks, so every query restores on its own and no rank fuses."""
+    Fused restore (`zo.fused_update`, plain SGD or sign rules, an estimator that can defer the
+    restore): the sequential estimate leaves the last query's weights at theta - eps z
+    (`spsa.displaced`), and the update folds the restore into its own pass over that z. Whatever
+    stops the step in between (the guard, an error) restores the weights instead. Under
+    torch.distributed the queries of a step are split across ranks, so every query restores on its
+    own and no rank fuses.
+
+    `writes` is the record of the in-place perturbations (seed, scale) the last step's estimate
+    made, in order (SPSA tells the step of each: `on_perturb`): the replay log keeps it, because
+    float addition does not undo exactly and the weights after a step carry those round trips."""
 
     def __init__(
-        self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig | None = None
+        self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig | None = None,
+        dist=None, estimator: EstimatorFactory | None = None,
     ):
         zo = zo if zo is not None else ZOConfig()
         mask = None
@@ -70,11 +99,12 @@ class ZOStep:
         # group, not one per tensor. Full-parameter sets keep a z per tensor: flattening a model's
         # weights would copy them, and the in-forward perturbation regenerates one layer's z.
         group = cfg.trainable in (TrainableSet.tt_adapter, TrainableSet.lora)
-        self.spsa = SPSA(trainables, cfg.eps, mask=mask, group=group)
+        self.writes: list[tuple[int, float]] = []
+        self.recording = False  # True while the estimate runs: its in-place writes go into `writes`
+        self.spsa = SPSA(trainables, cfg.eps, mask=mask, group=group, on_perturb=self.observe)
         in_forward = functional_perturbation(trainables, cfg)
         self.mask, self.in_place_masks = mask, mask is not None and not in_forward
-        if in_forward:
-            self.spsa.loss_pair = InForwardPerturbation(model, self.spsa).losses
+        self.estimator: Estimator = build_estimator(model, self.spsa, cfg, zo, in_forward, dist, estimator)
         kwargs = {}
         if cfg.update_rule.value == "momentum":
             kwargs = {"momentum": cfg.momentum}
@@ -85,42 +115,64 @@ class ZOStep:
         self.numel = sum(t.param.numel() for t in trainables)
         self.norm: float | None = None  # of the trainables, measured at the first guarded step
         self.seed = seed
-        self.estimate: Estimate = self.sequential
-        self.guard: Guard | None = None
-        # Whether `estimate` perturbs the weights in place (+eps z, -2 eps z, +eps z). Float addition
-        # does not undo exactly, so the weights after a step carry the rounding of the queries it ran:
-        # a query-parallel rank replays the others' round trips to round as one process would.
-        self.writes_weights = not in_forward
-        if zo.parallel_queries:
-            check_parallel(cfg.trainable.value)
-            self.estimate = ParallelQueries(model, self.spsa, zo.max_replicas)
-            self.writes_weights = False  # each replica has its own copy: the weights are never written
-        self.fuse = zo.fused_update and self.rule.fusable and self.writes_weights
-        self.defer_restore = False  # set for the duration of a step that fuses
+        self.fuse = zo.fused_update and self.rule.fusable and self.estimator.can_defer_restore
 
-    def sequential(self, loss_fn: LossFn, seeds: list[int]) -> torch.Tensor:
-        """One query after another, each restoring the weights it perturbed; in a step that fuses,
-        the last one leaves them at theta - eps z for the update to restore. The result stays on
-        the loss's device: the step reads it back once (a host read per query would stall a GPU
-        between queries)."""
-        keep = len(seeds) - 1 if self.defer_restore else -1  # the query left displaced, if any
-        return torch.stack([self.spsa.query(loss_fn, s, restore=k != keep) for k, s in enumerate(seeds)])
+    @property
+    def writes_weights(self) -> bool:
+        """Whether the estimate perturbs the weights in place (+eps z, -2 eps z, +eps z). Float
+        addition does not undo exactly, so the weights after a step carry the rounding of the
+        queries it ran: a query-parallel rank replays the others' round trips to round as one
+        process would, and the replay log records them."""
+        return self.estimator.writes_weights
 
-    def __call__(self, loss_fn: LossFn, step: int, q: int) -> StepResult:
+    @property
+    def lr(self) -> float:
+        return self.rule.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.rule.lr = value
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The update rule's state: tensors as `rule.<name>`, scalars (lr, Adam's t)."""
+        tensors, scalars = self.rule.state_dict()
+        return {f"rule.{k}": v for k, v in tensors.items()}, scalars
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        self.rule.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}, scalars)
+
+    def observe(self, seed: int, scale: float) -> None:
+        """SPSA's `on_perturb`: record the in-place writes of the estimate (not the update's restores)."""
+        if self.recording:
+            self.writes.append((seed, scale))
+
+    def __call__(self, loss_fn: LossFn, step: int, q: int, guard: Guard | None = None) -> StepResult:
+        """Step `step` (counted from 1) with q queries, seeds query_seed(seed, step, 0..q-1)."""
         seeds = [query_seed(self.seed, step, i) for i in range(q)]
+        return self.run(self.estimator, loss_fn, step, seeds, guard)
+
+    def run(
+        self, estimate: Estimator, loss_fn: LossFn, step: int, seeds: list[int], guard: Guard | None = None
+    ) -> StepResult:
+        """The step with a given estimate of the seeds' projected gradients: the method's own
+        (`__call__`), or one that repeats a logged step (adazeta-replay)."""
+        q = len(seeds)
         if self.in_place_masks:
             self.mask.store(self.spsa.trainables)  # from the unperturbed weights of this step
-        self.defer_restore = self.fuse and not distributed_run()
         try:
-            results = self.estimate(loss_fn, seeds).tolist()  # the step's one host sync
+            self.writes, self.recording = [], True
+            try:
+                results = estimate(loss_fn, seeds, defer_restore=self.fuse).tolist()  # the step's one host sync
+            finally:
+                self.recording = False
             grads, losses = [g for g, _ in results], [loss for _, loss in results]
-            if self.guard is not None:
-                self.guard(step, losses, grads)
+            if guard is not None:
+                guard(step, losses, grads)
                 if self.norm is None:
                     self.norm = weight_norm(self.spsa.trainables)
                 if self.norm > 0:
                     ratio = self.rule.lr * self.update_scale(grads) * self.numel**0.5 / self.norm
-                    self.guard.check_update(step, ratio, self.rule.lr, grads)
+                    guard.check_update(step, ratio, self.rule.lr, grads)
             check_update_fits(step, self.rule.lr, grads)
             if self.spsa.displaced and self.rule.fusable:  # the weights sit at theta - eps z_last
                 coeffs = self.rule.coefficients(grads)
@@ -130,7 +182,6 @@ class ZOStep:
                 self.spsa.restore()
                 extra = self.rule.apply(seeds, grads, loss_fn)
         finally:
-            self.defer_restore = False
             self.spsa.restore()  # a no-op, unless the step stopped (guard, error) with the weights displaced
             if self.in_place_masks:
                 self.mask.release()
@@ -167,15 +218,47 @@ class FOStep:
         ]
         self.model = model
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps)
-        self.guard: Guard | None = None  # sees the loss before backward: a bad loss moves no weight
 
-    def __call__(self, loss_fn: LossFn, step: int, q: int) -> StepResult:
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = value
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """AdamW's state: its tensors as `opt.<param>.<name>`, the rest as JSON scalars."""
+        sd = self.opt.state_dict()
+        tensors, per_param = {}, {}
+        for i, st in sd["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"opt.{i}.{k}"] = v
+                else:
+                    per_param.setdefault(str(i), {})[k] = v
+        return tensors, {"lr": self.lr, "param_groups": sd["param_groups"], "state": per_param}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        state: dict[int, dict] = {}
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                _, i, name = key.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        for i, st in scalars["state"].items():
+            state.setdefault(int(i), {}).update(st)
+        groups = [{**g, "betas": tuple(g["betas"])} for g in scalars["param_groups"]]
+        self.opt.load_state_dict({"state": state, "param_groups": groups})
+
+    def __call__(self, loss_fn: LossFn, step: int, q: int, guard: Guard | None = None) -> StepResult:
+        """One forward and backward; `guard` sees the loss before backward: a bad loss moves no weight."""
         self.model.train()  # dropout on, as in ordinary fine-tuning
         with torch.enable_grad():
             loss = loss_fn()
-            if self.guard is not None:
+            if guard is not None:
                 try:
-                    self.guard(step, [float(loss.detach())], [])
+                    guard(step, [float(loss.detach())], [])
                 finally:
                     self.model.eval()
             loss.backward()
@@ -220,17 +303,15 @@ def check_update_fits(step: int, lr: float, grads: list[float]) -> None:
         )
 
 
-def distributed_run() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def build_method(
-    model, cfg: MethodConfig, adapter: AdapterConfig, head: Head, seed: int, zo: ZOConfig | None = None
+    model, cfg: MethodConfig, adapter: AdapterConfig, head: Head, seed: int, zo: ZOConfig | None = None,
+    dist=None, estimator: EstimatorFactory | None = None,
 ) -> Method:
     """The method of `cfg` on `model`. `zo` (default: ZOConfig()) configures the ZO estimator;
-    first-order methods have no queries: they ignore zo.fused_update and zo.max_replicas, and
-    refuse zo.parallel_queries=true rather than silently run sequentially."""
+    `dist` (an adazeta.distributed.Dist; None or a world of 1: one process) shares its queries
+    across torchrun ranks; `estimator` (a factory (model, spsa) -> estimator, adazeta/estimators.py)
+    replaces the configured one. First-order methods have no queries: they ignore zo.fused_update
+    and zo.max_replicas, and refuse zo.parallel_queries=true rather than silently run sequentially."""
     if cfg.optimizer == Optimizer.fo and cfg.trainable == TrainableSet.sparse:
         raise ConfigError(
             "method.trainable=sparse is Sparse-MeZO's perturbation mask and needs method.optimizer=zo; "
@@ -246,5 +327,5 @@ def build_method(
             )
         step = FOStep(model, trainables, cfg)
     else:
-        step = ZOStep(model, trainables, cfg, seed, zo)
+        step = ZOStep(model, trainables, cfg, seed, zo, dist=dist, estimator=estimator)
     return Method(model=model, trainables=trainables, step=step)

@@ -63,13 +63,16 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 class ParallelQueries:
-    """estimate(loss_fn, seeds) -> [Q, 2] float64 of (g_q, (L+ + L-) / 2), like
-    `ZOStep.sequential`, from batched forwards over per-replica trainable weights.
+    """estimate(loss_fn, seeds) -> [Q, 2] float64 of (g_q, (L+ + L-) / 2), like the sequential
+    estimator (adazeta/estimators.py), from batched forwards over per-replica trainable weights.
 
     `loss_fn` must offer `replicated(r)` (the r per-replica mean losses of the batch repeated r
     times: `adazeta.objectives.BatchLoss`); `replica_bytes()`, if it has one, drives the
     automatic chunking.
     """
+
+    writes_weights = False  # each replica has its own copy: the weights are never written
+    can_defer_restore = False
 
     def __init__(self, model: nn.Module, spsa: SPSA, max_replicas: int | None = None):
         if max_replicas is not None and max_replicas < 1:
@@ -98,7 +101,7 @@ class ParallelQueries:
         ]
         self.stacks: list[torch.Tensor] = []  # per tensor, (capacity, *shape) views of `rows`
 
-    def __call__(self, loss_fn: Callable[[], torch.Tensor], seeds: list[int]) -> torch.Tensor:
+    def __call__(self, loss_fn: Callable[[], torch.Tensor], seeds: list[int], defer_restore: bool = False) -> torch.Tensor:
         replicated = getattr(loss_fn, "replicated", None)
         if replicated is None:
             raise TypeError(

@@ -326,8 +326,7 @@ def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
         terms.append(CudaTerm(
             "update mask: 2 bools per value of the largest tensor", "zo.py run_lane (mask.chunk into lane.buffer)",
             max(2 * top, 2 * CHUNK) / GIB, held(lanes, "bool")))
-    perturb = getattr(spsa.loss_pair, "__self__", None)
-    if isinstance(perturb, InForwardPerturbation):
+    if isinstance(step.estimator, InForwardPerturbation):
         # No module is `blockable` on CUDA (it needs chunks_exact): pre_hook -> perturbed_copy
         # takes each module's own trainables whole from the work buffer, stacked over the
         # enclosing modules that own trainables too (`take`).
@@ -347,7 +346,7 @@ def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
         walk(method.model, {})
         terms.append(CudaTerm(
             "perturbed copy: the largest module's trainable weights", "sparse.py InForwardPerturbation.perturbed_copy",
-            sum(n * DTYPE_BYTES[d] for d, n in stacked.items()) / GIB, held(perturb.work.values())))
+            sum(n * DTYPE_BYTES[d] for d, n in stacked.items()) / GIB, held(step.estimator.work.values())))
         if magnitude:
             # SPSA.z -> SparseMask.__call__ -> compute(out=scratch(w, 1)) -> within(..., scratch(w)):
             # two bool buffers per device, grown to the largest tensor.

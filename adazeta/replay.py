@@ -15,9 +15,11 @@ per query, in order: in fp32 the round trip restores theta only to within a roun
 replay repeats it), "round_trip_fused" (the same, but the last query's +eps z restore is folded
 into the update: `zo.fused_update`), "none" (the in-forward perturbation of Sparse-MeZO, parallel
 replicas, or any estimate that never writes the weights), or an explicit [[seed, scale], ...]
-list. The replay runs each step through the method's own ZOStep with an estimate that repeats
-these writes and returns the logged g_q, so the update (fused or not, masks, rule state) is the
-run's own code. update_rule=conservative also logs
+list: the step's own record of its estimate's writes (`ZOStep.writes`, which SPSA reports to it),
+read after each step, so nothing of the method is wrapped or replaced to log them. The replay runs
+each step through the method's own ZOStep (`ZOStep.run`) with an estimate that repeats these writes
+and returns the logged g_q, so the update (fused or not, masks, rule state) is the run's own code.
+update_rule=conservative also logs
 the three losses it compared (`rule_losses`), so it replays without a forward too. A step the
 divergence guard rejected is logged as {"step": k, "applied": false, "perturbs": [...]}: its round
 trips happened, its update did not. A checkpoint records how many records precede it.
@@ -48,39 +50,21 @@ class ReplayLog:
     """Appends one record per applied ZO step to <run>/replay.jsonl (`train.replay_log`)."""
 
     def __init__(self, path: Path, zo_step, records: list[str] = ()):
-        self.path, self.rule, self.spsa = path, zo_step.rule, zo_step.spsa
+        self.path, self.step, self.rule = path, zo_step, zo_step.rule
         self.file = path.open("a", encoding="utf-8")
         self.file.writelines(line + "\n" for line in records)  # a resumed run's history
         self.file.flush()
         self.count = len(records)  # records written; a checkpoint saves it
-        self.perturbs: list[tuple[int, float]] = []
-        self.recording = False
-        # Record the in-place writes the estimate makes (every one goes through SPSA.perturb).
-        inner_perturb, inner_estimate = self.spsa.perturb, zo_step.estimate
-
-        def perturb(seed: int, scale: float) -> None:
-            if self.recording:
-                self.perturbs.append((seed, scale))
-            inner_perturb(seed, scale)
-
-        def estimate(loss_fn, seeds):
-            self.perturbs, self.recording = [], True
-            try:
-                return inner_estimate(loss_fn, seeds)
-            finally:
-                self.recording = False
-
-        self.spsa.perturb, zo_step.estimate = perturb, estimate
 
     def append(self, step: int, seeds: list[int], grads: list[float], lr: float) -> None:
-        record = {"step": step, "seeds": seeds, "grads": grads, "lr": lr, "perturbs": encode(self.perturbs, seeds)}
+        record = {"step": step, "seeds": seeds, "grads": grads, "lr": lr, "perturbs": encode(self.step.writes, seeds)}
         if getattr(self.rule, "last_losses", None):
             record["rule_losses"] = self.rule.last_losses
         self.write(record)
 
     def reject(self, step: int) -> None:
         """A step the guard stopped before its update: only its in-place round trips happened."""
-        self.write({"step": step, "applied": False, "perturbs": [list(p) for p in self.perturbs]})
+        self.write({"step": step, "applied": False, "perturbs": [list(p) for p in self.step.writes]})
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -114,13 +98,29 @@ def decode(perturbs, seeds: list[int]) -> list[tuple[int, float]]:
     return [(int(s), float(scale)) for s, scale in perturbs]
 
 
+class Logged:
+    """The estimate of a logged step: repeats its in-place writes (through SPSA.perturb, as the run
+    made them) and returns its g_q (an estimator of adazeta/estimators.py's kind)."""
+
+    writes_weights = True
+    can_defer_restore = False  # a fused run's writes leave the displacement the update restores
+
+    def __init__(self, spsa, writes: list[tuple[int, float]], grads: list[float]):
+        self.spsa, self.writes, self.grads = spsa, writes, grads
+
+    def __call__(self, loss_fn, seeds: list[int], defer_restore: bool = False) -> torch.Tensor:
+        for seed, scale in self.writes:
+            self.spsa.perturb(seed, scale)
+        return torch.tensor([[g, 0.0] for g in self.grads], dtype=torch.float64)
+
+
 @torch.no_grad()
-def replay_step(zo_step, record: dict, perturb) -> None:
+def replay_step(zo_step, record: dict) -> None:
     """Apply one logged step through the method's own ZOStep (mask store/release, update rule),
     with an estimate that repeats the logged in-place writes and returns the logged g_q."""
     if not record.get("applied", True):  # rejected by the guard: its round trips only, then
         for seed, scale in decode(record["perturbs"], []):  # the restore ZOStep does on any stop
-            perturb(seed, scale)
+            zo_step.spsa.perturb(seed, scale)
         zo_step.spsa.restore()
         return
     step, seeds, grads = record["step"], record["seeds"], record["grads"]
@@ -128,17 +128,10 @@ def replay_step(zo_step, record: dict, perturb) -> None:
     if seeds != expected:
         raise CheckpointError(f"replay.jsonl step {step}: the logged seeds are not this config's "
                               f"query seeds (seed={zo_step.seed}); the log belongs to another run")
-    writes = decode(record["perturbs"], seeds)
-
-    def estimate(loss_fn, seeds):
-        for seed, scale in writes:
-            perturb(seed, scale)
-        return torch.tensor([[g, 0.0] for g in grads], dtype=torch.float64)
-
+    estimate = Logged(zo_step.spsa, decode(record["perturbs"], seeds), grads)
     tape = iter(record.get("rule_losses", []))
-    zo_step.estimate, zo_step.guard = estimate, None
-    zo_step.rule.lr = record["lr"]
-    zo_step(lambda: torch.tensor(next(tape), dtype=torch.float64), step, len(seeds))
+    zo_step.lr = record["lr"]
+    zo_step.run(estimate, lambda: torch.tensor(next(tape), dtype=torch.float64), step, seeds)
 
 
 # The keys replay_step reads, with their JSON types: an applied step, and a step the guard rejected.
@@ -219,9 +212,8 @@ def replay(run_dir: Path, checkpoint: Path | None = None, save: Path | None = No
     torch.manual_seed(cfg.seed)
     built = build_run(cfg)  # the same model, adapters, head and method as the run, in the same RNG order
     zo_step = built.method.step
-    perturb = zo_step.spsa.perturb
     for record in records:
-        replay_step(zo_step, record, perturb)
+        replay_step(zo_step, record)
 
     rebuilt = {t.name: t.param.detach().to("cpu", copy=True) for t in built.method.trainables}  # views: copy
     if rebuilt.keys() != target.keys():

@@ -8,13 +8,17 @@ Two ways to apply the perturbation:
 - in place, with the masks of the step stored (one bool per weight: 1/4 of an fp32 model);
 - in forward (`in_forward=true`, the memory-efficient form): a pre-hook on each module replaces its
   weight by theta + eps * m(theta) * z for the duration of that module's forward only, so the
-  weights are never written during the two loss evaluations and no model-sized mask exists.
+  weights are never written during the two loss evaluations and no model-sized mask exists. This
+  is an estimator of its own (`InForwardPerturbation`, chosen when the method is built).
 
 A module whose weight is large (an embedding, a tied LM head, a wide projection: `block_min`
-values or more) is not copied whole: its forward runs over row blocks of about BLOCK values, each
-block perturbed into a small buffer just before use, with its z drawn by the tensor's own generator
-in order, so the values equal the whole-tensor z the update draws (on CPU: `chunks_exact`). The
-step's transient memory is then a few MB whatever the vocabulary size.
+values or more) is not copied whole: its output is computed over row blocks of about BLOCK values,
+each block perturbed into a small buffer just before use, with its z read from the tensor's noise
+stream in order (adazeta/noise.py), so the values equal the whole-tensor z the update draws (on
+CPU: `chunks_exact`). The step's transient memory is then a few MB whatever the vocabulary size.
+Torch has no hook that replaces a forward, so such a module's pre-hook hands its own forward an
+empty batch (no work) and its forward hook returns the output computed block by block: the
+module keeps its class and its forward, and removing the hooks leaves it as it was.
 
 `mask=random` (R-MeZO) draws a random mask per step and tensor with keep probability `keep_ratio`,
 from a generator seeded by the query seed, so it is reproducible and never stored either.
@@ -28,7 +32,8 @@ from collections.abc import Callable
 
 import torch
 
-from adazeta.zo import SPSA, Trainable, chunks_exact, tensor_seed
+from adazeta.noise import Stream
+from adazeta.zo import SPSA, Trainable, chunks_exact, query_stats
 
 # Weights of at least this many values are perturbed block by block in the forward (see above).
 BLOCK_MIN = 1 << 22
@@ -81,7 +86,7 @@ class SparseMask:
         # chunk (`chunk`); a random mask is one draw over the whole tensor.
         self.chunked = kind == "magnitude"
         self.h = thresholds(trainables, sparsity) if kind == "magnitude" else []
-        self.generators: dict[torch.device, torch.Generator] = {}
+        self.streams: dict[torch.device, Stream] = {}
         self.stored: dict[int, torch.Tensor] | None = None  # in-place mode: masks of the step
         self.buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
 
@@ -92,10 +97,10 @@ class SparseMask:
             if out is None:
                 return (weight <= h).logical_and_(weight >= -h)
             return within(weight, h, out, self.scratch(weight))
-        gen = self.generators.setdefault(weight.device, torch.Generator(device=weight.device))
-        gen.manual_seed(tensor_seed(seed ^ 0x5EED, index))
-        u = torch.rand(weight.shape, generator=gen, device=weight.device)
-        return u < self.keep_ratio
+        stream = self.streams.get(weight.device)
+        if stream is None:
+            stream = self.streams[weight.device] = Stream(weight.device)
+        return stream.mask(seed, index, weight.shape, weight.device) < self.keep_ratio
 
     def chunk(self, index: int, flat: torch.Tensor, a: int, b: int, scratch: torch.Tensor) -> torch.Tensor:
         """The magnitude mask of values [a, b) of tensor `index`, whose current values are `flat`
@@ -131,8 +136,13 @@ class SparseMask:
 
 
 class InForwardPerturbation:
-    """Pre/post forward hooks that swap each module's own trainable tensors for their perturbed
-    versions during that module's forward only (never writing the weights)."""
+    """The in-forward estimator: L(theta + eps z) and L(theta - eps z) with each module's own
+    trainable tensors swapped for their perturbed versions during that module's forward only (a
+    forward pre-hook and a forward hook), so the weights are never written. Called like every
+    estimator: (loss_fn, seeds) -> float64 [Q, 2] of (g_q, (L+ + L-) / 2)."""
+
+    writes_weights = False  # the perturbation lives in a work buffer, never in the weights
+    can_defer_restore = False  # nothing to restore: no update can fold a restore in
 
     def __init__(self, model: torch.nn.Module, spsa: SPSA, block_min: int = BLOCK_MIN):
         self.spsa = spsa
@@ -143,8 +153,11 @@ class InForwardPerturbation:
         # (the largest module's size): no allocation, and no fresh pages, per layer and forward.
         self.work: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.top: dict[tuple[torch.device, torch.dtype], int] = {}  # first free value of each buffer
-        self.blocked: list[torch.nn.Module] = []  # modules whose forward runs block by block
-        self.generator: dict[torch.device, torch.Generator] = {}
+        self.blocked: list[torch.nn.Module] = []  # modules whose output is computed block by block
+        # Per module inside its forward: its own tensors and the work buffer's top before it.
+        self.swapped: dict[int, tuple[torch.nn.Module, dict[str, torch.Tensor], dict]] = {}
+        self.inputs: dict[int, torch.Tensor] = {}  # a blocked module's input, pre-hook -> forward hook
+        self.streams: dict[torch.device, Stream] = {}  # the blocks' readers of the noise stream
         for module in model.modules():
             owned = [(name, index_of[id(p)]) for name, p in module.named_parameters(recurse=False) if id(p) in index_of]
             if not owned:
@@ -152,11 +165,12 @@ class InForwardPerturbation:
             weight = dict(owned).get("weight")
             if weight is not None and self.blockable(module, block_min):
                 rest = [(name, i) for name, i in owned if name != "weight"]
-                module.forward = self.blocked_forward(module, weight, rest, module.forward)
+                self.handles.append(module.register_forward_pre_hook(self.blocked_pre_hook, with_kwargs=True))
+                self.handles.append(module.register_forward_hook(self.blocked_hook(weight, rest)))
                 self.blocked.append(module)
                 continue
             self.handles.append(module.register_forward_pre_hook(self.pre_hook(owned)))
-            self.handles.append(module.register_forward_hook(self.post_hook(owned)))
+            self.handles.append(module.register_forward_hook(self.post_hook))
 
     def blockable(self, module: torch.nn.Module, block_min: int) -> bool:
         """A plain Linear or Embedding whose weight is large, contiguous and drawn chunk-exactly,
@@ -173,33 +187,46 @@ class InForwardPerturbation:
         return chunked_mask and w.is_contiguous() and chunks_exact(w.device.type, w.dtype)
 
     def blocks(self, w: torch.Tensor, index: int, seed: int, scale: float):
-        """(r0, r1, perturbed rows r0:r1) over w's rows in order: z drawn block by block by one
-        generator seeded as the whole tensor's, masked by the block's own (unwritten) weights."""
-        gen = self.generator.setdefault(w.device, torch.Generator(device=w.device))
-        gen.manual_seed(tensor_seed(seed, index))
+        """(r0, r1, perturbed rows r0:r1) over w's rows in order: z read block by block from the
+        tensor's noise stream (adazeta/noise.py), masked by the block's own (unwritten) weights."""
+        stream = self.streams.get(w.device)
+        if stream is None:
+            stream = self.streams[w.device] = Stream(w.device)
+        stream.z(seed, self.spsa.unit_seed[index])
         mask = self.spsa.mask
         for r0, r1 in row_blocks(w.shape[0], w[0].numel()):
             blk = w[r0:r1]
-            out = self.take(blk).normal_(generator=gen)  # z, then W + a m z in the same buffer
+            out = stream.read(self.take(blk))  # z, then W + a m z in the same buffer
             if mask is not None:
                 out.mul_(mask.compute(index, blk, seed, out=mask.scratch(blk, 1)))
             yield r0, r1, torch.add(blk, out, alpha=scale * self.spsa.eps, out=out)
             self.top[(w.device, w.dtype)] -= blk.numel()  # release the block's buffer
 
-    def blocked_forward(self, module, index: int, rest: list[tuple[str, int]], plain: Callable) -> Callable:
-        """module.forward while a loss is evaluated: its output computed from perturbed row blocks
-        of its weight (`blocks`); its other trainable tensors (a bias) perturbed whole."""
-        embedding = type(module) is torch.nn.Embedding
+    def blocked_pre_hook(self, module, args, kwargs):
+        """While a loss is evaluated: keep the input for `blocked_hook` and give the module's own
+        forward an empty batch, so it computes nothing (its output is replaced)."""
+        if self.active is None:
+            return None
+        if args:
+            self.inputs[id(module)] = args[0]
+            return (args[0][:0], *args[1:]), kwargs
+        self.inputs[id(module)] = kwargs["input"]
+        return args, {**kwargs, "input": kwargs["input"][:0]}
 
-        def forward(x):
-            if self.active is None:
-                return plain(x)
+    def blocked_hook(self, index: int, rest: list[tuple[str, int]]) -> Callable:
+        """The forward hook of a blocked module: its output from perturbed row blocks of its weight
+        (`blocks`); its other trainable tensors (a bias) perturbed whole."""
+
+        def hook(module, args, output):
+            x = self.inputs.pop(id(module), None)
+            if x is None:  # not in a perturbed evaluation: the plain forward's output stands
+                return None
             seed, scale = self.active
             top = dict(self.top)
             others = {name: self.perturbed_copy(module._parameters[name], i, seed, scale) for name, i in rest}
             w = module.weight
             try:
-                if embedding:
+                if type(module) is torch.nn.Embedding:
                     out = torch.nn.functional.embedding(x, w, module.padding_idx)
                     ids, flat = x.reshape(-1), out.view(-1, w.shape[1])
                     for r0, r1, blk in self.blocks(w, index, seed, scale):
@@ -215,17 +242,18 @@ class InForwardPerturbation:
             finally:
                 self.top = top
 
-        return forward
+        return hook
 
     def pre_hook(self, owned: list[tuple[str, int]]) -> Callable:
         def hook(module, args):
             if self.active is None:
                 return
             seed, scale = self.active
-            module._adazeta_saved, module._adazeta_top = {}, dict(self.top)
+            saved = {}
+            self.swapped[id(module)] = (module, saved, dict(self.top))
             for name, i in owned:
                 weight = module._parameters[name]
-                module._adazeta_saved[name] = weight
+                saved[name] = weight
                 module._parameters[name] = self.perturbed_copy(weight, i, seed, scale)
         return hook
 
@@ -246,15 +274,11 @@ class InForwardPerturbation:
         self.top[key] = start + n
         return buf[start : start + n].view_as(weight)
 
-    def post_hook(self, owned: list[tuple[str, int]]) -> Callable:
-        def hook(module, args, output):
-            saved = getattr(module, "_adazeta_saved", None)
-            if saved:
-                for name, weight in saved.items():
-                    module._parameters[name] = weight
-                module._adazeta_saved = {}
-                self.top = module._adazeta_top
-        return hook
+    def post_hook(self, module, args, output) -> None:
+        swapped = self.swapped.pop(id(module), None)
+        if swapped is not None:
+            _, saved, self.top = swapped
+            module._parameters.update(saved)
 
     @contextlib.contextmanager
     def perturbed(self, seed: int, scale: float):
@@ -263,6 +287,11 @@ class InForwardPerturbation:
             yield
         finally:
             self.active = None
+            # A forward that raised skipped its modules' forward hooks: give them their own tensors back.
+            for module, saved, _ in self.swapped.values():
+                module._parameters.update(saved)
+            self.swapped.clear()
+            self.inputs.clear()
 
     @torch.no_grad()
     def losses(self, loss_fn: Callable[[], torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,8 +301,11 @@ class InForwardPerturbation:
             loss_minus = loss_fn()
         return loss_plus, loss_minus
 
+    def __call__(self, loss_fn: Callable[[], torch.Tensor], seeds: list[int], defer_restore: bool = False) -> torch.Tensor:
+        """One query after another (`query_stats` of each pair); the result stays on the loss's device."""
+        return torch.stack([query_stats(*self.losses(loss_fn, seed), self.spsa.eps) for seed in seeds])
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        for module in self.blocked:
-            del module.forward  # back to the class's forward
+        self.handles = []

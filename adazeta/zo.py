@@ -15,8 +15,9 @@ with d = 1 - lr wd (1 where weight decay is skipped) and the weights at theta - 
 
 one regeneration of z fewer per step (3 instead of 4 passes over the weights for Q = 1).
 
-Each tensor i draws its z from its own seed, tensor_seed(s_q, i), so that one tensor's noise can be
-regenerated without the others' (per-layer perturbation inside a forward, per-tensor updates).
+Each tensor i reads its z from its own stream, keyed by tensor_seed(s_q, i) (adazeta/noise.py, the
+one place z is drawn), so that one tensor's noise can be regenerated without the others' (per-layer
+perturbation inside a forward, per-tensor updates).
 Adapter and LoRA sets (SPSA(group=True), set by ZOStep) are the exception: their tensors are views
 of one flat buffer per (device, dtype, decay) group, whose z is one draw from tensor_seed(s_q, the
 index of the group's first tensor), so a pass makes one RNG call per group instead of one per
@@ -34,8 +35,6 @@ rounded +eps z / -2 eps z / +eps z round trip does not restore them (scripts/bf1
 
 from __future__ import annotations
 
-import functools
-import struct
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,11 +42,16 @@ from dataclasses import dataclass
 
 import torch
 
-MASK64 = (1 << 64) - 1
-# A large tensor's z is drawn CHUNK values at a time into a small per-thread buffer and added while
-# it is still in cache: no parameter-sized scratch, and every add stays under torch's intra-op grain
-# size (32768), so it never starts an OpenMP team (which stalls when another process holds a core).
-CHUNK = 1 << 14
+from adazeta.noise import (  # noqa: F401  (query_seed, tensor_seed: re-exported, the seeds' old home)
+    CHUNK,
+    Stream,
+    chunk_bounds,
+    chunks_exact,
+    query_seed,
+    rounding_seed,
+    tensor_seed,
+)
+
 # Passes over fewer trainable values than this run on the calling thread only (adapters, LoRA).
 THREADED_MIN = 1 << 20
 # Dtypes whose updates are written with stochastic rounding (see the module docstring).
@@ -55,35 +59,6 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Stochastic rounding of a whole tensor (a large one on CUDA) goes through float32 temporaries of
 # at most this many values at a time.
 ROUND_SLICE = 1 << 22
-
-
-def splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
-
-
-def query_seed(seed: int, step: int, query: int) -> int:
-    """A pure function of (run seed, step, query): the same z on a resume, a replay or another
-    rank, and independent streams for different queries (no global RNG involved)."""
-    return splitmix64(splitmix64(splitmix64(seed) ^ step) ^ query) & ((1 << 63) - 1)
-
-
-def tensor_seed(seed: int, index: int) -> int:
-    return splitmix64(seed ^ splitmix64(index + 1)) & ((1 << 63) - 1)
-
-
-def rounding_seed(seeds: list[int], coeffs: list[float]) -> int:
-    """The seed of a low-precision write's stochastic rounding: a pure function of the step's query
-    seeds and the write's coefficients, so that two writes of one step (ZO-SGD-Cons, decay then
-    update) round independently and a replay rounds exactly as the run did."""
-    x = splitmix64(0x5352)  # "SR"
-    for v in seeds:
-        x = splitmix64(x ^ (v & MASK64))
-    for c in coeffs:
-        x = splitmix64(x ^ struct.unpack("<Q", struct.pack("<d", c))[0])
-    return x & ((1 << 63) - 1)
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
@@ -98,6 +73,14 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     gap = (hi.float() - lo.float()).abs_()
     u = torch.rand(x.shape, generator=generator, device=x.device)
     return torch.where(u.mul_(gap) < err.abs_(), hi, lo)
+
+
+def query_stats(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:
+    """(g, (L+ + L-) / 2) with g = (L+ - L-) / (2 eps) (MeZO, arXiv 2305.17333, eq. 2) as a float64
+    tensor on the losses' device, no host sync: float64 arithmetic on the float32 losses, as Python
+    floats would do it. Every estimator forms a query's pair of numbers here."""
+    pair = torch.stack([loss_plus.float(), loss_minus.float()]).double()
+    return torch.stack([(pair[0] - pair[1]) / (2 * eps), (pair[0] + pair[1]) / 2])
 
 
 @torch.no_grad()
@@ -146,50 +129,19 @@ def group_trainables(trainables: list[Trainable]) -> tuple[list[Trainable], list
 MaskFn = Callable[[int, torch.Tensor, int], "torch.Tensor | None"]
 
 
-@functools.cache
-def chunks_exact(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether normal_ drawn chunk by chunk from one generator gives the values one call over the
-    whole tensor gives (true for torch's CPU kernels: uniforms in order, transformed in blocks of
-    16, the tail block redrawn at the end; not on CUDA, whose offsets depend on the launch).
-    Checked once per device type and dtype, so a torch that changes this only costs speed."""
-    if device_type != "cpu":
-        return False
-    n = 3 * CHUNK + 21
-    whole = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=dtype)
-    return torch.equal(whole, _chunked_normal(n, torch.Generator().manual_seed(1), dtype))
-
-
-def _chunked_normal(n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(n, dtype=dtype)
-    for a, b in chunk_bounds(n):
-        out[a:b].normal_(generator=gen)
-    return out
-
-
-def chunk_bounds(n: int) -> list[tuple[int, int]]:
-    """[a, b) spans of CHUNK values (multiples of 16); the last one takes the remainder, so it is
-    never shorter than 16 (a tensor's z then equals one normal_ call over it)."""
-    out, a = [], 0
-    while a < n:
-        b = n if n - a < 2 * CHUNK else a + CHUNK
-        out.append((a, b))
-        a = b
-    return out
-
-
 class Lane:
-    """One thread's share of a pass over the weights: its tensors, its own generators (one per
-    query of the pass) and its own chunk buffer, so lanes never share state."""
+    """One thread's share of a pass over the weights: its tensors, its own readers of the noise
+    stream (one per query of the pass) and its own chunk buffer, so lanes never share state."""
 
     def __init__(self, indices: list[int]):
         self.indices = indices
-        self.generators: dict[torch.device, list[torch.Generator]] = {}
+        self.readers: dict[torch.device, list[Stream]] = {}
         self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def gens(self, device: torch.device, n: int) -> list[torch.Generator]:
-        have = self.generators.setdefault(device, [])
+    def streams(self, device: torch.device, n: int) -> list[Stream]:
+        have = self.readers.setdefault(device, [])
         while len(have) < n:
-            have.append(torch.Generator(device=device))
+            have.append(Stream(device))
         return have[:n]
 
     def buffer(self, p: torch.Tensor, numel: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -203,20 +155,22 @@ class Lane:
 class SPSA:
     """Two-sided SPSA over a fixed, ordered list of trainable tensors.
 
-    A pass over the weights (perturb, update) adds to each tensor its z, drawn from an explicit
-    torch.Generator seeded by tensor_seed(seed, index): never the global RNG. Without a mask, or
+    A pass over the weights (perturb, update) adds to each tensor its z, read from the noise stream
+    (adazeta/noise.py: a generator seeded by tensor_seed(seed, index), never the global RNG). Without a mask, or
     with one that is computed chunk by chunk (Sparse-MeZO's magnitude mask), z is drawn in
     cache-sized chunks and never exists whole; the tensors are dealt to `workers` threads
     (torch's normal_ is single-threaded; each tensor's z depends only on its own seed, so the
     result does not depend on the number of threads). A step allocates nothing parameter-sized.
 
     `displaced` records where the weights sit relative to theta: {seed: s} for theta + s eps z(seed)
-    (every in-place write goes through `perturb`); `restore()` brings them back.
+    (every in-place write goes through `perturb`); `restore()` brings them back. `on_perturb(seed,
+    scale)`, given at construction, is told of every such write (the step's record of what its
+    estimate wrote, which the replay log keeps: adazeta/replay.py).
     """
 
     def __init__(
         self, trainables: list[Trainable], eps: float, mask: MaskFn | None = None, workers: int | None = None,
-        group: bool = False,
+        group: bool = False, on_perturb: Callable[[int, float], None] | None = None,
     ):
         if eps <= 0:
             raise ValueError(f"method.eps must be > 0, got {eps}")
@@ -235,15 +189,14 @@ class SPSA:
         self.grouped = group
         self.unit_seed = [ix[0] for ix in self.members]
         self.cached: tuple[int, int] | None = None  # (unit, seed) whose z the scratch holds (grouped)
-        # How the pair L(theta + eps z), L(theta - eps z) is evaluated: in place by default;
-        # Sparse-MeZO's memory-efficient mode swaps in a perturbation inside each layer's forward.
-        self.loss_pair: Callable[[Callable[[], torch.Tensor], int], tuple] = self.losses
         self.displaced: dict[int, float] = {}
+        self.on_perturb = on_perturb
         # z() for one tensor at a time (parallel replicas, in-forward perturbation, stateful rules):
-        # one generator per device and a scratch buffer grown to the largest tensor asked for.
-        self.generators: dict[torch.device, torch.Generator] = {}
+        # one reader of the noise stream per device and a scratch buffer grown to the largest
+        # tensor asked for.
+        self.streams: dict[torch.device, Stream] = {}
         self.scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self.rounders: dict[torch.device, torch.Generator] = {}  # stochastic rounding in `write`
+        self.rounders: dict[torch.device, Stream] = {}  # stochastic rounding in `write`
         # Per tensor, the chunks its z is drawn in by a pass (None: drawn whole by z()). A mask
         # that can be cut into chunks (`mask.chunk`, Sparse-MeZO's magnitude mask) keeps this path.
         chunkable = mask is None or getattr(mask, "chunked", False)
@@ -278,8 +231,16 @@ class SPSA:
             lane.indices.sort()
         return [lane for lane in lanes if lane.indices] or [Lane([])]
 
+    def stream(self, device: torch.device) -> Stream:
+        """This SPSA's reader of the noise stream on `device` (the calling thread's, not a lane's)."""
+        reader = self.streams.get(device)
+        if reader is None:
+            reader = self.streams[device] = Stream(device)
+        return reader
+
     def unit_z(
-        self, unit: int, seed: int, out: torch.Tensor | None = None, generator=None, masked: bool = True
+        self, unit: int, seed: int, out: torch.Tensor | None = None, stream: Stream | None = None,
+        masked: bool = True,
     ) -> torch.Tensor:
         """z_q over unit `unit` (masked if the method masks, unless masked=False), written into
         `out` or the scratch buffer: valid until the next call."""
@@ -290,13 +251,7 @@ class SPSA:
             if key not in self.scratch or self.scratch[key].numel() < p.numel():
                 self.scratch[key] = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
             out = self.scratch[key][: p.numel()].view_as(p)
-        gen = generator
-        if gen is None:
-            gen = self.generators.get(p.device)
-            if gen is None:
-                gen = self.generators[p.device] = torch.Generator(device=p.device)
-        gen.manual_seed(tensor_seed(seed, self.unit_seed[unit]))
-        out.normal_(generator=gen)
+        (stream or self.stream(p.device)).z(seed, self.unit_seed[unit]).read(out)
         if self.mask is not None and masked:  # ungrouped only: unit == tensor index
             m = self.mask(unit, p, seed)
             if m is not None:
@@ -304,17 +259,18 @@ class SPSA:
         return out
 
     def z(
-        self, index: int, seed: int, out: torch.Tensor | None = None, generator=None, masked: bool = True
+        self, index: int, seed: int, out: torch.Tensor | None = None, stream: Stream | None = None,
+        masked: bool = True,
     ) -> torch.Tensor:
         """z_q for tensor `index` (masked if the method masks, unless masked=False), written into
         `out` or the scratch buffer: valid until the next call. Grouped: the tensor's slice of its
         unit's z, which is drawn once and kept while the following calls ask for the same unit and
         seed (a pass over a group's tensors for one query draws once)."""
         if not self.grouped:
-            return self.unit_z(index, seed, out, generator, masked)
+            return self.unit_z(index, seed, out, stream, masked)
         u, p = self.unit_of[index], self.trainables[index].param
         if self.cached != (u, seed):
-            self.unit_z(u, seed, generator=generator)
+            self.unit_z(u, seed, stream=stream)
             self.cached = (u, seed)
         flat = self.units[u].param
         whole = self.scratch[(flat.device, flat.dtype)][: flat.numel()]
@@ -361,8 +317,7 @@ class SPSA:
             p = t.param
             rounder = None  # a low-precision update: accumulate in float32, round stochastically
             if rounding is not None and p.dtype in LOW_PRECISION:
-                rounder = lane.gens(p.device, len(seeds) + 1)[len(seeds)]
-                rounder.manual_seed(tensor_seed(rounding, i))
+                rounder = lane.streams(p.device, len(seeds) + 1)[len(seeds)].rounding(rounding, i)
             if self.bounds[i] is None:  # whole tensor: small, randomly masked, or not chunkable
                 m = None  # a magnitude mask: from the weights as the pass found them, for every seed
                 if self.mask is not None and getattr(self.mask, "chunked", False):
@@ -373,17 +328,15 @@ class SPSA:
                     acc.mul_(f)
                 for seed, c in zip(seeds, cs, strict=True):
                     out = lane.buffer(p, p.numel()).view_as(p) if own else None
-                    gen = lane.gens(p.device, 1)[0] if own else None
-                    z = self.unit_z(i, seed, out=out, generator=gen, masked=m is None)
+                    reader = lane.streams(p.device, 1)[0] if own else None
+                    z = self.unit_z(i, seed, out=out, stream=reader, masked=m is None)
                     if m is not None:
                         z.mul_(m)
                     acc.add_(z, alpha=c)
                 if rounder is not None:
                     write_rounded(p, acc, rounder)
                 continue
-            gens = lane.gens(p.device, len(seeds))
-            for gen, seed in zip(gens, seeds, strict=True):
-                gen.manual_seed(tensor_seed(seed, self.unit_seed[i]))
+            streams = [s.z(seed, self.unit_seed[i]) for s, seed in zip(lane.streams(p.device, len(seeds)), seeds, strict=True)]
             flat, buf = p.view(-1), lane.buffer(p, 2 * CHUNK)
             masks = lane.buffer(p, 4 * CHUNK, torch.bool) if self.mask is not None else None
             wide = lane.buffer(p, 2 * CHUNK, torch.float32) if rounder is not None else None
@@ -394,8 +347,8 @@ class SPSA:
                 acc = dst if wide is None else wide[: b - a].copy_(dst)
                 if f != 1.0:
                     acc.mul_(f)
-                for gen, c in zip(gens, cs, strict=True):
-                    z.normal_(generator=gen)
+                for stream, c in zip(streams, cs, strict=True):
+                    stream.read(z)
                     if m is not None:
                         z.mul_(m)
                     acc.add_(z, alpha=c)
@@ -410,15 +363,17 @@ class SPSA:
         if p.dtype not in LOW_PRECISION:
             p.copy_(value)
             return
-        gen = self.rounders.get(p.device)
-        if gen is None:
-            gen = self.rounders[p.device] = torch.Generator(device=p.device)
-        write_rounded(p, value, gen.manual_seed(tensor_seed(rounding, index)))
+        reader = self.rounders.get(p.device)
+        if reader is None:
+            reader = self.rounders[p.device] = Stream(p.device)
+        write_rounded(p, value, reader.rounding(rounding, index))
 
     @torch.no_grad()
     def perturb(self, seed: int, scale: float) -> None:
         """theta <- theta + scale * eps * z(seed)."""
         self.add_noise([seed], [scale * self.eps])
+        if self.on_perturb is not None:
+            self.on_perturb(seed, scale)
         s = self.displaced.pop(seed, 0.0) + scale
         if s != 0.0:
             self.displaced[seed] = s
@@ -454,14 +409,9 @@ class SPSA:
         return g, loss
 
     def query(self, loss_fn: Callable[[], torch.Tensor], seed: int, restore: bool = True) -> torch.Tensor:
-        """(g, (L+ + L-) / 2) of one query as a float64 tensor on the loss's device, no host sync;
-        float64 arithmetic on the float32 losses, as Python floats would do it."""
-        if restore or self.loss_pair != self.losses:
-            loss_plus, loss_minus = self.loss_pair(loss_fn, seed)
-        else:
-            loss_plus, loss_minus = self.losses(loss_fn, seed, restore=False)
-        pair = torch.stack([loss_plus.float(), loss_minus.float()]).double()
-        return torch.stack([(pair[0] - pair[1]) / (2 * self.eps), (pair[0] + pair[1]) / 2])
+        """(g, (L+ + L-) / 2) of one query in place (`losses`) as a float64 tensor on the loss's
+        device, no host sync (`query_stats`)."""
+        return query_stats(*self.losses(loss_fn, seed, restore=restore), self.eps)
 
     @torch.no_grad()
     def estimate(self, index: int, seeds: list[int], grads: list[float], out: torch.Tensor) -> torch.Tensor:

@@ -17,17 +17,17 @@ from conftest import TINY_RUN, output, read_jsonl, subprocess_env
 from safetensors.torch import load_file
 
 from adazeta.config import DistMode, MethodConfig, TrainableSet, ZOConfig
-from adazeta.distributed import Dist, check_drift, checksum, distribute
+from adazeta.distributed import Dist, check_drift, checksum
 from adazeta.methods import ZOStep
 from adazeta.trainable import collect
 
 STEPS, Q, BATCH = 3, 3, 8  # Q = 3 does not divide across 2 ranks: one rank runs 2 queries, the other 1
 
 
-def toy_step(seed: int = 0) -> tuple[torch.nn.Module, ZOStep, torch.Tensor, torch.Tensor]:
-    """A small regression model with every weight trainable, and its data. No fused restore: under
-    torch.distributed every query restores its own perturbation, and the single-process reference
-    must round the same way to be bit-identical."""
+def toy_step(seed: int = 0, dist: Dist | None = None) -> tuple[torch.nn.Module, ZOStep, torch.Tensor, torch.Tensor]:
+    """A small regression model with every weight trainable, and its data; `dist`: the step's
+    queries shared across ranks. No fused restore: under torch.distributed every query restores its
+    own perturbation, and the single-process reference must round the same way to be bit-identical."""
     gen = torch.Generator().manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
     with torch.no_grad():
@@ -35,7 +35,7 @@ def toy_step(seed: int = 0) -> tuple[torch.nn.Module, ZOStep, torch.Tensor, torc
             p.copy_(torch.randn(p.shape, generator=gen))
     x, y = torch.randn(BATCH, 6, generator=gen), torch.randn(BATCH, 1, generator=gen)
     cfg = MethodConfig(name="mezo", trainable=TrainableSet.full, lr=1e-2, eps=1e-3, weight_decay=0.1)
-    return model, ZOStep(model, collect(model), cfg, seed=seed, zo=ZOConfig(fused_update=False)), x, y
+    return model, ZOStep(model, collect(model), cfg, seed=seed, zo=ZOConfig(fused_update=False), dist=dist), x, y
 
 
 def train_toy(step: ZOStep, model, x, y, shard: slice = slice(None)) -> list[list[float]]:
@@ -52,9 +52,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     results = {}
     for mode in ("query", "data"):
-        model, step, x, y = toy_step()
         d = Dist(rank=rank, world=world, mode=DistMode(mode))
-        distribute(step, d)
+        model, step, x, y = toy_step(dist=d)
         n = BATCH // world
         shard = slice(rank * n, (rank + 1) * n) if d.mode == DistMode.data else slice(None)
         grads = train_toy(step, model, x, y, shard)

@@ -29,8 +29,7 @@ def built(*overrides: str):
     b = build_run(cfg)
     batch = to_device(b.objective.encode(b.splits.train[:4], train=True), b.device)
     loss_fn = lambda: b.objective.forward(b.method.model, batch)[0].mean()  # noqa: E731
-    b.method.step.guard = Guard(cfg.guard)
-    return cfg, b, loss_fn
+    return cfg, b, loss_fn, Guard(cfg.guard)  # the guard is passed to each step
 
 
 def weights(method) -> dict[str, torch.Tensor]:
@@ -49,15 +48,15 @@ NAN_CASES = {
 @pytest.mark.parametrize("name", list(NAN_CASES))
 def test_nan_loss_is_caught_at_its_step_and_moves_no_weight(name):
     overrides, in_place = NAN_CASES[name]
-    cfg, b, loss_fn = built(*overrides)
+    cfg, b, loss_fn, guard = built(*overrides)
     step = b.method.step
     for k in (1, 2):  # two ordinary steps first: they do move the weights
         before = weights(b.method)
-        step(loss_fn, k, 1)
+        step(loss_fn, k, 1, guard=guard)
         assert any(not before[n].equal(v) for n, v in weights(b.method).items())
     before = weights(b.method)
     with pytest.raises(DivergenceError) as info:
-        step(lambda: loss_fn() * math.nan, 3, 1)
+        step(lambda: loss_fn() * math.nan, 3, 1, guard=guard)
     assert info.value.step == 3
     assert str(info.value).startswith("step 3: the loss is not finite (losses [nan]")
     after = weights(b.method)
@@ -201,13 +200,13 @@ def test_spsa_round_trips_drift_in_bf16_and_not_in_fp32(dtype):
 
 
 def test_trainables_stay_fp32_on_a_bf16_base_and_full_methods_are_told(caplog):
-    _, b, _ = built("model=tiny-bert", "method=adazeta", "model.dtype=bfloat16")
+    _, b, _, _ = built("model=tiny-bert", "method=adazeta", "model.dtype=bfloat16")
     assert {t.param.dtype for t in b.method.trainables} == {torch.float32}  # adapters and head
     assert any(p.dtype == torch.bfloat16 for p in b.method.model.parameters())  # the frozen base
     assert check_precision(b.method.trainables, zo=True) == []
     # MeZO over every weight of a bf16 model moves the bf16 weights themselves (load_model and
     # make_trainable keep them in the base dtype): the run says how (tests/test_low_precision.py).
-    _, b, _ = built("model=tiny-bert", "method=mezo", "model.dtype=bfloat16")
+    _, b, _, _ = built("model=tiny-bert", "method=mezo", "model.dtype=bfloat16")
     caplog.set_level("INFO", logger="adazeta")
     low = check_precision(b.method.trainables, zo=True)
     assert low and "bfloat16" in caplog.text and "stochastic rounding" in caplog.text
@@ -269,26 +268,31 @@ def test_the_update_size_is_known_before_the_update(rule):
     ||theta' - theta|| / ||theta||, measured with the check off (z over ~4M values: within 2%)."""
     from adazeta.methods import weight_norm
 
-    cfg, b, loss_fn = built("model=tiny-llama", "method=mezo", "method.lr=1e-3", f"method.update_rule={rule}",
+    cfg, b, loss_fn, guard = built("model=tiny-llama", "method=mezo", "method.lr=1e-3", f"method.update_rule={rule}",
                             "guard.max_update=null", "schedule=constant", "schedule.q=2")
     seen = []
-    b.method.step.guard.check_update = lambda step, ratio, lr, grads: seen.append(ratio)
+
+    class Seeing(Guard):  # the ratio the guard is asked about, never refused (max_update=null)
+        def check_update(self, step, ratio, lr, grads):
+            seen.append(ratio)
+
+    guard = Seeing(cfg.guard)
     before = weights(b.method)
     norm = math.sqrt(sum(float(w.double().pow(2).sum()) for w in before.values()))
     assert weight_norm(b.method.trainables) == pytest.approx(norm, rel=1e-9)
-    b.method.step(loss_fn, 1, 2)
+    b.method.step(loss_fn, 1, 2, guard=guard)
     moved = math.sqrt(sum(float((t.param.detach().double() - before[t.name].double()).pow(2).sum())
                           for t in b.method.trainables))
     assert seen and seen[0] == pytest.approx(moved / norm, rel=0.02)
 
 
 def test_a_large_update_is_not_applied_and_null_turns_the_check_off():
-    cfg, b, loss_fn = built("model=tiny-llama", "method=mezo", "method.lr=1e-3", "guard.max_update=1e-6")
+    cfg, b, loss_fn, guard = built("model=tiny-llama", "method=mezo", "method.lr=1e-3", "guard.max_update=1e-6")
     before = weights(b.method)
     with pytest.raises(DivergenceError, match=r"step 1: the update would move .* guard.max_update=1e-06"):
-        b.method.step(loss_fn, 1, 1)
+        b.method.step(loss_fn, 1, 1, guard=guard)
     # Only the query's +eps z / -2 eps z / +eps z round trip ran (within a rounding); no update.
     assert max(float((t.param.detach() - before[t.name]).abs().max()) for t in b.method.trainables) < 1e-6
-    cfg, b, loss_fn = built("model=tiny-llama", "method=mezo", "method.lr=1e-3", "guard.max_update=null")
-    b.method.step(loss_fn, 1, 1)  # the same step, applied
+    cfg, b, loss_fn, guard = built("model=tiny-llama", "method=mezo", "method.lr=1e-3", "guard.max_update=null")
+    b.method.step(loss_fn, 1, 1, guard=guard)  # the same step, applied
     assert max(float((t.param.detach() - before[t.name]).abs().max()) for t in b.method.trainables) > 1e-5

@@ -26,8 +26,7 @@ def built(*overrides: str):
     b = build_run(cfg)
     batch = to_device(b.objective.encode(b.splits.train[:4], train=True), b.device)
     loss_fn = lambda: b.objective.forward(b.method.model, batch)[0].mean()  # noqa: E731
-    b.method.step.guard = Guard(cfg.guard)
-    return b, loss_fn
+    return b, loss_fn, Guard(cfg.guard)  # the guard is passed to each step
 
 
 def weights(method) -> dict[str, torch.Tensor]:
@@ -80,15 +79,15 @@ def test_a_bf16_full_parameter_step_leaves_no_drift_and_moves_by_its_update():
     """MeZO on a bf16 tiny Llama: with lr = 0 the steps' perturbations (inside the forward) leave
     every weight bit-identical (in place, the +eps z / -2 eps z / +eps z round trip would not);
     with lr > 0 the update moves them."""
-    b, loss_fn = built("model=tiny-llama", "model.dtype=bfloat16", "method=mezo", "method.lr=0.0")
+    b, loss_fn, guard = built("model=tiny-llama", "model.dtype=bfloat16", "method=mezo", "method.lr=0.0")
     assert {t.param.dtype for t in b.method.trainables} == {torch.bfloat16}
     assert not b.method.step.writes_weights
     start = weights(b.method)
     for k in (1, 2, 3):
-        b.method.step(loss_fn, k, 2)
+        b.method.step(loss_fn, k, 2, guard=guard)
     assert all(start[n].equal(v) for n, v in weights(b.method).items())
-    b.method.step.rule.lr = 1e-5
-    result = b.method.step(loss_fn, 4, 1)
+    b.method.step.lr = 1e-5
+    result = b.method.step(loss_fn, 4, 1, guard=guard)
     assert abs(result.projected_grad) > 0
     changed = sum(int((start[n] != v).sum()) for n, v in weights(b.method).items())
     assert changed > 100

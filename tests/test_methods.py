@@ -105,7 +105,7 @@ def test_in_forward_perturbation_equals_in_place(mask):
     spsa = m.step.spsa
     loss_fn = lambda: obj.forward(m.model, batch)[0].mean()  # noqa: E731
     seed = query_seed(0, 1, 0)
-    plus_f, minus_f = spsa.loss_pair(loss_fn, seed)  # in forward (the configured default)
+    plus_f, minus_f = m.step.estimator.losses(loss_fn, seed)  # in forward (the configured default)
     assert not changed_names(m.model, before), "in-forward perturbation must not write weights"
     m.step.mask.store(spsa.trainables)
     plus_i, minus_i = spsa.losses(loss_fn, seed)  # in place, stored masks
@@ -192,7 +192,7 @@ def test_blocked_in_forward_perturbation_equals_in_place(monkeypatch, block):
     monkeypatch.setattr(sparse, "BLOCK", block)
     _, m, obj, batch, before = setup("sparse_mezo", "tiny-llama", "method.eps=1e-2")
     spsa = m.step.spsa
-    spsa.loss_pair.__self__.remove()  # the method's own hooks (default block_min: nothing blocked)
+    m.step.estimator.remove()  # the method's own hooks (default block_min: nothing blocked)
     in_forward = sparse.InForwardPerturbation(m.model, spsa, block_min=1 << 14)
     blocked = {type(mod).__name__ for mod in in_forward.blocked}
     assert blocked == {"Embedding", "Linear"}, blocked  # the embedding and the LM head

@@ -12,6 +12,7 @@ import torch
 from conftest import build_method_on
 
 from adazeta.errors import ConfigError
+from adazeta.estimators import Sequential
 from adazeta.objectives import Objective
 from adazeta.parallel import ParallelQueries
 from adazeta.tasks import Example
@@ -54,11 +55,11 @@ def test_parallel_projected_grads_equal_sequential(method, model, extra, max_rep
     m, obj, task = setup(method, model, "method.eps=1e-2", *extra, max_replicas=max_replicas)
     loss_fn = obj.batch_loss(m.model, sst2_batch(obj, task))
     seeds = [query_seed(0, 5, q) for q in range(3)]
-    assert isinstance(m.step.estimate, ParallelQueries)
+    assert isinstance(m.step.estimator, ParallelQueries)
     before = trainable_state(m)
-    parallel = m.step.estimate(loss_fn, seeds)
+    parallel = m.step.estimator(loss_fn, seeds)
     assert all(torch.equal(a, t.param) for a, t in zip(before, m.trainables, strict=True))
-    sequential = m.step.sequential(loss_fn, seeds)
+    sequential = Sequential(m.step.spsa)(loss_fn, seeds)
     assert parallel.shape == (3, 2) and parallel.dtype == torch.float64
     g_par, g_seq = parallel[:, 0], sequential[:, 0]
     assert g_seq.abs().min() > 1e-3, "the perturbation must change the loss for the test to mean anything"
@@ -89,7 +90,7 @@ def test_parallel_handles_an_lm_loss_on_multi_token_continuations(tmp_path):
         torch.testing.assert_close(replicated, single.repeat(3), rtol=1e-5, atol=1e-6)
         seeds = [query_seed(1, 2, q) for q in range(3)]
         torch.testing.assert_close(
-            m.step.estimate(loss_fn, seeds)[:, 0], m.step.sequential(loss_fn, seeds)[:, 0], rtol=1e-3, atol=5e-5
+            m.step.estimator(loss_fn, seeds)[:, 0], Sequential(m.step.spsa)(loss_fn, seeds)[:, 0], rtol=1e-3, atol=5e-5
         )
 
 
@@ -143,20 +144,20 @@ def test_automatic_chunking_follows_the_memory_estimate(monkeypatch):
     m, obj, task = setup("adazeta", "tiny-bert", "method.eps=1e-2")
     loss_fn = obj.batch_loss(m.model, sst2_batch(obj, task))
     seeds = [query_seed(0, 1, q) for q in range(2)]
-    reference = m.step.estimate(loss_fn, seeds)
-    assert m.step.estimate.chunk_size(loss_fn, 4) == 4  # plenty of memory here
+    reference = m.step.estimator(loss_fn, seeds)
+    assert m.step.estimator.chunk_size(loss_fn, 4) == 4  # plenty of memory here
     calls = []
     inner = loss_fn.replicated
     monkeypatch.setattr(loss_fn, "replicated", lambda r: calls.append(r) or inner(r), raising=False)
     monkeypatch.setattr(parallel, "available_bytes", lambda device: int(2.5 * loss_fn.replica_bytes()))
-    torch.testing.assert_close(m.step.estimate(loss_fn, seeds), reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.step.estimator(loss_fn, seeds), reference, rtol=1e-4, atol=1e-5)
     assert calls == [1, 1, 1, 1]
     # On CPU a chunk also holds at most CPU_TOKENS tokens: room for 3 replicas -> two chunks,
     # of even sizes (2 + 2, not 3 + 1).
     monkeypatch.setattr(parallel, "available_bytes", lambda device: None)
     monkeypatch.setattr(parallel, "CPU_TOKENS", 3 * loss_fn.replica_tokens() + 1)
     calls.clear()
-    torch.testing.assert_close(m.step.estimate(loss_fn, seeds), reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.step.estimator(loss_fn, seeds), reference, rtol=1e-4, atol=1e-5)
     assert calls == [2, 2]
 
 
