@@ -43,6 +43,7 @@ CHECKS: list[Check] = [
     ("adapter.bottleneck", AT_LEAST_1, ">= 1"),
     ("schedule.q", AT_LEAST_1, ">= 1"),
     ("schedule.q_max", AT_LEAST_1, ">= 1"),
+    ("schedule.q_min", AT_LEAST_1, ">= 1"),
     ("schedule.alpha", POSITIVE, "> 0"),
     ("schedule.beta", NON_NEGATIVE, ">= 0"),
     ("schedule.q_start", AT_LEAST_1, ">= 1"),
@@ -170,6 +171,10 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> None:
             "(outputs/runs/<date>/<time>_...), one of its checkpoints/step-<N> folders, or auto"
         )
     check_modes(lookup(cfg, "adapter.modes"))
+    q_min, q_max = lookup(cfg, "schedule.q_min"), lookup(cfg, "schedule.q_max")
+    if q_min is not None and q_max is not None and q_min > q_max:
+        raise ConfigError(f"schedule.q_min={q_min} is above schedule.q_max={q_max}: the adaptive schedule keeps Q "
+                          "within [q_min, q_max]; lower schedule.q_min or raise schedule.q_max")
     q_start, q_end = lookup(cfg, "schedule.q_start"), lookup(cfg, "schedule.q_end")
     if q_start is not None and q_end is not None and q_end < q_start:
         raise ConfigError(f"schedule.q_end={q_end} is below schedule.q_start={q_start}: the linear schedule grows "

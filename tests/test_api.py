@@ -100,11 +100,11 @@ def test_bad_methods_keys_and_values_fail_naming_the_valid_ones(method, kwargs, 
 def test_the_adaptive_schedule_counts_epochs_once_bound():
     model = tiny_model("tiny-bert").model
     batch = batch_of()
-    zo = ZOFineTuner(model, "adazeta", alpha=2.0)
+    zo = ZOFineTuner(model, "adazeta", alpha=2.0, q_min=1)
     with pytest.raises(ConfigError, match="pass steps_per_epoch= and max_steps= to ZOFineTuner"):
         zo.step(lambda: zo.model(**batch).loss)
     zo.schedule.bind(steps_per_epoch=2, max_steps=4)
-    # Q = min(max(floor(2 * e ** 0.45), 1), 20): epoch 0 -> 1, epoch 1 -> 2; 2Q forward passes each.
+    # Q = min(max(floor(2 * e ** 0.45), q_min=1), 20): epoch 0 -> 1, epoch 1 -> 2; 2Q forward passes each.
     passes = [zo.step(lambda: zo.model(**batch).loss).forward_passes for _ in range(4)]
     assert passes == [2, 2, 4, 4]
 

@@ -123,6 +123,8 @@ CASES: list[tuple[str, Make, list[str]]] = [
      ["cannot load the tokenizer '/nonexistent/tok'", "packaged:minilm"]),
     ("linear schedule that shrinks", lambda r, t: ["schedule=linear", "schedule.q_start=5", "schedule.q_end=1"],
      ["schedule.q_end=1 is below schedule.q_start=5"]),
+    ("adaptive floor above its cap", lambda r, t: ["schedule.q_min=8", "schedule.q_max=4"],
+     ["schedule.q_min=8 is above schedule.q_max=4"]),
     ("adapter scale beyond float32", lambda r, t: ["adapter.scale=1e300"], ["adapter.scale=1e+300", "overflows float32"]),
     ("adapter scale that is no number", lambda r, t: ["adapter.scale=nan"], ["adapter.scale=nan is out of range"]),
     # -- keys the chosen method would silently ignore --

@@ -35,6 +35,29 @@ def test_adaptive_paper_defaults():
     assert [s(e) for e in (0, 1, 10, 100, 1000, 2000)] == [1, 1, 2, 6, 19, 20]
 
 
+def test_adaptive_q_min_floors_the_paper_curve_without_reshaping_it():
+    # The paper's curve (alpha 0.85, beta 0.45) is 1, 1, 2, 6, 19, 20 at e = 0, 1, 10, 100, 1000,
+    # 2000; q_min = 2 lifts only the epochs below 2, and q_min = q_max pins Q.
+    s = AdaptiveSchedule(q_min=2)
+    s.bind(steps_per_epoch=1, max_steps=5000)
+    assert [s(e) for e in (0, 1, 10, 100, 1000, 2000)] == [2, 2, 2, 6, 19, 20]
+    pinned = AdaptiveSchedule(q_min=5, q_max=5)
+    pinned.bind(steps_per_epoch=1, max_steps=10)
+    assert {pinned(e) for e in range(10)} == {5}
+    with pytest.raises(ValueError, match=r"q_min=6 is above q_max=5"):
+        AdaptiveSchedule(q_min=6, q_max=5)
+
+
+def test_the_shipped_adaptive_schedule_floors_q_at_2_and_the_paper_experiment_at_1():
+    from conftest import compose_config
+
+    default = instantiate(compose_config([], hydra_config=False).schedule)
+    paper = instantiate(compose_config(["experiment=llama2_7b_adazeta"], hydra_config=False).schedule)
+    for s in (default, paper):
+        s.bind(steps_per_epoch=10, max_steps=100)
+    assert (default(0), paper(0)) == (2, 1)
+
+
 def test_adaptive_q_constant_within_an_epoch():
     s = AdaptiveSchedule(alpha=1.0, beta=1.0, q_max=100)  # Q = max(e, 1)
     s.bind(steps_per_epoch=4, max_steps=40)

@@ -22,7 +22,7 @@ def test_budget_counts_forward_passes_of_the_query_schedule():
     assert steps_for_budget(constant, 60) == 10
     # AdaZeta's schedule with alpha 2, beta 1: Q = 1 in epoch 0 (floor at 1), 2 in epoch 1, 4 in
     # epoch 2: 4 steps x 2 + 4 x 4 = 24 passes, then 8 passes a step in epoch 2.
-    adaptive = [*TINY, "method=adazeta", "schedule.alpha=2", "schedule.beta=1", "schedule.q_max=8"]
+    adaptive = [*TINY, "method=adazeta", "schedule.alpha=2", "schedule.beta=1", "schedule.q_max=8", "schedule.q_min=1"]
     assert steps_for_budget(adaptive, 24) == 8
     assert steps_for_budget(adaptive, 24 + 8 * 3) == 11
     assert steps_for_budget([*TINY, "method=lora_fo"], 7) == 7  # one forward (and backward) a step
