@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_method_on
+from test_tasks import copa_files
 
 import adazeta
 from adazeta.build import to_device
@@ -54,14 +55,22 @@ COPA = [  # multi-token candidates of different lengths, so the kept positions m
 ]
 
 
-def causal_batch(method: str, train: bool = True):
-    m, objective, _ = build_method_on(["model=tiny-llama", f"method={method}", "task=copa"])
+@pytest.fixture
+def copa_dir(tmp_path) -> Path:
+    """COPA files in the task's public format: the build path loads the task's splits."""
+    copa_files(tmp_path)
+    return tmp_path
+
+
+def causal_batch(method: str, data_dir: Path, train: bool = True):
+    m, objective, _ = build_method_on(["model=tiny-llama", f"method={method}", "task=copa", f"task.data_dir={data_dir}",
+                                     "task.num_train=1", "task.num_dev=1"])
     batch = to_device(objective.encode(COPA, train=train), torch.device("cpu"))
     return m, objective, batch
 
 
-def test_a_causal_scoring_forward_reads_nothing_back_from_the_device(host_reads):
-    m, objective, batch = causal_batch("mezo_lora", train=False)
+def test_a_causal_scoring_forward_reads_nothing_back_from_the_device(host_reads, copa_dir):
+    m, objective, batch = causal_batch("mezo_lora", copa_dir, train=False)
     assert batch["cand_own"].shape[1] > 1  # multi-token candidates: the kept positions matter
     host_reads.clear()  # encoding is host work on host tensors
     with torch.no_grad():
@@ -71,8 +80,8 @@ def test_a_causal_scoring_forward_reads_nothing_back_from_the_device(host_reads)
 
 
 @pytest.mark.parametrize("q", [1, 4])
-def test_a_zo_step_reads_the_device_once_whatever_its_queries(host_reads, q):
-    m, objective, batch = causal_batch("mezo_lora")
+def test_a_zo_step_reads_the_device_once_whatever_its_queries(host_reads, q, copa_dir):
+    m, objective, batch = causal_batch("mezo_lora", copa_dir)
     loss = objective.batch_loss(m.model, batch)
     host_reads.clear()
     result = m.step(loss, 1, q)
