@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_method_on
+from test_tasks import copa_files
 
 from adazeta.errors import ConfigError
 from adazeta.estimators import Sequential
@@ -71,7 +72,9 @@ def test_parallel_projected_grads_equal_sequential(method, model, extra, max_rep
 
 def test_parallel_handles_an_lm_loss_on_multi_token_continuations(tmp_path):
     """COPA at train time: the LM loss on the gold continuation, several tokens per row."""
-    m, obj, task = setup("adazeta", "tiny-llama", "method.eps=1e-2", task="copa", max_replicas=4)
+    copa_files(tmp_path)  # the build path loads the task's splits
+    m, obj, task = setup("adazeta", "tiny-llama", "method.eps=1e-2", f"task.data_dir={tmp_path}", "task.num_train=1",
+                         "task.num_dev=1", task="copa", max_replicas=4)
     examples = [
         Example({"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
                  "choice2": "He fell asleep.", "question": "cause"}, 0,
