@@ -199,16 +199,17 @@ def test_composing_without_an_experiment_is_the_embedded_default():
     cfg = compose_config([], hydra_config=True)
     assert cfg.hydra.runtime.choices.get("experiment") is None
     assert (cfg.model.name, cfg.method.name, cfg.task.name) == ("smollm2-135m", "adazeta", "sst2")
-    # The CPU-sized departures from the paper (docs/study.md): identity adapter init, lr 3e-4,
-    # batch 8, 40 steps.
-    assert (cfg.adapter.init.value, cfg.method.lr) == ("identity", 3e-4)
-    assert (cfg.train.batch_size, cfg.train.max_steps, cfg.train.eval_steps) == (8, 40, 20)
+    # The CPU-sized departures from the paper (docs/study.md): identity adapter init, lr 1e-3,
+    # at least two queries a step, batch 8, 20 steps.
+    assert (cfg.adapter.init.value, cfg.method.lr, cfg.schedule.q_min) == ("identity", 1e-3, 2)
+    assert (cfg.train.batch_size, cfg.train.max_steps, cfg.train.eval_steps) == (8, 20, 10)
 
 
 @pytest.mark.parametrize("name", ["llama2_7b_adazeta", "roberta_large_adazeta"])
 def test_paper_experiments_keep_the_papers_adapter_init_and_lr(name):
     cfg = compose_config([f"experiment={name}"], hydra_config=True)
     assert (cfg.adapter.init.value, cfg.method.lr) == ("paper", 1e-4)
+    assert cfg.schedule.get("q_min", 1) == 1 and cfg.schedule.get("q", 1) == 1  # one query from the first step
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -113,7 +113,7 @@ def test_training_on_squad_f1_runs_and_logs_minus_the_f1(entrypoint, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["method=lora_fo", "method.objective=metric"], r"method.objective is not read by method=lora_fo"),
+        (["method=lora_fo", "method.objective=metric"], r"method.objective=metric with method=lora_fo \(method.optimizer=fo\)"),
         (["method=mezo", "method.objective=metric", "zo.parallel_queries=true"],
          r"method.objective=metric with zo.parallel_queries=true"),
         (["method=mezo", "method.objective=accuracy"], r"method.objective"),
