@@ -49,10 +49,10 @@ compare: ## CPU-sized comparison: 4 methods x 2 seeds on SmolLM2-135M/SST-2 (abo
 	  train.progress=false hydra.sweep.dir=$(COMPARE_DIR)/runs
 	adazeta-compare $(COMPARE_DIR)/runs -o $(COMPARE_DIR)
 
-study: ## Does ZO fine-tuning beat zero-shot here? The quick study (conf/study/quick.yaml: SmolLM2-135M on real SST-2, each ZO method at the full study's lr, sized for under 20 min on 2 cores): report in outputs/study/quick
+study: ## Does ZO fine-tuning beat zero-shot here? The quick study (conf/study/quick.yaml: SmolLM2-135M on real SST-2, each ZO method at the full study's lr; 19 min 23 s measured on 2 cores): report in outputs/study/quick
 	adazeta-study quick $(ARGS)
 
-study-full: ## The full study (conf/study/full.yaml, about 2 h on 2 cores; ARGS="--settings minilm_sst2" runs one part)
+study-full: ## The full study (conf/study/full.yaml, about 2.5 h on 2 cores; ARGS="--settings minilm_sst2" runs one part)
 	adazeta-study full $(ARGS)
 
 lint: ## ruff check
