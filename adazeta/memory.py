@@ -67,15 +67,24 @@ def peak_gib(devices: Devices) -> float:
     return sum(device_peaks_gib(devices))
 
 
-def _peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / GIB
+def _status_gib(field: str) -> float | None:
+    """A memory line of /proc/self/status (VmHWM: peak resident set, VmRSS: now) in GiB; None
+    where the system has no /proc."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024 / GIB
     except OSError:
         pass
+    return None
+
+
+def _peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GIB
+    peak = _status_gib("VmHWM")
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss * (1 if sys.platform == "darwin" else 1024) / GIB
 
@@ -87,13 +96,7 @@ def in_use_gib(device: torch.device) -> float | None:
     device = _devices(device)[0]
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / GIB
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        pass
-    return None
+    return _status_gib("VmRSS")
 
 
 @torch.no_grad()
