@@ -51,7 +51,14 @@ import torch
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.updates import UpdateRule
-from adazeta.zo import LOW_PRECISION, Trainable, chunk_bounds, group_trainables, query_seed, tensor_seed
+from adazeta.zo import (
+    LOW_PRECISION,
+    Trainable,
+    chunk_bounds,
+    group_trainables,
+    query_seed,
+    tensor_seed,
+)
 
 LossFn = Callable[[], torch.Tensor]
 # The trainable sets FZOO composes with (the paper: full parameters, LoRA and prefix tuning).

@@ -41,7 +41,7 @@ import torch
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.fzoo import check_estimator_support
-from adazeta.updates import UpdateRule, fp32_zeros
+from adazeta.updates import UpdateRule
 from adazeta.zo import Trainable, query_seed, splitmix64, tensor_seed
 
 LossFn = Callable[[], torch.Tensor]
@@ -174,7 +174,7 @@ class LOZOStep:
 
         block = (step - 1) // self.interval
         seeds = [query_seed(self.seed, step, i) for i in range(q)]
-        eps, lr, wd, low = self.eps, self.rule.lr, self.rule.wd, self.low
+        eps, lr, low = self.eps, self.rule.lr, self.low
         displaced = None  # (seed, s): the weights sit at theta + s eps U V^T
         try:
             pairs = []

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adazeta.config import AdapterConfig, Estimator, Head, MethodConfig, Optimizer, TrainableSet, ZOConfig
+from adazeta.config import AdapterConfig, Head, MethodConfig, Optimizer, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError, DivergenceError
 from adazeta.parallel import ParallelQueries, check_parallel
 from adazeta.sparse import InForwardPerturbation, SparseMask
@@ -246,11 +246,11 @@ def build_method(
             )
         step = FOStep(model, trainables, cfg)
     # -- issue 17: ZO estimators beyond SPSA, each a step of its own (adazeta/fzoo.py, lozo.py) --
-    elif cfg.estimator == Estimator.fzoo:
+    elif cfg.estimator.value == "fzoo":
         from adazeta.fzoo import FZOOStep
 
         step = FZOOStep(model, trainables, cfg, seed, zo if zo is not None else ZOConfig())
-    elif cfg.estimator == Estimator.lozo:
+    elif cfg.estimator.value == "lozo":
         from adazeta.lozo import LOZOStep
 
         step = LOZOStep(model, trainables, cfg, seed, zo if zo is not None else ZOConfig())
