@@ -70,6 +70,12 @@ class ZOObjective(Enum):
     metric = "metric"  # minus the task metric of the batch (accuracy; F1 of greedy generations)
 
 
+class Estimator(Enum):
+    spsa = "spsa"  # two-sided SPSA, z ~ N(0, I) over the trainable set (MeZO; DESIGN.md 2.1)
+    fzoo = "fzoo"  # N one-sided Rademacher perturbations, step normalised by their losses' std (FZOO)
+    lozo = "lozo"  # two-sided SPSA with a low-rank U V^T per weight matrix, V resampled lazily (LOZO)
+
+
 class Mask(Enum):
     magnitude = "magnitude"  # Sparse-MeZO: |theta| <= per-tensor threshold
     random = "random"  # R-MeZO: a random subset with probability keep_ratio, new every step
@@ -259,6 +265,16 @@ class MethodConfig:
     of the training batch: accuracy, or the F1 of greedy generations for SQuAD/DROP; MeZO's
     --non_diff). A metric has no gradient, so only forward-pass methods can train on it (zo only;
     not with zo.parallel_queries). train/loss then logs minus the metric, in [-1, 0]."""
+    estimator: Estimator = Estimator.spsa
+    """ZO estimator (optimizer=zo): `spsa` (MeZO's two-sided Gaussian SPSA, every shipped method
+    before these), `fzoo` (adazeta/fzoo.py), `lozo` (adazeta/lozo.py)."""
+    fzoo_n: int = 8
+    """FZOO's N: one-sided Rademacher perturbations per step (>= 2, their losses' std normalises
+    the step), times the query schedule's Q; a step costs N + 1 forward passes (estimator=fzoo)."""
+    lozo_rank: int = 2
+    """LOZO's r: rank of the perturbation U V^T of each weight matrix (estimator=lozo)."""
+    lozo_interval: int = 50
+    """LOZO's nu: V is resampled every this many steps, U every step (estimator=lozo)."""
     in_forward: bool = True
     """Sparse-MeZO's memory-efficient form: perturb inside each layer's forward, never writing
     weights or storing a mask; false: perturb in place with the step's masks stored (refused on a

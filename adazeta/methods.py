@@ -11,50 +11,31 @@ AdamW. The guard and the query schedule belong to the caller and are passed in, 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from adazeta.config import AdapterConfig, Head, MethodConfig, Optimizer, TrainableSet, ZOConfig
-from adazeta.errors import ConfigError, DivergenceError
+from adazeta.config import Estimator as EstimatorKind
+from adazeta.errors import ConfigError
 from adazeta.estimators import Estimator, EstimatorFactory, build_estimator
+from adazeta.fzoo import FZOOStep
+from adazeta.lozo import LOZOStep
 from adazeta.sparse import SparseMask
+from adazeta.step import (  # noqa: F401  (StepResult, Guard, Step, FLOAT32_MAX: re-exported, their old home)
+    FLOAT32_MAX,
+    UPDATE_SCALE,
+    Guard,
+    LossFn,
+    RuleStep,
+    Step,
+    StepResult,
+    check_update_fits,
+    weight_norm,
+)
 from adazeta.trainable import make_trainable
 from adazeta.updates import RULES
 from adazeta.zo import LOW_PRECISION, SPSA, Trainable, query_seed
-
-LossFn = Callable[[], torch.Tensor]
-
-
-@dataclass
-class StepResult:
-    loss: float  # the loss at theta (ZO: the mean of L+ and L- over queries)
-    projected_grad: float | None  # mean g_q over the step's queries (ZO only)
-    forward_passes: int
-    seeds: list[int] | None = None  # ZO: the query seeds of this step, in query order
-    grads: list[float] | None = None  # ZO: g_q per query (what the replay log records)
-
-
-# guard(step, losses, grads): raises to stop the step before any weight moves (adazeta.guard.Guard;
-# a ZO step also calls its check_update(step, ratio, lr, grads)).
-Guard = Callable[[int, list[float], list[float]], None]
-
-
-class Step(Protocol):
-    """What the loop, the checkpoint, the guard's rollback and the library API use of a method's
-    step: call it, read and set its learning rate, and save and load its state (tensors, saved as
-    safetensors, and JSON scalars; never a pickle). `ZOStep` and `FOStep` are the two kinds."""
-
-    lr: float
-
-    def __call__(self, loss_fn: LossFn, step: int, q: int, guard: Guard | None = None) -> StepResult: ...
-
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]: ...
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None: ...
 
 
 @dataclass
@@ -64,7 +45,7 @@ class Method:
     step: Step
 
 
-class ZOStep:
+class ZOStep(RuleStep):
     """Q queries of two-sided SPSA, then the update rule:
 
         seeds -> estimate -> guard -> update rule
@@ -124,22 +105,6 @@ class ZOStep:
         queries it ran: a query-parallel rank replays the others' round trips to round as one
         process would, and the replay log records them."""
         return self.estimator.writes_weights
-
-    @property
-    def lr(self) -> float:
-        return self.rule.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self.rule.lr = value
-
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """The update rule's state: tensors as `rule.<name>`, scalars (lr, Adam's t)."""
-        tensors, scalars = self.rule.state_dict()
-        return {f"rule.{k}": v for k, v in tensors.items()}, scalars
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
-        self.rule.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}, scalars)
 
     def observe(self, seed: int, scale: float) -> None:
         """SPSA's `on_perturb`: record the in-place writes of the estimate (not the update's restores)."""
@@ -268,39 +233,9 @@ class FOStep:
         return StepResult(float(loss.detach()), None, 1)
 
 
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-# The coefficient c of an update lr * (1/Q) sum_q c_q z_q per rule, as an RMS over queries: the
-# update's norm is about lr * UPDATE_SCALE(grads) * sqrt(n) for z ~ N(0, I) over n values.
-UPDATE_SCALE: dict[str, Callable[[list[float]], float]] = {
-    "sgd": lambda g: math.sqrt(sum(x * x for x in g)) / len(g),
-    "momentum": lambda g: math.sqrt(sum(x * x for x in g)) / len(g),  # this step's share of m
-    "conservative": lambda g: math.sqrt(sum(x * x for x in g)) / len(g),
-    "sign": lambda g: 1 / math.sqrt(len(g)),
-    "adam": lambda g: 1.0,  # normalised by the second moment: about one z per step
-}
-
-
-@torch.no_grad()
-def weight_norm(trainables: list[Trainable]) -> float:
-    """sqrt(sum of squares) of the trainable values, in float64, a slice at a time (no copy of a
-    large low-precision tensor in fp32)."""
-    total = 0.0
-    for t in trainables:
-        flat = t.param.detach().reshape(-1)
-        for a in range(0, flat.numel(), 1 << 20):
-            total += float(flat[a:a + (1 << 20)].double().pow(2).sum())
-    return math.sqrt(total)
-
-
-def check_update_fits(step: int, lr: float, grads: list[float]) -> None:
-    """Stop a step whose update lr * g_q cannot be written into float32 weights (torch raises
-    "value cannot be converted to type float without overflow") before any weight moves."""
-    worst = max((abs(g) for g in grads), default=0.0)
-    if lr * worst > FLOAT32_MAX:
-        raise DivergenceError(
-            f"step {step}: the update lr * projected gradient = {lr:.3g} * {worst:.3g} overflows float32", step
-        )
+# The estimators whose noise is not SPSA's Gaussian z, each a step of its own (its own perturbation
+# and update passes), with the Step protocol and the guard of ZOStep.
+OWN_STEPS = {EstimatorKind.fzoo: FZOOStep, EstimatorKind.lozo: LOZOStep}
 
 
 def build_method(
@@ -326,6 +261,13 @@ def build_method(
                 "Use a ZO method (adazeta, mezo_lora) or set zo.parallel_queries=false"
             )
         step = FOStep(model, trainables, cfg)
-    else:
+    elif cfg.estimator == EstimatorKind.spsa:
         step = ZOStep(model, trainables, cfg, seed, zo, dist=dist, estimator=estimator)
+    else:
+        if estimator is not None:
+            raise ConfigError(
+                f"an estimator factory replaces two-sided SPSA's estimate; method.estimator={cfg.estimator.value} "
+                "is a step of its own. Use method.estimator=spsa with a factory"
+            )
+        step = OWN_STEPS[cfg.estimator](model, trainables, cfg, seed, zo if zo is not None else ZOConfig())
     return Method(model=model, trainables=trainables, step=step)

@@ -15,6 +15,8 @@ Tables (`--tables`, comma-separated; default: all of them):
   ratio is what the method adds. `z draws / step` counts the normal values a step draws over the
   trainable size, and `z floor s` is the time spent drawing them (every `normal_` of the last timed
   step counted and timed, per thread): what a seed-trick step spends besides forwards, at least.
+  fzoo's bare passes are its fzoo_n x Q + 1 forwards; its Rademacher signs (random_) and lozo's
+  low-rank U, V (randn) are not `normal_` calls, so their z columns read 0.
   First-order rows (ft, lora_fo) compare one forward+backward+AdamW step with one forward.
 - memory: per method, in fresh processes: (1) the real entrypoint, `adazeta-train`, on a batch
   of exactly batch x seq-len tokens, its summary.json's training peak over inference peak (CPU:
@@ -69,7 +71,7 @@ from adazeta.config import Optimizer, compose_config  # noqa: E402
 from adazeta.objectives import Objective  # noqa: E402
 from adazeta.tasks import Example  # noqa: E402
 
-ZO_METHODS = ["adazeta", "mezo", "mezo_lora", "sparse_mezo"]
+ZO_METHODS = ["adazeta", "mezo", "mezo_lora", "sparse_mezo", "fzoo", "lozo", "lozo_m"]
 FO_METHODS = ["ft", "lora_fo"]
 TABLES = ["speed", "memory", "scaling", "parallel", "planner", "peer"]
 # Random-weight Llama architectures for the model-size axis: (hidden, layers).
@@ -163,6 +165,11 @@ class Bench:
     def zo(self) -> bool:
         return self.cfg.method.optimizer == Optimizer.zo
 
+    def passes(self, q: int) -> int:
+        """Forward passes of one ZO step with Q queries: 2Q, or fzoo_n x Q + 1 for FZOO."""
+        m = self.cfg.method
+        return m.fzoo_n * q + 1 if m.estimator.value == "fzoo" else 2 * q
+
 
 def setup(model: str, method: str, overrides: list[str]) -> Bench:
     """`method` on `model`, built as adazeta-train builds it (adazeta/build.py); `overrides` are
@@ -254,7 +261,7 @@ def speed_table(args) -> str:
             continue
         for q in args.qs:
             counter = NormalCounter()
-            t = timed({"bare": lambda b=b, q=q: b.forwards(2 * q), "step": lambda b=b, q=q: b.run_step(q)},
+            t = timed({"bare": lambda b=b, q=q: b.forwards(b.passes(q)), "step": lambda b=b, q=q: b.run_step(q)},
                       repeats_for(q, args.repeats), counted="step", counter=counter)
             z = counter.floor(b.trainable)
             zcols = f"{z[0]:.1f} | {z[1]:.3f} | {(t['bare'] + z[1]) / t['bare']:.2f}" if z else "n/a | n/a | n/a"
