@@ -195,7 +195,8 @@ def test_lozo_m_step_stays_near_inference_memory():
         assert m.peak_gib - m.inference_gib < 0.2 * embedding_gib, (m.layers, m.peak_gib, m.inference_gib)
 
 
-# LOZO-M's momentum (beta 0.9) sums about 10 steps' directions: its lr is a tenth of LOZO's.
+# At LOZO's lr (1e-3) LOZO-M's training loss on this tiny model rose over 12 steps (0.659 -> 0.711,
+# measured); at 1e-4 it falls (0.635 -> 0.615).
 @pytest.mark.parametrize(("method", "lr"), [("lozo", "1e-3"), ("lozo_m", "1e-4")])
 def test_lozo_entrypoint_trains_and_logs(tmp_path, method, lr):
     proc = run_entrypoint([f"method={method}", "model=tiny-llama", f"method.lr={lr}", "method.lozo_interval=4",
