@@ -70,6 +70,13 @@ class ZOObjective(Enum):
     metric = "metric"  # minus the task metric of the batch (accuracy; F1 of greedy generations)
 
 
+# -- issue 17: ZO estimators beyond two-sided SPSA (adazeta/hizoo.py) --
+class Estimator(Enum):
+    spsa = "spsa"  # two-sided SPSA, z ~ N(0, I) over the trainable set (MeZO; DESIGN.md 2.1)
+    hizoo = "hizoo"  # two-sided SPSA along Sigma^(-1/2) z, Sigma a diagonal Hessian EMA (HiZOO)
+# -- end issue 17 --
+
+
 class Mask(Enum):
     magnitude = "magnitude"  # Sparse-MeZO: |theta| <= per-tensor threshold
     random = "random"  # R-MeZO: a random subset with probability keep_ratio, new every step
@@ -254,6 +261,17 @@ class MethodConfig:
     """Sparse mask: magnitude (Sparse-MeZO) or random (R-MeZO) (trainable=sparse)."""
     keep_ratio: float = 0.2
     """Fraction of weights a random mask keeps each step (mask=random)."""
+    # -- issue 17: estimators beyond SPSA --
+    estimator: Estimator = Estimator.spsa
+    """ZO estimator (optimizer=zo): `spsa` (MeZO's two-sided Gaussian SPSA, every shipped method
+    before these), `hizoo` (adazeta/hizoo.py: SPSA preconditioned by a diagonal Hessian estimate,
+    2Q + 1 forward passes per step, one extra trainable-sized tensor of state)."""
+    hizoo_alpha: float = 1e-8
+    """HiZOO's alpha, the rate of the diagonal Hessian's moving average
+    Sigma <- (1 - alpha) Sigma + alpha |L+ + L- - 2 L0| / (2 eps^2) Sigma z^2, in [0, 1); 0 keeps
+    Sigma = 1 (MeZO's step plus one forward). 1e-8: the reference's example (README, OPT-13B); its
+    script's default, 0, is that MeZO case (estimator=hizoo)."""
+    # -- end issue 17 --
     objective: ZOObjective = ZOObjective.loss
     """What a ZO step minimises: `loss` (the task's cross-entropy) or `metric` (minus the task metric
     of the training batch: accuracy, or the F1 of greedy generations for SQuAD/DROP; MeZO's

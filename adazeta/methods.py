@@ -326,6 +326,15 @@ def build_method(
                 "Use a ZO method (adazeta, mezo_lora) or set zo.parallel_queries=false"
             )
         step = FOStep(model, trainables, cfg)
+    # -- issue 17: ZO estimators beyond SPSA, each a step of its own (adazeta/hizoo.py) --
+    elif cfg.estimator.value == "hizoo":
+        from adazeta.hizoo import HiZOOStep
+
+        if estimator is not None:
+            raise ConfigError("an estimator factory replaces SPSA's estimate (build_method(estimator=...)); "
+                              "method.estimator=hizoo estimates on its own: pass none, or use method.estimator=spsa")
+        step = HiZOOStep(model, trainables, cfg, seed, zo if zo is not None else ZOConfig())
+    # -- end issue 17 --
     else:
         step = ZOStep(model, trainables, cfg, seed, zo, dist=dist, estimator=estimator)
     return Method(model=model, trainables=trainables, step=step)

@@ -63,6 +63,8 @@ CHECKS: list[Check] = [
     ("guard.window", AT_LEAST_1, ">= 1"),
     ("guard.lr_factor", lambda v: 0 < v < 1, "in (0, 1)"),
     ("guard.max_rollbacks", AT_LEAST_1, ">= 1"),
+    # -- issue 17 --
+    ("method.hizoo_alpha", lambda v: 0 <= v < 1, "in [0, 1) (the rate of HiZOO's Hessian moving average)"),
 ]
 
 
@@ -115,6 +117,9 @@ READ_BY: list[tuple[str, Callable[[DictConfig], bool], str]] = [
      "method.update_rule=momentum"),
     ("method.betas", _adam, "method.update_rule=adam or method.optimizer=fo"),
     ("method.adam_eps", _adam, "method.update_rule=adam or method.optimizer=fo"),
+    # -- issue 17 --
+    ("method.estimator", _zo, "method.optimizer=zo"),
+    ("method.hizoo_", lambda c: _zo(c) and _method(c, "estimator") == "hizoo", "method.estimator=hizoo"),
 ]
 
 
@@ -194,6 +199,7 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     if betas is not None and lr is not None and _method(cfg, "optimizer") == "fo" and lr / (1 - betas[0]) > FLOAT32_MAX:
         raise ConfigError(f"method.lr={lr!r} is out of range: AdamW's first step is lr / (1 - betas[0]) = "
                           f"{lr / (1 - betas[0]):.3g}, beyond float32; use a value of a sensible size")
+    check_estimator(cfg)
     if overrides is None:
         overrides = list(lookup(cfg, "hydra.overrides.task") or [])
     check_ignored(cfg, [o for o in overrides if "=" in o and not o.startswith(("hydra.", "+hydra."))])
@@ -234,3 +240,16 @@ def check_64_bits(cfg: DictConfig) -> None:
     plain.pop("hydra", None)
     walk(plain, "")
 
+
+def check_estimator(cfg: DictConfig) -> None:
+    """Issue 17: the estimators beyond SPSA (hizoo) keep no replay log: adazeta-replay rebuilds SPSA
+    steps only. (Their other limits are checked when the step is built: adazeta/hizoo.py.)"""
+    estimator = lookup(cfg, "method.estimator")
+    if estimator is None or _value(estimator) == "spsa" or not _zo(cfg):
+        return
+    if lookup(cfg, "train.replay_log"):
+        raise ConfigError(
+            f"train.replay_log=true is not supported by method.estimator={_value(estimator)}: adazeta-replay "
+            "rebuilds two-sided Gaussian SPSA steps only; set train.replay_log=false (method=hizoo does), "
+            "or use method.estimator=spsa"
+        )
