@@ -106,7 +106,8 @@ def grid_points(grid: DictConfig | None) -> list[dict[str, object]]:
 
 def passes_per_step(overrides: list[str], max_steps: int) -> list[int]:
     """Forward passes at each step of a run composed from `overrides`: 2Q from its own query
-    schedule for a ZO method, 1 (a forward and a backward) for a first-order one, as the loop counts."""
+    schedule for a ZO method (2Q + 1 for HiZOO: L(theta) as well), 1 (a forward and a backward) for
+    a first-order one, as the loop counts."""
     from hydra.utils import instantiate
 
     from adazeta.config import Optimizer, compose_config
@@ -117,6 +118,8 @@ def passes_per_step(overrides: list[str], max_steps: int) -> list[int]:
     num_train = cfg.task.num_train or cfg.train.batch_size
     schedule = instantiate(cfg.schedule)
     schedule.bind(steps_per_epoch=max(num_train // cfg.train.batch_size, 1), max_steps=max_steps)
+    if cfg.method.estimator.value == "hizoo":  # issue 17: Q pairs of perturbed losses and L(theta)
+        return [2 * schedule(s) + 1 for s in range(max_steps)]
     return [2 * schedule(s) for s in range(max_steps)]
 
 
