@@ -34,6 +34,8 @@ METHODS = {
     "adazeta-adam": ["model=tiny-bert", "method=adazeta", "method.update_rule=adam", "method.lr=1e-3"],
     "mezo-momentum": ["model=tiny-llama", "method=mezo", "method.update_rule=momentum", "method.lr=1e-3"],
     "ft": ["model=tiny-bert", "method=ft", "method.lr=1e-3"],
+    # Issue 17: HiZOO's Hessian estimate Sigma (alpha large enough that it moves every step).
+    "hizoo": ["model=tiny-llama", "method=hizoo", "method.hizoo_alpha=1e-2", "method.lr=1e-3"],
 }
 VARYING = ("time/", "mem/")  # wall-clock and memory differ between processes; everything else may not
 
