@@ -16,6 +16,7 @@ Tables (`--tables`, comma-separated; default: all of them):
   trainable size, and `z floor s` is the time spent drawing them (every `normal_` of the last timed
   step counted and timed, per thread): what a seed-trick step spends besides forwards, at least.
   First-order rows (ft, lora_fo) compare one forward+backward+AdamW step with one forward.
+  hizoo's bare passes are its 2Q + 1 forwards (L(theta) as well as the Q pairs).
 - memory: per method, in fresh processes: (1) the real entrypoint, `adazeta-train`, on a batch
   of exactly batch x seq-len tokens, its summary.json's training peak over inference peak (CPU:
   the process's resident set, Python and libraries included); (2) the same step measured as the
@@ -69,7 +70,7 @@ from adazeta.config import Optimizer, compose_config  # noqa: E402
 from adazeta.objectives import Objective  # noqa: E402
 from adazeta.tasks import Example  # noqa: E402
 
-ZO_METHODS = ["adazeta", "mezo", "mezo_lora", "sparse_mezo"]
+ZO_METHODS = ["adazeta", "mezo", "mezo_lora", "sparse_mezo", "hizoo"]  # hizoo: issue 17
 FO_METHODS = ["ft", "lora_fo"]
 TABLES = ["speed", "memory", "scaling", "parallel", "planner", "peer"]
 # Random-weight Llama architectures for the model-size axis: (hidden, layers).
@@ -163,6 +164,10 @@ class Bench:
     def zo(self) -> bool:
         return self.cfg.method.optimizer == Optimizer.zo
 
+    def passes(self, q: int) -> int:
+        """Forward passes of one ZO step with Q queries: 2Q, or 2Q + 1 for HiZOO (issue 17)."""
+        return 2 * q + 1 if self.cfg.method.estimator.value == "hizoo" else 2 * q
+
 
 def setup(model: str, method: str, overrides: list[str]) -> Bench:
     """`method` on `model`, built as adazeta-train builds it (adazeta/build.py); `overrides` are
@@ -254,7 +259,7 @@ def speed_table(args) -> str:
             continue
         for q in args.qs:
             counter = NormalCounter()
-            t = timed({"bare": lambda b=b, q=q: b.forwards(2 * q), "step": lambda b=b, q=q: b.run_step(q)},
+            t = timed({"bare": lambda b=b, q=q: b.forwards(b.passes(q)), "step": lambda b=b, q=q: b.run_step(q)},
                       repeats_for(q, args.repeats), counted="step", counter=counter)
             z = counter.floor(b.trainable)
             zcols = f"{z[0]:.1f} | {z[1]:.3f} | {(t['bare'] + z[1]) / t['bare']:.2f}" if z else "n/a | n/a | n/a"
