@@ -269,3 +269,16 @@ def test_study_budget_counts_2q_plus_1_passes_per_step():
     assert passes_per_step(["method=hizoo", "schedule.q=2"], 2) == [5, 5]
     assert steps_for_budget(["method=hizoo"], 120) == 40
     assert steps_for_budget(["method=mezo"], 120) == 60
+
+
+def test_planner_adds_the_cuda_only_scratch_of_whole_tensor_z():
+    """On CUDA (no exact chunks) HiZOO reads each unit's z whole: the plan adds 2 rows (z and
+    Sigma^(-1/2), Q = 1) of the largest trainable tensor, here tiny-llama's embedding."""
+    from adazeta.planner import cuda_terms
+
+    m, obj, task = build_method_on(["model=tiny-llama", "method=hizoo", "task.num_train=16"])
+    m.step(obj.batch_loss(m.model, obj.encode(task.load().train[:4], train=True)), 1, 1)
+    (term,) = cuda_terms(m, "float32", set())
+    largest = max(t.param.numel() for t in m.trainables)
+    assert term.cuda_gib == 2 * largest * 4 / 1024**3 and "embed_tokens" in term.name
+    assert 0 < term.cpu_gib < term.cuda_gib / 10  # on CPU the rows are chunks
