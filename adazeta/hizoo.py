@@ -70,6 +70,7 @@ import torch
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.noise import Stream, query_seed
+from adazeta.step_result import StepResult, check_update_fits, weight_norm
 from adazeta.zo import LOW_PRECISION, SPSA, Trainable
 
 LossFn = Callable[[], torch.Tensor]
@@ -233,8 +234,6 @@ class HiZOOStep:
     @torch.no_grad()
     def __call__(self, loss_fn: LossFn, step: int, q: int, guard=None):
         """Step `step` (counted from 1) with q queries, seeds query_seed(seed, step, 0..q-1)."""
-        from adazeta.methods import StepResult, check_update_fits, weight_norm
-
         seeds = [query_seed(self.seed, step, i) for i in range(q)]
         eps, lr = self.eps, self._lr
         try:

@@ -19,23 +19,15 @@ from typing import Protocol
 import torch
 
 from adazeta.config import AdapterConfig, Head, MethodConfig, Optimizer, TrainableSet, ZOConfig
-from adazeta.errors import ConfigError, DivergenceError
+from adazeta.errors import ConfigError
 from adazeta.estimators import Estimator, EstimatorFactory, build_estimator
 from adazeta.sparse import SparseMask
+from adazeta.step_result import FLOAT32_MAX, StepResult, check_update_fits, weight_norm  # noqa: F401 (re-exported)
 from adazeta.trainable import make_trainable
 from adazeta.updates import RULES
 from adazeta.zo import LOW_PRECISION, SPSA, Trainable, query_seed
 
 LossFn = Callable[[], torch.Tensor]
-
-
-@dataclass
-class StepResult:
-    loss: float  # the loss at theta (ZO: the mean of L+ and L- over queries)
-    projected_grad: float | None  # mean g_q over the step's queries (ZO only)
-    forward_passes: int
-    seeds: list[int] | None = None  # ZO: the query seeds of this step, in query order
-    grads: list[float] | None = None  # ZO: g_q per query (what the replay log records)
 
 
 # guard(step, losses, grads): raises to stop the step before any weight moves (adazeta.guard.Guard;
@@ -268,8 +260,6 @@ class FOStep:
         return StepResult(float(loss.detach()), None, 1)
 
 
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
 # The coefficient c of an update lr * (1/Q) sum_q c_q z_q per rule, as an RMS over queries: the
 # update's norm is about lr * UPDATE_SCALE(grads) * sqrt(n) for z ~ N(0, I) over n values.
 UPDATE_SCALE: dict[str, Callable[[list[float]], float]] = {
@@ -279,28 +269,6 @@ UPDATE_SCALE: dict[str, Callable[[list[float]], float]] = {
     "sign": lambda g: 1 / math.sqrt(len(g)),
     "adam": lambda g: 1.0,  # normalised by the second moment: about one z per step
 }
-
-
-@torch.no_grad()
-def weight_norm(trainables: list[Trainable]) -> float:
-    """sqrt(sum of squares) of the trainable values, in float64, a slice at a time (no copy of a
-    large low-precision tensor in fp32)."""
-    total = 0.0
-    for t in trainables:
-        flat = t.param.detach().reshape(-1)
-        for a in range(0, flat.numel(), 1 << 20):
-            total += float(flat[a:a + (1 << 20)].double().pow(2).sum())
-    return math.sqrt(total)
-
-
-def check_update_fits(step: int, lr: float, grads: list[float]) -> None:
-    """Stop a step whose update lr * g_q cannot be written into float32 weights (torch raises
-    "value cannot be converted to type float without overflow") before any weight moves."""
-    worst = max((abs(g) for g in grads), default=0.0)
-    if lr * worst > FLOAT32_MAX:
-        raise DivergenceError(
-            f"step {step}: the update lr * projected gradient = {lr:.3g} * {worst:.3g} overflows float32", step
-        )
 
 
 def build_method(
