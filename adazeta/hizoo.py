@@ -13,9 +13,11 @@ noise stream (adazeta/noise.py) for query seed s_q, and D = Sigma^(-1/2) element
     Sigma <- (1 - alpha) Sigma + alpha (1/Q) sum_q h_q Sigma z_q^2       (alpha = method.hizoo_alpha)
     theta <- (1 - lr wd) theta - lr (1/Q) sum_q g_q Sigma^(-1/2) z_q      (the updated Sigma)
 
-Sigma z_q^2 is the diagonal of Sigma^(1/2) z z^T Sigma^(1/2), the paper's form of the estimate (the
-paper writes its Sigma for the inverse Hessian; here, as in the code, Sigma estimates the Hessian
-and the perturbation divides by its square root). A step costs 2Q + 1 forward passes; its state
+Sigma z_q^2 is the diagonal of Sigma^(1/2) z z^T Sigma^(1/2) (the form the brief and the paper's
+Algorithm give). Sigma is the code's `Hessian_matrix`: it estimates the Hessian's diagonal, and the
+perturbation divides by its square root. The equations here were settled against the code
+(trainer.py, lines 475-517 of the stored snapshot); the paper's equation numbers were not checked
+against its text, which was not at hand. A step costs 2Q + 1 forward passes; its state
 is Sigma, one extra copy of the trainable set (in the trainables' dtype, fp32: 4 bytes per
 trainable value; 0.5 GiB for SmolLM2-135M's full set), saved in every checkpoint (`state_dict`),
 so a resumed run continues bit for bit.
