@@ -74,6 +74,7 @@ class Estimator(Enum):
     spsa = "spsa"  # two-sided SPSA, z ~ N(0, I) over the trainable set (MeZO; DESIGN.md 2.1)
     fzoo = "fzoo"  # N one-sided Rademacher perturbations, step normalised by their losses' std (FZOO)
     lozo = "lozo"  # two-sided SPSA with a low-rank U V^T per weight matrix, V resampled lazily (LOZO)
+    hizoo = "hizoo"  # two-sided SPSA along Sigma^(-1/2) z, Sigma a diagonal Hessian EMA (HiZOO)
 
 
 class Mask(Enum):
@@ -267,7 +268,7 @@ class MethodConfig:
     not with zo.parallel_queries). train/loss then logs minus the metric, in [-1, 0]."""
     estimator: Estimator = Estimator.spsa
     """ZO estimator (optimizer=zo): `spsa` (MeZO's two-sided Gaussian SPSA, every shipped method
-    before these), `fzoo` (adazeta/fzoo.py), `lozo` (adazeta/lozo.py)."""
+    before these), `fzoo` (adazeta/fzoo.py), `lozo` (adazeta/lozo.py), `hizoo` (adazeta/hizoo.py)."""
     fzoo_n: int = 8
     """FZOO's N: one-sided Rademacher perturbations per step (>= 2, their losses' std normalises
     the step), times the query schedule's Q; a step costs N + 1 forward passes (estimator=fzoo)."""
@@ -275,6 +276,11 @@ class MethodConfig:
     """LOZO's r: rank of the perturbation U V^T of each weight matrix (estimator=lozo)."""
     lozo_interval: int = 50
     """LOZO's nu: V is resampled every this many steps, U every step (estimator=lozo)."""
+    hizoo_alpha: float = 1e-8
+    """HiZOO's alpha, the rate of the diagonal Hessian's moving average
+    Sigma <- (1 - alpha) Sigma + alpha |L+ + L- - 2 L0| / (2 eps^2) Sigma z^2, in [0, 1); 0 keeps
+    Sigma = 1 (MeZO's step plus one forward). 1e-8: the reference's example (README, OPT-13B); its
+    script's default, 0, is that MeZO case (estimator=hizoo)."""
     in_forward: bool = True
     """Sparse-MeZO's memory-efficient form: perturb inside each layer's forward, never writing
     weights or storing a mask; false: perturb in place with the step's masks stored (refused on a

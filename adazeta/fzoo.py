@@ -50,47 +50,20 @@ import torch
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.noise import chunk_bounds, query_seed, tensor_seed
-from adazeta.step import Guard, LossFn, RuleStep, StepResult, check_update_fits, weight_norm
+from adazeta.step import (
+    Guard,
+    LossFn,
+    RuleStep,
+    StepResult,
+    check_estimator_support,
+    check_update_fits,
+    weight_norm,
+)
 from adazeta.updates import UpdateRule
-from adazeta.zo import LOW_PRECISION, Trainable, group_trainables
+from adazeta.zo import Trainable, group_trainables
 
 # The trainable sets FZOO composes with (the paper: full parameters, LoRA and prefix tuning).
 FZOO_SETS = (TrainableSet.full, TrainableSet.lora, TrainableSet.tt_adapter)
-
-
-def check_estimator_support(
-    estimator: str, cfg: MethodConfig, zo: ZOConfig, trainables: list[Trainable], sets: tuple, rules: tuple[str, ...],
-) -> None:
-    """Refuse, naming the key and the valid choices, what an estimator beyond SPSA does not do."""
-    if cfg.trainable not in sets:
-        raise ConfigError(
-            f"method.trainable={cfg.trainable.value} is not supported by method.estimator={estimator}; valid: "
-            + ", ".join(s.value for s in sets)
-        )
-    if cfg.update_rule.value not in rules:
-        raise ConfigError(
-            f"method.update_rule={cfg.update_rule.value} is not supported by method.estimator={estimator}; valid: "
-            + ", ".join(rules)
-        )
-    if zo.parallel_queries:
-        raise ConfigError(
-            f"zo.parallel_queries=true is not supported by method.estimator={estimator} (its queries run one after "
-            "another); set zo.parallel_queries=false"
-        )
-    from adazeta.distributed import launched
-
-    if launched():
-        raise ConfigError(
-            f"method.estimator={estimator} runs in one process: torchrun (WORLD_SIZE > 1) is not supported; "
-            "run it without torchrun, or use method.estimator=spsa"
-        )
-    low = [t for t in trainables if t.param.dtype in LOW_PRECISION]
-    if low:
-        raise ConfigError(
-            f"method.estimator={estimator} perturbs its trainable weights in place, and {len(low)} of them are "
-            f"{low[0].param.dtype} (e.g. {low[0].name}): a rounded round trip does not restore them. "
-            "Use model.dtype=float32, or method.estimator=spsa"
-        )
 
 
 class Rademacher:

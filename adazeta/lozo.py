@@ -39,9 +39,16 @@ import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
-from adazeta.fzoo import check_estimator_support
 from adazeta.noise import query_seed, splitmix64, tensor_seed
-from adazeta.step import Guard, LossFn, RuleStep, StepResult, check_update_fits, weight_norm
+from adazeta.step import (
+    Guard,
+    LossFn,
+    RuleStep,
+    StepResult,
+    check_estimator_support,
+    check_update_fits,
+    weight_norm,
+)
 from adazeta.updates import UpdateRule
 from adazeta.zo import Trainable
 

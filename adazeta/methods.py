@@ -20,6 +20,7 @@ from adazeta.config import Estimator as EstimatorKind
 from adazeta.errors import ConfigError
 from adazeta.estimators import Estimator, EstimatorFactory, build_estimator
 from adazeta.fzoo import FZOOStep
+from adazeta.hizoo import HiZOOStep
 from adazeta.lozo import LOZOStep
 from adazeta.sparse import SparseMask
 from adazeta.step import (  # noqa: F401  (StepResult, Guard, Step, FLOAT32_MAX: re-exported, their old home)
@@ -235,7 +236,7 @@ class FOStep:
 
 # The estimators whose noise is not SPSA's Gaussian z, each a step of its own (its own perturbation
 # and update passes), with the Step protocol and the guard of ZOStep.
-OWN_STEPS = {EstimatorKind.fzoo: FZOOStep, EstimatorKind.lozo: LOZOStep}
+OWN_STEPS = {EstimatorKind.fzoo: FZOOStep, EstimatorKind.lozo: LOZOStep, EstimatorKind.hizoo: HiZOOStep}
 
 
 def build_method(

@@ -295,6 +295,8 @@ def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
     from adazeta.zo import CHUNK
 
     step = method.step
+    if type(step).__name__ == "HiZOOStep":  # issue 17 (adazeta/hizoo.py)
+        return hizoo_cuda_terms(step, target_dtype)
     if not isinstance(step, ZOStep):
         return []
     spsa, mask = step.spsa, step.mask
@@ -354,6 +356,19 @@ def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
                 "forward masks: 2 bools per value of the largest tensor", "sparse.py SparseMask.scratch (slots 0, 1)",
                 2 * top / GIB, held(mask.buffers.values())))
     return terms
+
+
+def hizoo_cuda_terms(step, target_dtype: str) -> list[CudaTerm]:
+    """HiZOO on CUDA (adazeta/hizoo.py `HiZOOStep.add`): without `chunks_exact` every unit's z is
+    read whole, into a scratch of Q + 1 rows (each query's z and Sigma^(-1/2)) the size of the
+    largest trainable tensor, Q = 1 as the planner measures; on CPU the rows are chunks. Sigma
+    itself, one copy of the trainable set, is allocated alike on both devices and measured."""
+    largest = max(step.units, key=lambda u: u.param.numel())
+    cpu = sum(b.numel() * b.element_size() for b in step.buffers.values()) / GIB
+    return [CudaTerm(
+        f"z and Sigma^(-1/2) scratch: 2 rows of the largest trainable tensor, {largest.name} "
+        f"({largest.param.numel():,} {target_dtype})", "hizoo.py HiZOOStep.add (whole tensors)",
+        2 * largest.param.numel() * DTYPE_BYTES[target_dtype] / GIB, cpu)]
 
 
 def measure_here(spec: dict) -> dict:

@@ -106,7 +106,7 @@ def grid_points(grid: DictConfig | None) -> list[dict[str, object]]:
 
 def passes_per_step(overrides: list[str], max_steps: int) -> list[int]:
     """Forward passes at each step of a run composed from `overrides`: 2Q from its own query
-    schedule for a ZO method (method.fzoo_n x Q + 1 for FZOO), 1 (a forward and a backward) for a
+    schedule for a ZO method (method.fzoo_n x Q + 1 for FZOO, 2Q + 1 for HiZOO: L(theta) as well), 1 (a forward and a backward) for a
     first-order one, as the loop counts."""
     from hydra.utils import instantiate
 
@@ -120,6 +120,8 @@ def passes_per_step(overrides: list[str], max_steps: int) -> list[int]:
     schedule.bind(steps_per_epoch=max(num_train // cfg.train.batch_size, 1), max_steps=max_steps)
     if cfg.method.estimator.value == "fzoo":  # N = fzoo_n x Q one-sided queries and l_0
         return [cfg.method.fzoo_n * schedule(s) + 1 for s in range(max_steps)]
+    if cfg.method.estimator.value == "hizoo":  # Q pairs of perturbed losses and L(theta)
+        return [2 * schedule(s) + 1 for s in range(max_steps)]
     return [2 * schedule(s) for s in range(max_steps)]
 
 

@@ -66,6 +66,7 @@ CHECKS: list[Check] = [
     ("method.fzoo_n", lambda v: v >= 2, ">= 2 (FZOO normalises the step by the std of the N perturbed losses)"),
     ("method.lozo_rank", AT_LEAST_1, ">= 1"),
     ("method.lozo_interval", AT_LEAST_1, ">= 1 (steps between two draws of V)"),
+    ("method.hizoo_alpha", lambda v: 0 <= v < 1, "in [0, 1) (the rate of HiZOO's Hessian moving average)"),
 ]
 
 
@@ -121,6 +122,7 @@ READ_BY: list[tuple[str, Callable[[DictConfig], bool], str]] = [
     ("method.estimator", _zo, "method.optimizer=zo"),
     ("method.fzoo_n", lambda c: _zo(c) and _method(c, "estimator") == "fzoo", "method.estimator=fzoo"),
     ("method.lozo_", lambda c: _zo(c) and _method(c, "estimator") == "lozo", "method.estimator=lozo"),
+    ("method.hizoo_", lambda c: _zo(c) and _method(c, "estimator") == "hizoo", "method.estimator=hizoo"),
 ]
 
 
@@ -243,7 +245,7 @@ def check_64_bits(cfg: DictConfig) -> None:
 
 
 def check_estimator(cfg: DictConfig) -> None:
-    """Issue 17: the estimators beyond SPSA (fzoo, lozo) keep no replay log: adazeta-replay rebuilds
+    """The estimators beyond SPSA (fzoo, lozo, hizoo) keep no replay log: adazeta-replay rebuilds
     SPSA steps only. (Their other limits are checked when the step is built: adazeta/fzoo.py.)"""
     estimator = lookup(cfg, "method.estimator")
     if estimator is None or _value(estimator) == "spsa" or not _zo(cfg):
@@ -251,6 +253,6 @@ def check_estimator(cfg: DictConfig) -> None:
     if lookup(cfg, "train.replay_log"):
         raise ConfigError(
             f"train.replay_log=true is not supported by method.estimator={_value(estimator)}: adazeta-replay "
-            "rebuilds two-sided Gaussian SPSA steps only; set train.replay_log=false (method=fzoo, lozo and "
-            "lozo_m do), or use method.estimator=spsa"
+            "rebuilds two-sided Gaussian SPSA steps only; set train.replay_log=false (method=fzoo, lozo, "
+            "lozo_m and hizoo do), or use method.estimator=spsa"
         )

@@ -71,7 +71,7 @@ from adazeta.config import Optimizer, compose_config  # noqa: E402
 from adazeta.objectives import Objective  # noqa: E402
 from adazeta.tasks import Example  # noqa: E402
 
-ZO_METHODS = ["adazeta", "mezo", "mezo_lora", "sparse_mezo", "fzoo", "lozo", "lozo_m"]
+ZO_METHODS = ["adazeta", "mezo", "mezo_lora", "sparse_mezo", "fzoo", "lozo", "lozo_m", "hizoo"]
 FO_METHODS = ["ft", "lora_fo"]
 TABLES = ["speed", "memory", "scaling", "parallel", "planner", "peer"]
 # Random-weight Llama architectures for the model-size axis: (hidden, layers).
@@ -166,9 +166,11 @@ class Bench:
         return self.cfg.method.optimizer == Optimizer.zo
 
     def passes(self, q: int) -> int:
-        """Forward passes of one ZO step with Q queries: 2Q, or fzoo_n x Q + 1 for FZOO."""
+        """Forward passes of one ZO step with Q queries: 2Q, fzoo_n x Q + 1 for FZOO, 2Q + 1 for HiZOO."""
         m = self.cfg.method
-        return m.fzoo_n * q + 1 if m.estimator.value == "fzoo" else 2 * q
+        if m.estimator.value == "fzoo":
+            return m.fzoo_n * q + 1
+        return 2 * q + 1 if m.estimator.value == "hizoo" else 2 * q
 
 
 def setup(model: str, method: str, overrides: list[str]) -> Bench:
