@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import TINY_RUN, build_run_on, compose_config, output, tiny_model
 from safetensors.torch import load_file
+from test_methods import changed_names, setup
 
 from adazeta.errors import ConfigError
 from adazeta.prefix import PREFIX_MARKER, inject_prefix
-from test_methods import changed_names, setup
 
 FAMILIES = ["tiny-llama", "tiny-opt", "tiny-gpt2", "tiny-roberta", "tiny-bert"]
 
