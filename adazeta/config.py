@@ -55,6 +55,7 @@ class TrainableSet(Enum):
     tt_adapter = "tt_adapter"  # tensor-train adapters (AdaZeta); base frozen
     lora = "lora"  # peft LoRA on the attention query/value projections; base frozen
     sparse = "sparse"  # every weight, but only a masked subset moves (Sparse-MeZO)
+    prefix = "prefix"  # trainable key/value prefixes in every attention layer (MeZO's prefix tuning); base frozen
 
 
 class Update(Enum):
@@ -230,7 +231,8 @@ class MethodConfig:
     name: str = MISSING
     """Method name, used in run names, logs and tags."""
     trainable: TrainableSet = MISSING
-    """Which parameters move: full, tt_adapter (AdaZeta), lora (peft), sparse (Sparse-MeZO)."""
+    """Which parameters move: full, tt_adapter (AdaZeta), lora (peft), sparse (Sparse-MeZO), prefix
+    (prefix tuning: key/value prefixes per attention layer, adazeta/prefix.py)."""
     optimizer: Optimizer = Optimizer.zo
     """`zo`: two-sided SPSA (forward passes only); `fo`: backprop with AdamW."""
     lr: float = 1e-4
@@ -255,6 +257,13 @@ class MethodConfig:
     """LoRA dropout (trainable=lora; ZO forwards run in eval mode, so it only acts for fo)."""
     lora_targets: list[str] | None = None
     """Module names LoRA wraps; null: query/value projections of the model's family."""
+    num_prefix: int = 5
+    """Prefix tokens per attention layer (trainable=prefix; MeZO's 5): each layer learns this many
+    keys and values per key/value head, layers * 2 * num_prefix * (k/v projection width) values."""
+    prefix_init_by_real_act: bool = True
+    """trainable=prefix: start the prefixes from the model's own keys and values of num_prefix
+    random vocabulary tokens (MeZO's --prefix_init_by_real_act); false: small random values,
+    N(0, 0.02^2)."""
     sparsity: float = 0.8
     """Sparse-MeZO s: the (1 - s) smallest-magnitude weights of each tensor may move (trainable=sparse)."""
     mask: Mask = Mask.magnitude

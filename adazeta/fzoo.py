@@ -51,6 +51,7 @@ from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.noise import chunk_bounds, query_seed, tensor_seed
 from adazeta.step import (
+    GROUPED_SETS,
     Guard,
     LossFn,
     RuleStep,
@@ -63,7 +64,7 @@ from adazeta.updates import UpdateRule
 from adazeta.zo import Trainable, group_trainables
 
 # The trainable sets FZOO composes with (the paper: full parameters, LoRA and prefix tuning).
-FZOO_SETS = (TrainableSet.full, TrainableSet.lora, TrainableSet.tt_adapter)
+FZOO_SETS = (TrainableSet.full, *GROUPED_SETS)
 
 
 class Rademacher:
@@ -160,7 +161,7 @@ class FZOOStep(RuleStep):
             raise ConfigError(f"method.fzoo_n={cfg.fzoo_n}: FZOO normalises by the std of the N perturbed losses, "
                               "so it needs N >= 2 (the paper uses 8)")
         self.trainables, self.n, self.eps, self.seed = trainables, cfg.fzoo_n, cfg.eps, seed
-        self.noise = Rademacher(trainables, group=cfg.trainable in (TrainableSet.tt_adapter, TrainableSet.lora))
+        self.noise = Rademacher(trainables, group=cfg.trainable in GROUPED_SETS)
         self.rule = UpdateRule(None, cfg.lr, cfg.weight_decay)  # lr and wd; no state tensors
         self.fuse = zo.fused_update
         self.numel = sum(t.param.numel() for t in trainables)

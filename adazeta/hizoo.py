@@ -72,12 +72,18 @@ import torch
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.noise import Stream, query_seed
-from adazeta.step import StepResult, check_estimator_support, check_update_fits, weight_norm
+from adazeta.step import (
+    GROUPED_SETS,
+    StepResult,
+    check_estimator_support,
+    check_update_fits,
+    weight_norm,
+)
 from adazeta.zo import SPSA, Trainable
 
 LossFn = Callable[[], torch.Tensor]
 # The trainable sets HiZOO composes with (the paper: full parameters, LoRA and prefix tuning).
-HIZOO_SETS = (TrainableSet.full, TrainableSet.lora, TrainableSet.tt_adapter)
+HIZOO_SETS = (TrainableSet.full, *GROUPED_SETS)
 
 
 class HiZOOStep:
@@ -91,7 +97,7 @@ class HiZOOStep:
             raise ConfigError(f"method.hizoo_alpha={cfg.hizoo_alpha!r} is out of range: in [0, 1)")
         # SPSA gives the layout (adapter and LoRA sets grouped into flat buffers, as ZOStep groups
         # them) and each unit's key and chunks in the noise stream; its own passes are not used.
-        group = cfg.trainable in (TrainableSet.tt_adapter, TrainableSet.lora)
+        group = cfg.trainable in GROUPED_SETS
         self.spsa = SPSA(trainables, cfg.eps, group=group, workers=1)
         self.trainables, self.units = trainables, self.spsa.units
         self.eps, self.alpha, self.seed = cfg.eps, cfg.hizoo_alpha, seed

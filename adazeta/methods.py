@@ -25,6 +25,7 @@ from adazeta.lozo import LOZOStep
 from adazeta.sparse import SparseMask
 from adazeta.step import (  # noqa: F401  (StepResult, Guard, Step, FLOAT32_MAX: re-exported, their old home)
     FLOAT32_MAX,
+    GROUPED_SETS,
     UPDATE_SCALE,
     Guard,
     LossFn,
@@ -76,11 +77,11 @@ class ZOStep(RuleStep):
         mask = None
         if cfg.trainable == TrainableSet.sparse:
             mask = SparseMask(trainables, cfg.mask.value, cfg.sparsity, cfg.keep_ratio)
-        # Adapter and LoRA sets (many small tensors: 1,344 for AdaZeta on Llama-2-7B) live in one
+        # Adapter, LoRA and prefix sets (many small tensors: 1,344 for AdaZeta on Llama-2-7B) live in one
         # flat buffer per (device, dtype, decay) group, so a pass draws z with one RNG call per
         # group, not one per tensor. Full-parameter sets keep a z per tensor: flattening a model's
         # weights would copy them, and the in-forward perturbation regenerates one layer's z.
-        group = cfg.trainable in (TrainableSet.tt_adapter, TrainableSet.lora)
+        group = cfg.trainable in GROUPED_SETS
         self.writes: list[tuple[int, float]] = []
         self.recording = False  # True while the estimate runs: its in-place writes go into `writes`
         self.spsa = SPSA(trainables, cfg.eps, mask=mask, group=group, on_perturb=self.observe)
@@ -251,7 +252,7 @@ def build_method(
     if cfg.optimizer == Optimizer.fo and cfg.trainable == TrainableSet.sparse:
         raise ConfigError(
             "method.trainable=sparse is Sparse-MeZO's perturbation mask and needs method.optimizer=zo; "
-            "for first-order training use trainable=full, lora or tt_adapter"
+            "for first-order training use trainable=full, lora, tt_adapter or prefix"
         )
     model, trainables = make_trainable(model, cfg, adapter, head)
     if cfg.optimizer == Optimizer.fo:

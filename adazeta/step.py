@@ -15,11 +15,14 @@ from typing import Protocol
 
 import torch
 
-from adazeta.config import MethodConfig, ZOConfig
+from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError, DivergenceError
 from adazeta.zo import LOW_PRECISION, Trainable
 
 LossFn = Callable[[], torch.Tensor]
+# Sets of many small tensors (adapters, LoRA factors, prefixes): a ZO step keeps them in one flat
+# buffer per (device, dtype, decay) group and draws each group's noise with one RNG call.
+GROUPED_SETS = (TrainableSet.tt_adapter, TrainableSet.lora, TrainableSet.prefix)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from adazeta.config import AdapterConfig, Head, MethodConfig, TrainableSet
 from adazeta.errors import ConfigError
 from adazeta.lora import inject_lora  # imported up front: its import memory is not the method's
 from adazeta.models import classification_head, is_norm
+from adazeta.prefix import PREFIX_MARKER, inject_prefix
 from adazeta.zo import Trainable
 
 
@@ -59,6 +60,11 @@ def make_trainable(model, cfg: MethodConfig, adapter: AdapterConfig, head: Head)
             ) from None
         for name, p in model.named_parameters():
             if ".adapter." in name:
+                p.requires_grad_(True)
+    elif kind == TrainableSet.prefix:
+        inject_prefix(model, cfg.num_prefix, cfg.prefix_init_by_real_act)
+        for name, p in model.named_parameters():
+            if PREFIX_MARKER in name:
                 p.requires_grad_(True)
     elif kind == TrainableSet.lora:
         model = inject_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)

@@ -106,6 +106,8 @@ def _adam(cfg) -> bool:
 READ_BY: list[tuple[str, Callable[[DictConfig], bool], str]] = [
     ("adapter.", lambda c: _method(c, "trainable") == "tt_adapter", "method.trainable=tt_adapter"),
     ("method.lora_", lambda c: _method(c, "trainable") == "lora", "method.trainable=lora"),
+    ("method.num_prefix", lambda c: _method(c, "trainable") == "prefix", "method.trainable=prefix"),
+    ("method.prefix_init_by_real_act", lambda c: _method(c, "trainable") == "prefix", "method.trainable=prefix"),
     ("method.sparsity", lambda c: _method(c, "trainable") == "sparse", "method.trainable=sparse"),
     ("method.mask", lambda c: _method(c, "trainable") == "sparse", "method.trainable=sparse"),
     ("method.in_forward", lambda c: _method(c, "trainable") == "sparse", "method.trainable=sparse"),
