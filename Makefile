@@ -33,8 +33,8 @@ test-slow: ## Slow tests only: real models, real data in ../shared/data, multiru
 	$(PYTHON) -m pytest -q -m slow
 
 bench: ## Benchmark tables of docs/benchmarks.md: MiniLM (all tables), SmolLM2-135M (speed, memory, planner); BENCH_ARGS=--quick
-	$(PYTHON) scripts/benchmark.py --model minilm $(BENCH_ARGS)
-	$(PYTHON) scripts/benchmark.py --model smollm2-135m --tables speed,memory,planner $(BENCH_ARGS)
+	adazeta-bench --model minilm $(BENCH_ARGS)
+	adazeta-bench --model smollm2-135m --tables speed,memory,planner $(BENCH_ARGS)
 
 plan: ## Peak memory of Llama-2-7B (bf16, batch 16, SST-2 lengths) with AdaZeta, MeZO and ft, predicted before downloading it
 	adazeta-plan --methods adazeta,mezo --check 3,4 $(PLAN_ARGS)

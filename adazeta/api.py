@@ -13,7 +13,7 @@ exactly as the command composes it, so the defaults are the command's; keyword o
 config keys of those groups without their prefix (`lr`, `eps`, `update_rule`, `lora_r`, `rank`,
 `q_max`, ...), checked by the same schemas and range checks (adazeta/validate.py). The step itself
 is `adazeta.methods.build_method`'s, called with the step number and the schedule's Q; the guard is
-adazeta/guard.py's. Nothing here changes what a step does (tests/test_api.py checks that the
+adazeta/engine/guard.py's. Nothing here changes what a step does (tests/test_api.py checks that the
 weights come out bit-identical to `build_method`'s).
 
 For `transformers.Trainer`, see `adazeta.ZOTrainer` (adazeta/hf_trainer.py).
@@ -32,12 +32,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from adazeta.cli.train import CONF_DIR
 from adazeta.config import GuardConfig, Head, Optimizer
+from adazeta.engine.guard import Guard, check_precision
 from adazeta.errors import ConfigError
-from adazeta.guard import Guard, check_precision
 from adazeta.methods import StepResult, build_method
-from adazeta.models import MeanPoolClassifier
-from adazeta.train import CONF_DIR
+from adazeta.models.load import MeanPoolClassifier
 from adazeta.validate import check_ignored, validate
 
 __all__ = ["ZOFineTuner", "StepResult", "method_names", "compose_method"]

@@ -118,7 +118,7 @@ class ModelConfig:
     dtype: str = "float32"
     """Base-model dtype: float32, bfloat16, float16. Adapter, LoRA and head parameters stay in
     float32; full-parameter methods train the base weights in this dtype (ZO: perturbed inside the
-    forward, updates stochastically rounded; see adazeta/zo.py)."""
+    forward, updates stochastically rounded; see adazeta/zo/spsa.py)."""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ... Under torchrun `auto` or
     `cuda`: each rank takes the GPU of its LOCAL_RANK (an explicit index is refused)."""
@@ -196,14 +196,14 @@ class ScheduleConfig:
 
 @dataclass
 class ConstantScheduleConfig(ScheduleConfig):
-    _target_: str = "adazeta.schedules.ConstantSchedule"
+    _target_: str = "adazeta.zo.schedules.ConstantSchedule"
     q: int = 1
     """Queries per step."""
 
 
 @dataclass
 class AdaptiveScheduleConfig(ScheduleConfig):
-    _target_: str = "adazeta.schedules.AdaptiveSchedule"
+    _target_: str = "adazeta.zo.schedules.AdaptiveSchedule"
     alpha: float = 0.85
     """AdaZeta eq. 2: Q_k = min(max(floor(alpha * e_k^beta), q_min), q_max)."""
     beta: float = 0.45
@@ -219,7 +219,7 @@ class AdaptiveScheduleConfig(ScheduleConfig):
 
 @dataclass
 class LinearScheduleConfig(ScheduleConfig):
-    _target_: str = "adazeta.schedules.LinearSchedule"
+    _target_: str = "adazeta.zo.schedules.LinearSchedule"
     q_start: int = 1
     """Queries per step at the first step."""
     q_end: int = 16
@@ -232,7 +232,7 @@ class MethodConfig:
     """Method name, used in run names, logs and tags."""
     trainable: TrainableSet = MISSING
     """Which parameters move: full, tt_adapter (AdaZeta), lora (peft), sparse (Sparse-MeZO), prefix
-    (prefix tuning: key/value prefixes per attention layer, adazeta/prefix.py)."""
+    (prefix tuning: key/value prefixes per attention layer, adazeta/trainable/prefix.py)."""
     optimizer: Optimizer = Optimizer.zo
     """`zo`: two-sided SPSA (forward passes only); `fo`: backprop with AdamW."""
     lr: float = 1e-4
@@ -277,7 +277,7 @@ class MethodConfig:
     not with zo.parallel_queries). train/loss then logs minus the metric, in [-1, 0]."""
     estimator: Estimator = Estimator.spsa
     """ZO estimator (optimizer=zo): `spsa` (MeZO's two-sided Gaussian SPSA, every shipped method
-    before these), `fzoo` (adazeta/fzoo.py), `lozo` (adazeta/lozo.py), `hizoo` (adazeta/hizoo.py)."""
+    before these), `fzoo` (adazeta/zo/fzoo.py), `lozo` (adazeta/zo/lozo.py), `hizoo` (adazeta/zo/hizoo.py)."""
     fzoo_n: int = 8
     """FZOO's N: one-sided Rademacher perturbations per step (>= 2, their losses' std normalises
     the step), times the query schedule's Q; a step costs N + 1 forward passes (estimator=fzoo)."""
@@ -334,7 +334,7 @@ class TrainConfig:
     exactly. Method, model, task, seed and trainable set must match; other keys (train.max_steps,
     method.lr, ...) may change, and a changed method.lr replaces the checkpoint's. With
     hydra.run.dir=<the run folder> the run continues in place (its folder is rewound to the
-    checkpoint); any other folder that already holds a run is refused (adazeta/run_folder.py).
+    checkpoint); any other folder that already holds a run is refused (adazeta/engine/run_folder.py).
     Every file of the checkpoint is checked before anything is touched; `auto` skips damaged ones."""
     replay_log: bool = True
     """ZO methods: append each step's query seeds, projected gradients and lr to
@@ -348,7 +348,7 @@ class GuardAction(Enum):
 
 @dataclass
 class GuardConfig:
-    """The divergence guard (adazeta/guard.py): checks each step's losses and projected gradients
+    """The divergence guard (adazeta/engine/guard.py): checks each step's losses and projected gradients
     before the update is applied, so a bad step never moves a weight."""
 
     explode_factor: float | None = 10.0

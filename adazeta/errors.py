@@ -22,12 +22,12 @@ class CheckpointError(AdazetaError):
 
 class RunFolderError(AdazetaError):
     """The run folder holds another run, or another process is running in it
-    (adazeta/run_folder.py). The folder is another run's: nothing is written into it."""
+    (adazeta/engine/run_folder.py). The folder is another run's: nothing is written into it."""
 
 
 class DivergenceError(AdazetaError):
     """A step's loss or projected gradient was not finite, or the loss exploded; the step was not
-    applied (adazeta/guard.py)."""
+    applied (adazeta/engine/guard.py)."""
 
     def __init__(self, message: str, step: int):
         super().__init__(message)

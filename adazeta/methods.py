@@ -18,11 +18,6 @@ import torch
 from adazeta.config import AdapterConfig, Head, MethodConfig, Optimizer, TrainableSet, ZOConfig
 from adazeta.config import Estimator as EstimatorKind
 from adazeta.errors import ConfigError
-from adazeta.estimators import Estimator, EstimatorFactory, build_estimator
-from adazeta.fzoo import FZOOStep
-from adazeta.hizoo import HiZOOStep
-from adazeta.lozo import LOZOStep
-from adazeta.sparse import SparseMask
 from adazeta.step import (  # noqa: F401  (StepResult, Guard, Step, FLOAT32_MAX: re-exported, their old home)
     FLOAT32_MAX,
     GROUPED_SETS,
@@ -35,9 +30,14 @@ from adazeta.step import (  # noqa: F401  (StepResult, Guard, Step, FLOAT32_MAX:
     check_update_fits,
     weight_norm,
 )
-from adazeta.trainable import make_trainable
-from adazeta.updates import RULES
-from adazeta.zo import LOW_PRECISION, SPSA, Trainable, query_seed
+from adazeta.trainable.sets import make_trainable
+from adazeta.zo.estimators import Estimator, EstimatorFactory, build_estimator
+from adazeta.zo.fzoo import FZOOStep
+from adazeta.zo.hizoo import HiZOOStep
+from adazeta.zo.lozo import LOZOStep
+from adazeta.zo.sparse import SparseMask
+from adazeta.zo.spsa import LOW_PRECISION, SPSA, Trainable, query_seed
+from adazeta.zo.updates import RULES
 
 
 @dataclass
@@ -53,8 +53,8 @@ class ZOStep(RuleStep):
         seeds -> estimate -> guard -> update rule
 
     composed once, here, from the config: the SPSA over the trainable set (z from the noise stream,
-    adazeta/noise.py; Sparse-MeZO's mask), the estimator (sequential, in-forward, parallel
-    replicas, sharded over ranks: adazeta/estimators.py), the update rule (adazeta/updates.py).
+    adazeta/zo/noise.py; Sparse-MeZO's mask), the estimator (sequential, in-forward, parallel
+    replicas, sharded over ranks: adazeta/zo/estimators.py), the update rule (adazeta/zo/updates.py).
     Nothing of it is replaced afterwards. The estimator returns only scalars; the guard, passed to
     each call, sees the step's losses and projected gradients before any weight is written.
 
@@ -245,8 +245,8 @@ def build_method(
     dist=None, estimator: EstimatorFactory | None = None,
 ) -> Method:
     """The method of `cfg` on `model`. `zo` (default: ZOConfig()) configures the ZO estimator;
-    `dist` (an adazeta.distributed.Dist; None or a world of 1: one process) shares its queries
-    across torchrun ranks; `estimator` (a factory (model, spsa) -> estimator, adazeta/estimators.py)
+    `dist` (an adazeta.engine.distributed.Dist; None or a world of 1: one process) shares its queries
+    across torchrun ranks; `estimator` (a factory (model, spsa) -> estimator, adazeta/zo/estimators.py)
     replaces the configured one. First-order methods have no queries: they ignore zo.fused_update
     and zo.max_replicas, and refuse zo.parallel_queries=true rather than silently run sequentially."""
     if cfg.optimizer == Optimizer.fo and cfg.trainable == TrainableSet.sparse:

@@ -458,7 +458,7 @@ class BatchLoss:
     `loss()` is the mean per-example loss at the model's current weights (what every method
     uses); `loss.replicated(r)` evaluates the batch repeated r times in one forward and returns
     the r per-replica mean losses, for an estimator that gives each replica its own perturbed
-    weights (`adazeta.parallel`). Replicated batches are built once per r and kept for the step.
+    weights (`adazeta.zo.parallel`). Replicated batches are built once per r and kept for the step.
     """
 
     def __init__(self, objective: Objective, model, batch: dict[str, torch.Tensor]):

@@ -2,8 +2,8 @@
 the loop, the checkpoint and the library API use, and the checks made before any weight moves.
 
 A ZO step whose learning rate, weight decay and state live in an update rule (`RuleStep`) gets
-`lr` and `state_dict()` from it: ZOStep (adazeta/methods.py), FZOOStep (adazeta/fzoo.py),
-LOZOStep (adazeta/lozo.py). The steps of their own (FZOO, LOZO, HiZOO: adazeta/hizoo.py) refuse
+`lr` and `state_dict()` from it: ZOStep (adazeta/methods.py), FZOOStep (adazeta/zo/fzoo.py),
+LOZOStep (adazeta/zo/lozo.py). The steps of their own (FZOO, LOZO, HiZOO: adazeta/zo/hizoo.py) refuse
 what they do not support with `check_estimator_support`, naming the key."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError, DivergenceError
-from adazeta.zo import LOW_PRECISION, Trainable
+from adazeta.zo.spsa import LOW_PRECISION, Trainable
 
 LossFn = Callable[[], torch.Tensor]
 # Sets of many small tensors (adapters, LoRA factors, prefixes): a ZO step keeps them in one flat
@@ -34,7 +34,7 @@ class StepResult:
     grads: list[float] | None = None  # ZO: g_q per query (what the replay log records)
 
 
-# guard(step, losses, grads): raises to stop the step before any weight moves (adazeta.guard.Guard;
+# guard(step, losses, grads): raises to stop the step before any weight moves (adazeta.engine.guard.Guard;
 # a ZO step also calls its check_update(step, ratio, lr, grads)).
 Guard = Callable[[int, list[float], list[float]], None]
 
@@ -54,7 +54,7 @@ class Step(Protocol):
 
 
 class RuleStep:
-    """A step whose update rule (`self.rule`, adazeta/updates.py) holds its learning rate, weight
+    """A step whose update rule (`self.rule`, adazeta/zo/updates.py) holds its learning rate, weight
     decay and state: `lr` reads and sets the rule's, `state_dict()` saves the rule's tensors as
     `rule.<name>` and its scalars (lr, Adam's t)."""
 
@@ -130,7 +130,7 @@ def check_estimator_support(
             f"zo.parallel_queries=true is not supported by method.estimator={estimator} (its queries run one after "
             "another); set zo.parallel_queries=false"
         )
-    from adazeta.distributed import launched
+    from adazeta.engine.distributed import launched
 
     if launched():
         raise ConfigError(

@@ -248,7 +248,7 @@ def check_64_bits(cfg: DictConfig) -> None:
 
 def check_estimator(cfg: DictConfig) -> None:
     """The estimators beyond SPSA (fzoo, lozo, hizoo) keep no replay log: adazeta-replay rebuilds
-    SPSA steps only. (Their other limits are checked when the step is built: adazeta/fzoo.py.)"""
+    SPSA steps only. (Their other limits are checked when the step is built: adazeta/zo/fzoo.py.)"""
     estimator = lookup(cfg, "method.estimator")
     if estimator is None or _value(estimator) == "spsa" or not _zo(cfg):
         return

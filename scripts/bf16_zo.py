@@ -9,7 +9,7 @@ Compared with the fp32 twin (the same steps computed in fp32 from the same z and
 - in place, rounded to nearest (before): each query's +eps z / -2 eps z / +eps z round trip is
   written to the bf16 weights, and so is the update;
 - in forward + stochastic rounding (after): the perturbation is never written (ZOStep perturbs
-  inside the forward), the update is written with stochastic rounding (adazeta/zo.py).
+  inside the forward), the update is written with stochastic rounding (adazeta/zo/spsa.py).
 Columns: drift per round trip (RMS, and in bf16 ulps of the weights), the share of weights one update
 moves, and after STEPS steps the regression slope of the bf16 displacement on the fp32 one (1 =
 moves as fp32 does, in expectation) and the relative error ||d_bf16 - d_fp32|| / ||d_fp32||.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from adazeta.zo import SPSA, Trainable, query_seed
+from adazeta.zo.spsa import SPSA, Trainable, query_seed
 
 N, EPS, LR, STEPS = 1 << 19, 1e-3, 5e-7, 100
 

@@ -7,8 +7,8 @@
 
 On a Llama built from config with random weights, at TinyLlama-1.1B's width (hidden 2048,
 intermediate 5632, 32 heads, 4 KV heads, 32000 tokens) with 4 layers and a bf16 base, every check
-runs the real entrypoints as subprocesses (`python -m adazeta.train`, `adazeta.planner`,
-`adazeta.replay`, `torch.distributed.run`):
+runs the real entrypoints as subprocesses (`python -m adazeta.cli.train`, `adazeta.cli.plan`,
+`adazeta.cli.replay`, `torch.distributed.run`):
 - step: two training steps of each method (adazeta, mezo, mezo_lora, sparse_mezo, lora_fo, ft) on
   the whole 16-example training sample as one batch, and the CUDA peak of those steps (allocated
   and reserved, metrics.jsonl at step 2: two steps, so that Adam's moments and the buffers a ZO
@@ -135,7 +135,7 @@ def metrics(run: Path) -> dict[int, dict]:
 
 def plan_peaks(runner: Runner, s: Setting, methods: list[str]) -> tuple[dict[str, float], str]:
     """adazeta-plan's predicted peak (GiB) per method, for CUDA, measured on CPU."""
-    args = ["-m", "adazeta.planner", "--methods", ",".join(methods), "--fit", "1,2", "--target-device", "cuda",
+    args = ["-m", "adazeta.cli.plan", "--methods", ",".join(methods), "--fit", "1,2", "--target-device", "cuda",
             *(["--threads", "1"] if s.dry else []), *s.model("cpu"), *RUN]
     proc = runner("plan", args)
     (runner.out / "plan.md").write_text(proc.stdout)
@@ -150,7 +150,7 @@ def step_rows(runner: Runner, s: Setting, methods: list[str]) -> tuple[list[Row]
     rows, finished = [], []
     for m in methods:
         run = runner.out / "runs" / m
-        proc = runner(f"train-{m}", ["-m", "adazeta.train", *s.model(), *RUN, f"method={m}", f"hydra.run.dir={run}"])
+        proc = runner(f"train-{m}", ["-m", "adazeta.cli.train", *s.model(), *RUN, f"method={m}", f"hydra.run.dir={run}"])
         if proc.returncode != 0:
             rows.append(Row("step", m, "", "", runner.failed(f"train-{m}", proc), False))
             continue
@@ -177,7 +177,7 @@ def step_rows(runner: Runner, s: Setting, methods: list[str]) -> tuple[list[Row]
 def replay_rows(runner: Runner, runs: list[str]) -> list[Row]:
     rows = []
     for m in runs:
-        proc = runner(f"replay-{m}", ["-m", "adazeta.replay", str(runner.out / "runs" / m)])
+        proc = runner(f"replay-{m}", ["-m", "adazeta.cli.replay", str(runner.out / "runs" / m)])
         equal = proc.returncode == 0 and "exactly" in proc.stdout
         result = "ok: equal bit for bit" if equal else runner.failed(f"replay-{m}", proc)
         rows.append(Row("replay", m, "2 steps rebuilt from seeds", "the checkpoint's tensors", result, equal))
@@ -191,7 +191,7 @@ def parallel_rows(runner: Runner, s: Setting) -> list[Row]:
     found = {}
     for mode in ("true", "false"):
         name = f"parallel-{mode}"
-        proc = runner(name, ["-m", "adazeta.train", *common, f"zo.parallel_queries={mode}",
+        proc = runner(name, ["-m", "adazeta.cli.train", *common, f"zo.parallel_queries={mode}",
                              f"hydra.run.dir={runner.out / 'runs' / name}"])
         if proc.returncode != 0:
             return [Row("parallel", "adazeta", "", "", runner.failed(name, proc), False)]
@@ -210,7 +210,7 @@ def torchrun_rows(runner: Runner, s: Setting) -> list[Row]:
     backend = "gloo" if s.dry else "nccl"
     run = runner.out / "runs" / "torchrun"
     proc = runner("torchrun", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "-m", "adazeta.train", *s.model(), *RUN, "method=adazeta", "schedule=constant",
+                               "-m", "adazeta.cli.train", *s.model(), *RUN, "method=adazeta", "schedule=constant",
                                "schedule.q=4", "train.max_steps=3", "train.eval_steps=3", f"dist.backend={backend}",
                                "dist.check_steps=1", f"hydra.run.dir={run}"])
     what = f"2 ranks, {backend}, Q=4"

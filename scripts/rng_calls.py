@@ -17,10 +17,10 @@ from unittest import mock
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from adazeta import zo
 from adazeta.config import Head, compose_config
-from adazeta.trainable import make_trainable
-from adazeta.zo import SPSA
+from adazeta.trainable.sets import make_trainable
+from adazeta.zo import spsa as zo
+from adazeta.zo.spsa import SPSA
 
 
 def count(spsa: SPSA) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from adazeta.config import compose_config
-from adazeta.models import load_model
+from adazeta.models.load import load_model
 from adazeta.objectives import Objective
 from adazeta.tasks import build_task
 

@@ -47,7 +47,7 @@ def config_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-# conf/study holds adazeta-study's plans (adazeta/study.py), not a group of adazeta-train.
+# conf/study holds adazeta-study's plans (adazeta/cli/study.py), not a group of adazeta-train.
 NOT_GROUPS = {"study"}
 
 
@@ -76,8 +76,8 @@ def compose_cfg() -> Callable[..., DictConfig]:
 
 
 def tiny_model(name: str):
-    """adazeta.models.load_model on conf/model/<name>.yaml (seeded, so the weights are fixed)."""
-    from adazeta.models import load_model
+    """adazeta.models.load.load_model on conf/model/<name>.yaml (seeded, so the weights are fixed)."""
+    from adazeta.models.load import load_model
 
     cfg = compose_config([f"model={name}", "model.device=cpu"], hydra_config=False)
     torch.manual_seed(0)
@@ -85,9 +85,9 @@ def tiny_model(name: str):
 
 
 def build_run_on(overrides: Iterable[str]):
-    """The run of a composed config, built by the loop's build path (adazeta/build.py, seeded
+    """The run of a composed config, built by the loop's build path (adazeta/engine/build.py, seeded
     with `seed`, 0 by default) -> Run."""
-    from adazeta.build import build_run
+    from adazeta.engine.build import build_run
 
     return build_run(compose_config(overrides, hydra_config=False))
 
@@ -112,12 +112,12 @@ def subprocess_env(home: Path) -> dict[str, str]:
 def run_entrypoint(
     overrides: Iterable[str], tmp_path: Path, multirun: bool = False, timeout: float = ENTRYPOINT_TIMEOUT,
 ) -> subprocess.CompletedProcess:
-    """`python -m adazeta.train *overrides hydra.run.dir=<tmp_path>/run` with cwd=tmp_path and
+    """`python -m adazeta.cli.train *overrides hydra.run.dir=<tmp_path>/run` with cwd=tmp_path and
     HOME=<tmp_path>/home, so that anything written outside the run folder shows up in tmp_path.
     With multirun=True: `-m`, and the overrides should set hydra.sweep.dir."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    args = [sys.executable, "-m", "adazeta.train"]
+    args = [sys.executable, "-m", "adazeta.cli.train"]
     if multirun:
         args.append("-m")
     args += list(overrides)

@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from adazeta.adapters import (
+from adazeta.trainable.tt_adapters import (
     FAMILY_TARGETS,
     AdaptedLinear,
     TTAdapter,

@@ -1,26 +1,20 @@
-"""scripts/benchmark.py on a tiny model: every table prints its header and finite ratios. Timings
+"""adazeta/cli/bench.py on a tiny model: every table prints its header and finite ratios. Timings
 are not asserted (the machine is shared); counts and shapes are."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, subprocess_env
-
-SCRIPT = REPO / "scripts" / "benchmark.py"
+from conftest import subprocess_env
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("adazeta.cli.bench")
 
 
 def table(text: str, header_start: str) -> list[dict[str, str]]:
@@ -95,7 +89,7 @@ def test_parallel_ceiling_is_the_sequential_step_at_the_best_bare_throughput(ben
 
 def test_cli_prints_the_machine_and_the_table(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--model", "tiny-llama", "--tables", "speed", "--methods", "adazeta",
+        [sys.executable, "-m", "adazeta.cli.bench", "--quick", "--model", "tiny-llama", "--tables", "speed", "--methods", "adazeta",
          "--qs", "1"], cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = proc.stdout.splitlines()[0]

@@ -1,4 +1,4 @@
-"""adazeta-compare on synthetic run folders written the way adazeta/loop.py writes them."""
+"""adazeta-compare on synthetic run folders written the way adazeta/engine/loop.py writes them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adazeta.compare import Run, main
+from adazeta.cli.compare import Run, main
 
 PNGS = ["dev_loss_vs_steps", "dev_loss_vs_forward_passes", "dev_loss_vs_wallclock", "peak_memory"]
 # (method, seed) -> dev loss at steps 20, 40, 60; forward passes per step; seconds per step;
@@ -23,7 +23,7 @@ RUNS = {
 
 
 def write_run(folder: Path, method: str, seed: int, task: str = "sst2", model: str = "minilm") -> None:
-    """A finished run: log every 10 steps, eval every 20, 60 steps, keys as in adazeta/loop.py."""
+    """A finished run: log every 10 steps, eval every 20, 60 steps, keys as in adazeta/engine/loop.py."""
     dev, fp_per_step, step_s, best, test, peak, infer = RUNS[(method, seed)]
     folder.mkdir(parents=True)
     rows = []

@@ -1,4 +1,4 @@
-"""torch.distributed ZO (adazeta/distributed.py): query- and data-parallel steps across real gloo
+"""torch.distributed ZO (adazeta/engine/distributed.py): query- and data-parallel steps across real gloo
 processes on CPU, the drift check, the torchrun entrypoint against a single process, and the
 errors of configurations torchrun cannot run."""
 
@@ -17,9 +17,9 @@ from conftest import TINY_RUN, output, read_jsonl, subprocess_env
 from safetensors.torch import load_file
 
 from adazeta.config import DistMode, MethodConfig, TrainableSet, ZOConfig
-from adazeta.distributed import Dist, check_drift, checksum
+from adazeta.engine.distributed import Dist, check_drift, checksum
 from adazeta.methods import ZOStep
-from adazeta.trainable import collect
+from adazeta.trainable.sets import collect
 
 STEPS, Q, BATCH = 3, 3, 8  # Q = 3 does not divide across 2 ranks: one rank runs 2 queries, the other 1
 
@@ -135,7 +135,7 @@ def test_torchrun_query_parallel_equals_a_single_process(tmp_path, entrypoint):
     run = tmp_path / "dist"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "adazeta.train", *TORCHRUN_RUN, f"hydra.run.dir={run}"],
+         "-m", "adazeta.cli.train", *TORCHRUN_RUN, f"hydra.run.dir={run}"],
         cwd=tmp_path, env=subprocess_env(home), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, output(proc)[-3000:]
@@ -175,7 +175,7 @@ def test_torchrun_configuration_errors(tmp_path, overrides, argv, message):
     home.mkdir()
     env = subprocess_env(home) | {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
     proc = subprocess.run(
-        [sys.executable, "-m", "adazeta.train", *argv, *TINY_RUN, "model=tiny-llama", *overrides,
+        [sys.executable, "-m", "adazeta.cli.train", *argv, *TINY_RUN, "model=tiny-llama", *overrides,
          f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
@@ -196,7 +196,7 @@ def test_torchrun_configuration_errors(tmp_path, overrides, argv, message):
     ],
 )
 def test_torchrun_rank_takes_the_gpu_of_its_local_rank(device, local_rank, gpus, expected):
-    from adazeta.distributed import rank_device
+    from adazeta.engine.distributed import rank_device
 
     assert rank_device(device, local_rank, gpus) == expected
 
@@ -211,7 +211,7 @@ def test_torchrun_rank_takes_the_gpu_of_its_local_rank(device, local_rank, gpus,
     ],
 )
 def test_torchrun_device_errors_name_the_value_and_the_fix(device, local_rank, gpus, message):
-    from adazeta.distributed import rank_device
+    from adazeta.engine.distributed import rank_device
     from adazeta.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:

@@ -1,4 +1,4 @@
-"""The composition of a ZO step (adazeta/estimators.py, adazeta/methods.py): the estimator is chosen
+"""The composition of a ZO step (adazeta/zo/estimators.py, adazeta/methods.py): the estimator is chosen
 when the step is built, a caller's own estimator plugs in through a factory, and the step records the
 in-place writes its estimate made (what the replay log keeps)."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
-from adazeta.estimators import Sequential
 from adazeta.methods import ZOStep
-from adazeta.noise import Stream, query_seed, tensor_seed
-from adazeta.trainable import collect
+from adazeta.trainable.sets import collect
+from adazeta.zo.estimators import Sequential
+from adazeta.zo.noise import Stream, query_seed, tensor_seed
 
 
 def toy(fused: bool = False, estimator=None):
@@ -41,7 +41,7 @@ class Fixed:
 
 def test_an_estimator_of_ones_own_plugs_in_and_the_update_rule_applies_its_grads():
     """theta <- theta - lr (1/Q) sum_q g_q z_q with the plugged estimator's g_q = 0.5, z_q read from
-    fresh generators seeded as adazeta/noise.py says (an oracle outside SPSA)."""
+    fresh generators seeded as adazeta/zo/noise.py says (an oracle outside SPSA)."""
     model, step, loss_fn = toy(estimator=Fixed)
     assert isinstance(step.estimator, Fixed) and not step.writes_weights
     before = [p.detach().clone() for p in model.parameters()]

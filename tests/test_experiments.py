@@ -1,6 +1,6 @@
 """The paper settings in conf/experiment/: every file composes to the values of its paper (the
 model, method, learning rate, eps, batch, steps), and every file trains one step on a tiny random
-stand-in of its model, on a tiny fixture of a task it is run with, through `adazeta.loop.run`.
+stand-in of its model, on a tiny fixture of a task it is run with, through `adazeta.engine.loop.run`.
 
 The files are discovered from conf/experiment/*.yaml, so a new experiment is tested without editing
 this file: it only needs an entry in EXPECTED (the test fails until it has one).
@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from test_tasks import mnli_files, squad_files, write_csv, write_jsonl, write_tsv
 
 from adazeta import config as schema
-from adazeta.loop import run
+from adazeta.engine.loop import run
 
 EXPERIMENTS = config_options("experiment")
 
@@ -280,7 +280,7 @@ def test_the_cli_takes_an_experiment_and_a_task(tmp_path):
         [
             sys.executable,
             "-m",
-            "adazeta.train",
+            "adazeta.cli.train",
             "experiment=llama2_7b_adazeta",
             "task=rte",
             "--cfg",

@@ -1,5 +1,5 @@
 """The fused restore + update (`zo.fused_update`) and the allocation-free passes over the weights
-(adazeta/zo.py, adazeta/sparse.py): the same parameters as the plain path, one regeneration of z
+(adazeta/zo/spsa.py, adazeta/zo/sparse.py): the same parameters as the plain path, one regeneration of z
 fewer, a guard that stops the step leaves the weights where they were, and z drawn in chunks on
 several threads is exactly the z of one normal_ call per tensor."""
 
@@ -14,9 +14,9 @@ from torch import nn
 
 from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
 from adazeta.methods import ZOStep
-from adazeta.sparse import InForwardPerturbation, SparseMask
-from adazeta.trainable import collect
-from adazeta.zo import CHUNK, SPSA, Trainable, chunk_bounds, tensor_seed
+from adazeta.trainable.sets import collect
+from adazeta.zo.sparse import InForwardPerturbation, SparseMask
+from adazeta.zo.spsa import CHUNK, SPSA, Trainable, chunk_bounds, tensor_seed
 
 
 def setup(method: str, *extra: str, model: str = "tiny-llama"):

@@ -1,4 +1,4 @@
-"""FZOO (adazeta/fzoo.py): the Rademacher noise, the normalised one-sided estimate against autograd,
+"""FZOO (adazeta/zo/fzoo.py): the Rademacher noise, the normalised one-sided estimate against autograd,
 the update by hand, its direction on a model built from config, what it refuses, its memory
 against inference, and the real entrypoint."""
 
@@ -14,10 +14,10 @@ from torch import nn
 
 from adazeta.config import MethodConfig, Optimizer, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
-from adazeta.fzoo import FZOOStep, Rademacher
-from adazeta.trainable import collect
+from adazeta.trainable.sets import collect
 from adazeta.validate import validate
-from adazeta.zo import Trainable, query_seed
+from adazeta.zo.fzoo import FZOOStep, Rademacher
+from adazeta.zo.spsa import Trainable, query_seed
 
 
 def mlp(dtype=torch.float64, seed=0) -> nn.Module:
@@ -178,7 +178,7 @@ def test_fzoo_step_stays_near_inference_memory():
     place: on a model whose embedding and LM head are 119 MiB each, a training step peaks within a
     small fraction of the embedding above inference (one parameter-sized u would add 100%).
     Measured as the planner measures, in fresh processes."""
-    from adazeta import planner
+    from adazeta.cli import plan as planner
 
     wide = ["model=tiny-llama", "model.arch.hidden_size=1024", "model.arch.intermediate_size=1024",
             "model.arch.num_attention_heads=16", "model.device=cpu", "train.batch_size=8", "method=fzoo",
@@ -206,7 +206,7 @@ def test_fzoo_entrypoint_trains_and_logs(tmp_path):
 def test_study_budget_counts_n_plus_one_passes_per_step():
     """adazeta-study sizes a run by forward passes: FZOO's step costs fzoo_n x Q + 1 of them, so a
     budget of 120 at N = 8 is 13 steps (117 passes), where MeZO's 2 per step gives 60."""
-    from adazeta.study import passes_per_step, steps_for_budget
+    from adazeta.cli.study import passes_per_step, steps_for_budget
 
     assert passes_per_step(["method=fzoo"], 3) == [9, 9, 9]
     assert passes_per_step(["method=fzoo", "method.fzoo_n=4", "schedule.q=2"], 2) == [9, 9]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import build_method_on
 
-from adazeta.zo import SPSA, Trainable, tensor_seed
+from adazeta.zo.spsa import SPSA, Trainable, tensor_seed
 
 
 @pytest.fixture

@@ -12,14 +12,14 @@ import pytest
 import torch
 from conftest import compose_config, job_config, read_jsonl
 
-from adazeta.build import build_run, to_device
+from adazeta.cli.replay import ReplayLog, replay
+from adazeta.engine.build import build_run, to_device
+from adazeta.engine.guard import Guard, check_precision
+from adazeta.engine.loop import run
 from adazeta.errors import DivergenceError
-from adazeta.guard import Guard, check_precision
-from adazeta.loop import run
 from adazeta.objectives import Objective
-from adazeta.replay import ReplayLog, replay
 from adazeta.validate import validate
-from adazeta.zo import SPSA, Trainable, query_seed
+from adazeta.zo.spsa import SPSA, Trainable, query_seed
 
 SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false"]
 

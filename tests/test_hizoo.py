@@ -1,4 +1,4 @@
-"""HiZOO (adazeta/hizoo.py): MeZO's step when Sigma = 1, the projected gradient and the curvature
+"""HiZOO (adazeta/zo/hizoo.py): MeZO's step when Sigma = 1, the projected gradient and the curvature
 against autograd along Sigma^(-1/2) z, where the Hessian estimate converges on a quadratic, exact
 resume, what it refuses, its memory against inference, and the real entrypoint."""
 
@@ -16,11 +16,11 @@ from torch import nn
 
 from adazeta.config import Estimator, MethodConfig, Optimizer, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
-from adazeta.hizoo import HiZOOStep
 from adazeta.methods import ZOStep
-from adazeta.trainable import collect
+from adazeta.trainable.sets import collect
 from adazeta.validate import validate
-from adazeta.zo import Trainable, query_seed
+from adazeta.zo.hizoo import HiZOOStep
+from adazeta.zo.spsa import Trainable, query_seed
 
 
 def mlp(dtype=torch.float64, seed=0) -> nn.Module:
@@ -231,7 +231,7 @@ def test_hizoo_step_costs_one_copy_of_the_trainable_set_over_inference():
     above inference by Sigma (the weights' size) plus a small fraction of the embedding, not
     by a second copy (a parameter-sized z or Sigma^(-1/2) would add one). Measured as the
     planner measures, in fresh processes."""
-    from adazeta import planner
+    from adazeta.cli import plan as planner
 
     wide = ["model=tiny-llama", "model.arch.hidden_size=1024", "model.arch.intermediate_size=1024",
             "model.arch.num_attention_heads=16", "model.device=cpu", "train.batch_size=8", "method=hizoo"]
@@ -263,7 +263,7 @@ def test_hizoo_entrypoint_trains_and_logs_2q_plus_1_passes(tmp_path):
 def test_study_budget_counts_2q_plus_1_passes_per_step():
     """adazeta-study sizes a run by forward passes: a HiZOO step costs 2Q + 1 of them, so a budget
     of 120 at Q = 1 is 40 steps, where MeZO's 2 per step gives 60."""
-    from adazeta.study import passes_per_step, steps_for_budget
+    from adazeta.cli.study import passes_per_step, steps_for_budget
 
     assert passes_per_step(["method=hizoo"], 3) == [3, 3, 3]
     assert passes_per_step(["method=hizoo", "schedule.q=2"], 2) == [5, 5]
@@ -274,7 +274,7 @@ def test_study_budget_counts_2q_plus_1_passes_per_step():
 def test_planner_adds_the_cuda_only_scratch_of_whole_tensor_z():
     """On CUDA (no exact chunks) HiZOO reads each unit's z whole: the plan adds 2 rows (z and
     Sigma^(-1/2), Q = 1) of the largest trainable tensor, here tiny-llama's embedding."""
-    from adazeta.planner import cuda_terms
+    from adazeta.cli.plan import cuda_terms
 
     m, obj, task = build_method_on(["model=tiny-llama", "method=hizoo", "task.num_train=16"])
     m.step(obj.batch_loss(m.model, obj.encode(task.load().train[:4], train=True)), 1, 1)

@@ -17,7 +17,7 @@ from conftest import build_method_on
 from test_tasks import copa_files
 
 import adazeta
-from adazeta.build import to_device
+from adazeta.engine.build import to_device
 from adazeta.tasks import Example
 
 PACKAGE = str(Path(adazeta.__file__).parent)

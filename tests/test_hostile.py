@@ -24,9 +24,10 @@ from conftest import TINY_RUN, compose_config, output, subprocess_env
 from test_bad_inputs import SOURCE, copy_checkpoint, error_of, runs  # noqa: F401  (runs: the fixture)
 from test_compare import write_run
 
-from adazeta import compare, planner
+from adazeta.cli import compare
+from adazeta.cli import plan as planner
+from adazeta.engine.interrupt import interruption
 from adazeta.errors import AdazetaError, DivergenceError, Interrupted, environment_error
-from adazeta.interrupt import interruption
 from adazeta.methods import check_update_fits
 from adazeta.tasks import loading
 from adazeta.validate import validate
@@ -245,7 +246,7 @@ def test_tt_modes_as_the_readme_writes_them_compose_and_validate():
                                                   (1e308, 2.0, [1, 1, 20, 20, 20, 20])])
 def test_a_query_schedule_past_float_range_gives_q_max(alpha, beta, qs):
     """alpha * e ** beta overflowed (OverflowError) or was inf (floor failed) at the second epoch."""
-    from adazeta.schedules import AdaptiveSchedule
+    from adazeta.zo.schedules import AdaptiveSchedule
 
     schedule = AdaptiveSchedule(alpha=alpha, beta=beta, q_max=20)
     schedule.bind(steps_per_epoch=2, max_steps=10)
@@ -298,7 +299,7 @@ def test_a_second_signal_stops_at_once_with_one_line(tmp_path):
 
 
 def test_ctrl_c_while_hydra_composes_is_one_line(monkeypatch, capsys):
-    from adazeta import train
+    from adazeta.cli import train
 
     def interrupted():
         raise KeyboardInterrupt
@@ -417,7 +418,7 @@ def run_cli(argv: list[str], env: dict[str, str], tmp: Path) -> subprocess.Compl
         (tmp / "site").mkdir()
         (tmp / "site" / "sitecustomize.py").write_text(FULL_DISK)
         env = {**env, "PYTHONPATH": os.pathsep.join([str(tmp / "site"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "adazeta.train", f"hydra.run.dir={tmp / 'run'}", *argv], cwd=tmp,
+    return subprocess.run([sys.executable, "-m", "adazeta.cli.train", f"hydra.run.dir={tmp / 'run'}", *argv], cwd=tmp,
                           env=subprocess_env(tmp / "home") | env, capture_output=True, text=True, timeout=240)
 
 
@@ -449,7 +450,7 @@ def test_the_readme_modes_reach_the_run(cli):
 
 
 def test_replay_save_into_an_unwritable_place(runs, tmp_path, capsys):  # noqa: F811
-    from adazeta import replay
+    from adazeta.cli import replay
 
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit) as exit_:
@@ -459,7 +460,7 @@ def test_replay_save_into_an_unwritable_place(runs, tmp_path, capsys):  # noqa: 
 
 
 def test_a_full_disk_leaves_the_earlier_checkpoint_intact(cli):
-    from adazeta.checkpoint import damage
+    from adazeta.engine.checkpoint import damage
 
     proc, tmp = cli["a disk that fills up at the second checkpoint"]
     checkpoints = tmp / "run" / "checkpoints"

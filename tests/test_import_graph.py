@@ -31,7 +31,7 @@ def imported(tree: ast.AST, name: str, modules: set[str], is_package: bool) -> s
             if node.level:
                 anchor = here.rsplit(".", node.level - 1)[0] if node.level > 1 else here
                 base = f"{anchor}.{base}" if base else anchor
-            # `from adazeta import loop` imports the module adazeta.loop; `from adazeta import X`
+            # `from adazeta import loop` imports the module adazeta.engine.loop; `from adazeta import X`
             # of a name defined in adazeta/__init__.py imports the package itself.
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
@@ -106,8 +106,8 @@ def test_the_graph_reads_deferred_and_from_imports(tmp_path):
 
 def test_the_package_import_graph_has_no_cycle():
     graph = import_graph()
-    assert {"adazeta.loop", "adazeta.replay", "adazeta.train"} <= graph.keys()  # the graph holds the modules
-    assert "adazeta.build" in graph["adazeta.loop"]  # and their imports
+    assert {"adazeta.engine.loop", "adazeta.cli.replay", "adazeta.cli.train"} <= graph.keys()  # the graph holds the modules
+    assert "adazeta.engine.build" in graph["adazeta.engine.loop"]  # and their imports
     found = cycles(graph)
     assert found == [], f"import cycles in adazeta/: {found}"
 

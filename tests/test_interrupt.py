@@ -29,10 +29,10 @@ def curve(run_dir: Path) -> list[dict]:
 
 
 def start(tmp_path: Path, run_dir: Path) -> subprocess.Popen:
-    """`python -m adazeta.train *RUN` (what `adazeta-train` runs) in the background."""
+    """`python -m adazeta.cli.train *RUN` (what `adazeta-train` runs) in the background."""
     (tmp_path / "home").mkdir(exist_ok=True)
     return subprocess.Popen(
-        [sys.executable, "-m", "adazeta.train", *RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+        [sys.executable, "-m", "adazeta.cli.train", *RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
         env=subprocess_env(tmp_path / "home"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import compose_config, job_config
 
-from adazeta import zo
-from adazeta.build import build_run, to_device
+from adazeta.engine.build import build_run, to_device
+from adazeta.engine.guard import Guard
 from adazeta.errors import ConfigError
-from adazeta.guard import Guard
-from adazeta.updates import Adam, Momentum
-from adazeta.zo import SPSA, Trainable
+from adazeta.zo import spsa as zo
+from adazeta.zo.spsa import SPSA, Trainable
+from adazeta.zo.updates import Adam, Momentum
 
 SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false"]
 

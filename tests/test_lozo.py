@@ -1,4 +1,4 @@
-"""LOZO and LOZO-M (adazeta/lozo.py): the low-rank lazy perturbation, the projected gradient against
+"""LOZO and LOZO-M (adazeta/zo/lozo.py): the low-rank lazy perturbation, the projected gradient against
 autograd (on an MLP and on a model built from config), the LOZO and LOZO-M updates by hand (V's
 change included), what they refuse, memory against inference, and the real entrypoint."""
 
@@ -14,8 +14,8 @@ from torch import nn
 
 from adazeta.config import MethodConfig, Optimizer, TrainableSet, Update, ZOConfig
 from adazeta.errors import ConfigError
-from adazeta.lozo import LOZOStep
-from adazeta.trainable import collect
+from adazeta.trainable.sets import collect
+from adazeta.zo.lozo import LOZOStep
 
 
 def mlp(dtype=torch.float64, seed=0) -> nn.Module:
@@ -185,7 +185,7 @@ def test_lozo_m_step_stays_near_inference_memory():
     """LOZO writes U V^T with one in-place addmm per matrix and keeps (m + n) r values per matrix (and
     LOZO-M its m x r momentum): on a model whose embedding and LM head are 119 MiB each, a step
     peaks within a small fraction of the embedding above inference. As the planner measures."""
-    from adazeta import planner
+    from adazeta.cli import plan as planner
 
     wide = ["model=tiny-llama", "model.arch.hidden_size=1024", "model.arch.intermediate_size=1024",
             "model.arch.num_attention_heads=16", "model.device=cpu", "train.batch_size=8", "method=lozo_m"]

@@ -1,4 +1,4 @@
-"""Memory accounting (adazeta/memory.py): memory-mapped weights count once `make_resident` reads
+"""Memory accounting (adazeta/engine/memory.py): memory-mapped weights count once `make_resident` reads
 them, as they would on a device."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from adazeta.memory import in_use_gib, make_resident
+from adazeta.engine.memory import in_use_gib, make_resident
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the resident set is read from /proc/self/status, which only Linux has")
@@ -37,7 +37,7 @@ def test_sparse_mezo_step_stays_near_inference_memory():
     peaks within a small fraction of the embedding above inference (a whole perturbed copy, its z
     and its mask would add more than the embedding itself). Measured as the planner measures, in
     fresh processes."""
-    from adazeta import planner
+    from adazeta.cli import plan as planner
 
     wide = ["model=tiny-llama", "model.arch.hidden_size=1024", "model.arch.intermediate_size=1024",
             "model.arch.num_attention_heads=16", "model.device=cpu", "train.batch_size=8", "method=sparse_mezo"]
@@ -52,7 +52,7 @@ def test_peaks_under_device_map_count_every_gpu(monkeypatch):
     summary gives the sum and the largest one. CUDA's counters are faked (no GPU here), per index."""
     from types import SimpleNamespace
 
-    from adazeta.memory import GIB, get_memory_stats, model_devices, peak_gib, reset_peak
+    from adazeta.engine.memory import GIB, get_memory_stats, model_devices, peak_gib, reset_peak
 
     peaks = {0: 1 * GIB, 1: 5 * GIB, 2: 3 * GIB}
     resets = []

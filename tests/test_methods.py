@@ -8,12 +8,12 @@ import torch
 from conftest import compose_config
 
 from adazeta.methods import build_method
-from adazeta.models import load_model
+from adazeta.models.load import load_model
 from adazeta.objectives import Objective
-from adazeta.sparse import thresholds
 from adazeta.tasks import build_task
-from adazeta.updates import RULES
-from adazeta.zo import SPSA, Trainable, query_seed
+from adazeta.zo.sparse import thresholds
+from adazeta.zo.spsa import SPSA, Trainable, query_seed
+from adazeta.zo.updates import RULES
 
 
 def setup(method: str, model: str = "tiny-llama", *extra: str):
@@ -184,10 +184,10 @@ def test_conservative_keeps_the_best_of_three():
 @pytest.mark.parametrize("block", [1024, 1 << 20])
 def test_blocked_in_forward_perturbation_equals_in_place(monkeypatch, block):
     """Large Linear and Embedding weights are perturbed row block by row block inside their
-    forward (adazeta/sparse.py): the losses equal the in-place ones with stored masks, the z of
+    forward (adazeta/zo/sparse.py): the losses equal the in-place ones with stored masks, the z of
     each block is the slice of the tensor's whole z, and no weight is written. block=1024 cuts
     tiny-llama's 30522 x 64 embedding and LM head into 16-row blocks; 1 << 20 takes them whole."""
-    import adazeta.sparse as sparse
+    import adazeta.zo.sparse as sparse
 
     monkeypatch.setattr(sparse, "BLOCK", block)
     _, m, obj, batch, before = setup("sparse_mezo", "tiny-llama", "method.eps=1e-2")
@@ -217,8 +217,8 @@ def test_masked_update_in_chunks_equals_whole_draws(workers):
     """Sparse-MeZO's update runs in cache-sized chunks (the magnitude mask computed per chunk from
     the weights before the pass writes them), on one thread or dealt to two: the result equals
     masking whole-tensor draws."""
-    from adazeta.sparse import SparseMask
-    from adazeta.zo import CHUNK, THREADED_MIN, tensor_seed
+    from adazeta.zo.sparse import SparseMask
+    from adazeta.zo.spsa import CHUNK, THREADED_MIN, tensor_seed
 
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(3 * CHUNK + 21))

@@ -1,4 +1,4 @@
-"""method.objective=metric (issue 17, item 2): a ZO step minimises minus the task metric of the
+"""method.objective=metric: a ZO step minimises minus the task metric of the
 batch, a quantity without a gradient (MeZO's --non_diff): accuracy for classification, the F1 of
 greedy generations for SQuAD."""
 

@@ -1,10 +1,10 @@
-"""Model loading (adazeta/models.py)."""
+"""Model loading (adazeta/models/load.py)."""
 
 from __future__ import annotations
 
 from conftest import compose_config
 
-from adazeta.models import load_model
+from adazeta.models.load import load_model
 
 
 def test_random_init_arch_passes_nested_values_as_plain_containers():
@@ -30,7 +30,7 @@ def test_new_heads_draw_from_the_cpu_generator_whatever_their_device():
     must take the CPU draws a CPU head takes, or everything drawn after it would shift."""
     import torch
 
-    from adazeta.models import MeanPoolClassifier, init_head_on_cpu
+    from adazeta.models.load import MeanPoolClassifier, init_head_on_cpu
 
     encoder = _tiny_roberta_cls().roberta
     torch.manual_seed(5)
@@ -62,7 +62,7 @@ def test_device_map_that_offloads_is_refused_with_the_modules_named():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from adazeta.errors import ConfigError
-    from adazeta.models import gpu_max_memory, refuse_offload
+    from adazeta.models.load import gpu_max_memory, refuse_offload
 
     model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, vocab_size=64))

@@ -51,7 +51,7 @@ def test_the_wheel_ships_the_configs_and_adazeta_train_runs_from_it(tmp_path):
     env.pop("PYTHONPATH", None)
     # The package and its configs come from the venv, not from the checkout (an editable install
     # of the checkout may be on the system's path too).
-    where = run([python, "-c", "import json, adazeta.train as t; print(json.dumps([t.__file__, t.CONF_DIR]))"],
+    where = run([python, "-c", "import json, adazeta.cli.train as t; print(json.dumps([t.__file__, t.CONF_DIR]))"],
                 elsewhere, env)
     module, conf = map(Path, json.loads(where.stdout))
     site = next((venv / "lib").glob("python3*/site-packages")).resolve()

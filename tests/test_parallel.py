@@ -1,4 +1,4 @@
-"""Parallel queries (adazeta/parallel.py): the 2Q perturbed forwards of a step as batched forwards
+"""Parallel queries (adazeta/zo/parallel.py): the 2Q perturbed forwards of a step as batched forwards
 over replicas of the batch, each replica with its own perturbed trainable weights.
 
 Checked against the sequential path on the same seeds: the projected gradients, the losses and the
@@ -13,11 +13,11 @@ from conftest import build_method_on
 from test_tasks import copa_files
 
 from adazeta.errors import ConfigError
-from adazeta.estimators import Sequential
 from adazeta.objectives import Objective
-from adazeta.parallel import ParallelQueries
 from adazeta.tasks import Example
-from adazeta.zo import query_seed
+from adazeta.zo.estimators import Sequential
+from adazeta.zo.parallel import ParallelQueries
+from adazeta.zo.spsa import query_seed
 
 
 def setup(method: str, model: str, *extra: str, parallel: bool = True, max_replicas=None, task: str = "sst2"):
@@ -142,7 +142,7 @@ def test_automatic_chunking_follows_the_memory_estimate(monkeypatch):
     """With zo.max_replicas=null the chunk is what half the free memory holds by the replica
     estimate (2.5 replicas' worth of free memory -> chunks of 1) and, on CPU, what the token cap
     allows; the gradients do not change."""
-    import adazeta.parallel as parallel
+    import adazeta.zo.parallel as parallel
 
     m, obj, task = setup("adazeta", "tiny-bert", "method.eps=1e-2")
     loss_fn = obj.batch_loss(m.model, sst2_batch(obj, task))
@@ -189,7 +189,7 @@ def test_replicas_of_a_hooked_head_keep_accelerates_input_move():
     casts its input as AlignDevicesHook moves it; bypassing the hook fails in baddbmm."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
-    from adazeta.zo import SPSA, Trainable
+    from adazeta.zo.spsa import SPSA, Trainable
 
     class MoveInputs(ModelHook):
         def pre_forward(self, module, *args, **kwargs):

@@ -1,13 +1,13 @@
-"""The memory planner (adazeta/planner.py): the line fit, the dtype conversion, and a real plan of
+"""The memory planner (adazeta/cli/plan.py): the line fit, the dtype conversion, and a real plan of
 a small Llama whose extrapolation is checked against a measured deeper run."""
 
 from __future__ import annotations
 
 import pytest
 
-from adazeta import planner
+from adazeta.cli import plan as planner
+from adazeta.cli.plan import Measurement, fit_line
 from adazeta.errors import ConfigError
-from adazeta.planner import Measurement, fit_line
 
 # A small Llama whose weights are large enough for the resident set to measure them well (about
 # 16 MiB of embeddings and 4 MiB per layer), still seconds per measurement.

@@ -1,4 +1,4 @@
-"""The planner's CUDA terms (adazeta/planner.py `cuda_terms`): buffers a CUDA run allocates that a
+"""The planner's CUDA terms (adazeta/cli/plan.py `cuda_terms`): buffers a CUDA run allocates that a
 CPU measurement does not see, sized here from the model's config by hand (vocabulary x hidden
 values x bytes), not from the code under test."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from conftest import build_method_on
 
-from adazeta import planner
+from adazeta.cli import plan as planner
+from adazeta.cli.plan import GIB, CudaTerm, Measurement
 from adazeta.errors import ConfigError
-from adazeta.planner import GIB, CudaTerm, Measurement
-from adazeta.zo import CHUNK
+from adazeta.zo.spsa import CHUNK
 
 VOCAB, HIDDEN = 30522, 64  # conf/model/tiny-llama.yaml: the embedding (and the untied LM head) is the largest tensor
 EMBEDDING = VOCAB * HIDDEN

@@ -1,4 +1,4 @@
-"""Prefix tuning (method.trainable=prefix, adazeta/prefix.py): the trainable set and its size, the
+"""Prefix tuning (method.trainable=prefix, adazeta/trainable/prefix.py): the trainable set and its size, the
 prefix changes the output and carries a gradient, padding and the mask are handled as the base
 model handles them, the init from real activations equals transformers' own cache of those tokens,
 and mezo_prefix / prefix_fo run and learn through the real build path."""
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_methods import changed_names, setup
 
 from adazeta.errors import ConfigError
-from adazeta.prefix import PREFIX_MARKER, inject_prefix
+from adazeta.trainable.prefix import PREFIX_MARKER, inject_prefix
 
 FAMILIES = ["tiny-llama", "tiny-opt", "tiny-gpt2", "tiny-roberta", "tiny-bert"]
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import compose_config, job_config, read_jsonl
 from safetensors.torch import load_file
 
-from adazeta.loop import run
-from adazeta.replay import main, replay
+from adazeta.cli.replay import main, replay
+from adazeta.engine.loop import run
 
 SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false",
          "train.eval_steps=6", "train.max_steps=12"]

@@ -18,9 +18,9 @@ import pytest
 from conftest import compose_config, job_config, read_jsonl
 from safetensors.torch import load_file
 
+from adazeta.cli.replay import ReplayLog, replay
+from adazeta.engine.loop import run
 from adazeta.errors import Interrupted
-from adazeta.loop import run
-from adazeta.replay import ReplayLog, replay
 from adazeta.validate import validate
 
 BASE = [
@@ -190,7 +190,7 @@ def test_cuda_rng_states_restore_by_numeric_index_and_drop_missing_gpus(monkeypa
     setters are faked (no GPU here); the restore code is the real one."""
     import torch
 
-    from adazeta.checkpoint import cuda_rng_states, rng_state, set_rng_state
+    from adazeta.engine.checkpoint import cuda_rng_states, rng_state, set_rng_state
 
     now, scalars = rng_state()  # restoring them below leaves this process's RNGs as they are
     tensors = {**now, **{f"rng.cuda.{i}": torch.full((8,), i, dtype=torch.uint8) for i in range(12)}}

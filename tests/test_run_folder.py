@@ -16,9 +16,9 @@ import pytest
 from conftest import compose_config, job_config, output, read_jsonl, run_entrypoint, subprocess_env
 from safetensors.torch import load_file, save_file
 
-from adazeta import run_folder
+from adazeta.engine import run_folder
+from adazeta.engine.loop import run
 from adazeta.errors import CheckpointError, RunFolderError
-from adazeta.loop import run
 from adazeta.validate import validate
 
 SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false",
@@ -110,7 +110,7 @@ def test_what_hydra_writes_does_not_make_a_folder_hold_a_run(tmp_path):
 def test_a_folder_in_use_is_refused_naming_the_process_and_a_killed_holder_leaves_no_lock(tmp_path):
     folder = tmp_path / "run"
     holder = subprocess.Popen(  # another run's process: it holds the folder's lock
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from adazeta.run_folder import lock; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from adazeta.engine.run_folder import lock; "
          "lock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)", str(folder)],
         stdout=subprocess.PIPE, text=True, env=subprocess_env(tmp_path),
     )

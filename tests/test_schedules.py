@@ -5,7 +5,7 @@ import logging
 import pytest
 from hydra.utils import instantiate
 
-from adazeta.schedules import AdaptiveSchedule, ConstantSchedule, LinearSchedule, QuerySchedule
+from adazeta.zo.schedules import AdaptiveSchedule, ConstantSchedule, LinearSchedule, QuerySchedule
 
 
 def test_constant():
@@ -142,15 +142,15 @@ def test_bind_and_step_validation():
 @pytest.mark.parametrize(
     "node",
     [
-        {"_target_": "adazeta.schedules.ConstantSchedule", "q": 2},
+        {"_target_": "adazeta.zo.schedules.ConstantSchedule", "q": 2},
         {
-            "_target_": "adazeta.schedules.AdaptiveSchedule",
+            "_target_": "adazeta.zo.schedules.AdaptiveSchedule",
             "alpha": 0.85,
             "beta": 0.45,
             "q_max": 20,
             "reach_max_at_last_epoch": False,
         },
-        {"_target_": "adazeta.schedules.LinearSchedule", "q_start": 1, "q_end": 16},
+        {"_target_": "adazeta.zo.schedules.LinearSchedule", "q_start": 1, "q_end": 16},
     ],
 )
 def test_hydra_instantiate(node):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adazeta import smollm2
+from adazeta.models import smollm2
 
 
 def test_gguf_path_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, subprocess_env
 
-from adazeta.compare import read_run
-from adazeta.study import STUDY_DIR, load_plan, main, seed_runs, steps_for_budget
+from adazeta.cli.compare import read_run
+from adazeta.cli.study import STUDY_DIR, load_plan, main, seed_runs, steps_for_budget
 
 TINY = ["model=tiny-llama", "train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8"]
 
@@ -88,8 +88,8 @@ def test_makefile_and_readme_name_the_study():
 
 
 def test_a_finished_run_of_other_settings_is_never_reused(tmp_path):
+    from adazeta.cli.study import RunSpec
     from adazeta.errors import ConfigError
-    from adazeta.study import RunSpec
 
     spec = RunSpec("s", "adazeta", "search", {"method.lr": 0.01}, 0, ["method.lr=0.01", "train.max_steps=150"],
                    tmp_path / "lr0.01_s0")

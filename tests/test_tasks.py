@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from adazeta.config import Head, ModelConfig, TaskConfig
 from adazeta.errors import ConfigError, DataError
-from adazeta.models import load_model
+from adazeta.models.load import load_model
 from adazeta.objectives import EvalBatch, Objective, first_line
 from adazeta.tasks import TASKS, Example, build_task
 from adazeta.tasks import base as task_base

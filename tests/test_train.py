@@ -1,4 +1,4 @@
-"""The real entrypoint, `python -m adazeta.train`, on two-layer random models: two steps, then the
+"""The real entrypoint, `python -m adazeta.cli.train`, on two-layer random models: two steps, then the
 files a run promises (README "What a run writes") are checked field by field.
 
 The runs are independent subprocesses, mostly import time; they are started together (one per

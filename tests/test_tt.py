@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adazeta.tt import TTLinear, factorize
+from adazeta.trainable.tt import TTLinear, factorize
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The ZO estimator (adazeta/zo.py): seeds, perturbation, the SPSA estimate and the SGD update.
+"""The ZO estimator (adazeta/zo/spsa.py): seeds, perturbation, the SPSA estimate and the SGD update.
 
 Checked against independent computations: autograd gradients, a by-hand update, and noise
 regenerated from fresh generators.
@@ -13,8 +13,8 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from adazeta.trainable import collect
-from adazeta.zo import SPSA, Trainable, query_seed, tensor_seed
+from adazeta.trainable.sets import collect
+from adazeta.zo.spsa import SPSA, Trainable, query_seed, tensor_seed
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """One ZO run across processes and nodes with torchrun (torch.distributed).
 
-    torchrun --nproc_per_node 2 -m adazeta.train dist.mode=query schedule=constant schedule.q=4
+    torchrun --nproc_per_node 2 -m adazeta.cli.train dist.mode=query schedule=constant schedule.q=4
 
 A ZO step exchanges scalars only, never gradients:
 - `dist.mode=query`: the Q queries of a step are dealt out across ranks (query i to rank i mod W).
@@ -31,7 +31,7 @@ import torch.distributed as td
 
 from adazeta.config import DistConfig, DistMode, MethodConfig, ModelConfig, Optimizer
 from adazeta.errors import ConfigError
-from adazeta.zo import SPSA, Trainable
+from adazeta.zo.spsa import SPSA, Trainable
 
 log = logging.getLogger("adazeta")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -121,7 +121,7 @@ def setup(cfg: DistConfig, model: ModelConfig, method: MethodConfig, batch_size:
     On CUDA each rank takes the GPU of its LOCAL_RANK, so `model.device=auto|cuda` is that GPU."""
     if not launched():
         return Dist()
-    from adazeta.models import resolve_device
+    from adazeta.models.load import resolve_device
 
     if method.optimizer != Optimizer.zo:
         raise ConfigError(f"method={method.name} is first-order; torchrun runs the ZO methods only")
@@ -152,7 +152,7 @@ def setup(cfg: DistConfig, model: ModelConfig, method: MethodConfig, batch_size:
         # one set, waits (up to the timeout below) for ranks that were never started.
         raise ConfigError(
             f"WORLD_SIZE={world} (RANK={os.environ.get('RANK', 'unset')}) is set, but this process was not "
-            f"started by torchrun: launch with `torchrun --nproc_per_node {world} -m adazeta.train ...`, "
+            f"started by torchrun: launch with `torchrun --nproc_per_node {world} -m adazeta.cli.train ...`, "
             "or unset WORLD_SIZE and RANK to run in one process"
         )
     if not td.is_initialized():
@@ -166,7 +166,7 @@ def setup(cfg: DistConfig, model: ModelConfig, method: MethodConfig, batch_size:
 
 class Sharded:
     """An estimator whose work is shared across ranks (wraps the method's own estimator, chosen
-    when the method is built with a Dist of world > 1: adazeta/estimators.py). Called like it:
+    when the method is built with a Dist of world > 1: adazeta/zo/estimators.py). Called like it:
     (loss_fn, seeds) -> [Q, 2] of (g_q, loss_q), identical on every rank.
 
     Every query restores its own perturbation (`can_defer_restore` is False): the queries of a step

@@ -14,7 +14,7 @@ Two ways to apply the perturbation:
 A module whose weight is large (an embedding, a tied LM head, a wide projection: `block_min`
 values or more) is not copied whole: its output is computed over row blocks of about BLOCK values,
 each block perturbed into a small buffer just before use, with its z read from the tensor's noise
-stream in order (adazeta/noise.py), so the values equal the whole-tensor z the update draws (on
+stream in order (adazeta/zo/noise.py), so the values equal the whole-tensor z the update draws (on
 CPU: `chunks_exact`). The step's transient memory is then a few MB whatever the vocabulary size.
 Torch has no hook that replaces a forward, so such a module's pre-hook hands its own forward an
 empty batch (no work) and its forward hook returns the output computed block by block: the
@@ -32,8 +32,8 @@ from collections.abc import Callable
 
 import torch
 
-from adazeta.noise import Stream
-from adazeta.zo import SPSA, Trainable, chunks_exact, query_stats
+from adazeta.zo.noise import Stream
+from adazeta.zo.spsa import SPSA, Trainable, chunks_exact, query_stats
 
 # Weights of at least this many values are perturbed block by block in the forward (see above).
 BLOCK_MIN = 1 << 22
@@ -188,7 +188,7 @@ class InForwardPerturbation:
 
     def blocks(self, w: torch.Tensor, index: int, seed: int, scale: float):
         """(r0, r1, perturbed rows r0:r1) over w's rows in order: z read block by block from the
-        tensor's noise stream (adazeta/noise.py), masked by the block's own (unwritten) weights."""
+        tensor's noise stream (adazeta/zo/noise.py), masked by the block's own (unwritten) weights."""
         stream = self.streams.get(w.device)
         if stream is None:
             stream = self.streams[w.device] = Stream(w.device)

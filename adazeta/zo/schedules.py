@@ -5,7 +5,7 @@ A schedule is any object with two methods (``QuerySchedule``):
     bind(steps_per_epoch, max_steps)   called once by the trainer before training
     __call__(step) -> int              Q for the 0-based global step `step` (updates done so far)
 
-They are built from config nodes by Hydra ``instantiate`` (``_target_: adazeta.schedules.<Name>``),
+They are built from config nodes by Hydra ``instantiate`` (``_target_: adazeta.zo.schedules.<Name>``),
 so constructor keyword arguments are the config keys.
 """
 

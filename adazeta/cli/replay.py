@@ -23,7 +23,7 @@ update_rule=conservative also logs
 the three losses it compared (`rule_losses`), so it replays without a forward too. A step the
 divergence guard rejected is logged as {"step": k, "applied": false, "perturbs": [...]}: its round
 trips happened, its update did not. A checkpoint records how many records precede it.
-Adapter and LoRA sets draw z per group of tensors (adazeta/zo.py, issue 18): logs of such runs
+Adapter and LoRA sets draw z per group of tensors (adazeta/zo/spsa.py, issue 18): logs of such runs
 made before that change replay with the adazeta version that wrote them, not with this one.
 First-order methods (ft, lora_fo) have no replay log: backprop gradients are not a function of
 seeds.
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from adazeta.errors import AdazetaError, CheckpointError
-from adazeta.zo import query_seed
+from adazeta.zo.spsa import query_seed
 
 log = logging.getLogger("adazeta")
 ROUND_TRIP = (1.0, -2.0, 1.0)
@@ -100,7 +100,7 @@ def decode(perturbs, seeds: list[int]) -> list[tuple[int, float]]:
 
 class Logged:
     """The estimate of a logged step: repeats its in-place writes (through SPSA.perturb, as the run
-    made them) and returns its g_q (an estimator of adazeta/estimators.py's kind)."""
+    made them) and returns its g_q (an estimator of adazeta/zo/estimators.py's kind)."""
 
     writes_weights = True
     can_defer_restore = False  # a fused run's writes leave the displacement the update restores
@@ -184,9 +184,9 @@ def run_config(run_dir: Path):
 def replay(run_dir: Path, checkpoint: Path | None = None, save: Path | None = None) -> dict:
     """Rebuild the trainable parameters of `run_dir` at its newest checkpoint (or `checkpoint`)
     from the base model and replay.jsonl; compare them with the checkpoint's."""
-    from adazeta import checkpoint as ckpt
-    from adazeta.build import build_run
     from adazeta.config import Optimizer
+    from adazeta.engine import checkpoint as ckpt
+    from adazeta.engine.build import build_run
 
     cfg = run_config(run_dir)
     if cfg.method.optimizer != Optimizer.zo:

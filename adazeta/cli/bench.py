@@ -2,10 +2,10 @@
 inference, how step time scales, parallel against sequential queries, and the memory planner's
 check on a real model. Prints markdown tables, the machine on top.
 
-    python scripts/benchmark.py                                        # MiniLM, every table
-    python scripts/benchmark.py --model smollm2-135m --tables speed,memory --qs 1,4
-    python scripts/benchmark.py --model tiny-llama --quick             # seconds: a smoke test
-    python scripts/benchmark.py --tables parallel --parallel-batches 1,4,16,32,64
+    adazeta-bench                                        # MiniLM, every table
+    adazeta-bench --model smollm2-135m --tables speed,memory --qs 1,4
+    adazeta-bench --model tiny-llama --quick             # seconds: a smoke test
+    adazeta-bench --tables parallel --parallel-batches 1,4,16,32,64
     make bench                                                          # MiniLM, then SmolLM2-135M
 
 Tables (`--tables`, comma-separated; default: all of them):
@@ -21,10 +21,10 @@ Tables (`--tables`, comma-separated; default: all of them):
 - memory: per method, in fresh processes: (1) the real entrypoint, `adazeta-train`, on a batch
   of exactly batch x seq-len tokens, its summary.json's training peak over inference peak (CPU:
   the process's resident set, Python and libraries included); (2) the same step measured as the
-  planner does (adazeta/planner.py): peaks above the resident set before the model was built.
+  planner does (adazeta/cli/plan.py): peaks above the resident set before the model was built.
 - scaling: step time of adazeta and mezo against batch size, sequence length, Q and model size
   (random-weight Llama architectures of growing width and depth).
-- parallel: `zo.parallel_queries=true` (batched replicas, adazeta/parallel.py) against sequential
+- parallel: `zo.parallel_queries=true` (batched replicas, adazeta/zo/parallel.py) against sequential
   queries, Q = 8, at several batch sizes: where batching the 2Q forwards pays, and where it stops.
   `bare tokens/s` is the forward throughput at each batch's size; `ceiling` is the sequential step
   over 2Q x rows x tokens at the table's best throughput: the most any batching could gain.
@@ -65,9 +65,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from adazeta import planner  # noqa: E402
-from adazeta.build import build_run  # noqa: E402
+from adazeta.cli import plan as planner  # noqa: E402
 from adazeta.config import Optimizer, compose_config  # noqa: E402
+from adazeta.engine.build import build_run  # noqa: E402
 from adazeta.objectives import Objective  # noqa: E402
 from adazeta.tasks import Example  # noqa: E402
 
@@ -148,7 +148,7 @@ class Bench:
 
     def tokens_per_forward(self, q: int) -> int:
         """Run a step and return the most tokens one forward of the model took in it: a step of
-        parallel queries stacks replicas of the batch into each forward (adazeta/parallel.py)."""
+        parallel queries stacks replicas of the batch into each forward (adazeta/zo/parallel.py)."""
         seen = []
 
         def hook(module, args, kwargs):
@@ -174,7 +174,7 @@ class Bench:
 
 
 def setup(model: str, method: str, overrides: list[str]) -> Bench:
-    """`method` on `model`, built as adazeta-train builds it (adazeta/build.py); `overrides` are
+    """`method` on `model`, built as adazeta-train builds it (adazeta/engine/build.py); `overrides` are
     Hydra overrides (`zo.*` ones included)."""
     cfg = compose_config([f"method={method}", f"model={model}", *overrides])
     run = build_run(cfg)
@@ -284,7 +284,7 @@ def write_data(folder: Path, n: int, seq_len: int) -> None:
 
 
 def trainer_run(method: str, args, tmp: Path) -> dict:
-    """`python -m adazeta.train` on exactly batch x seq-len tokens; its summary.json."""
+    """`python -m adazeta.cli.train` on exactly batch x seq-len tokens; its summary.json."""
     run_dir = tmp / f"run_{method}"
     overrides = [
         f"method={method}", f"model={args.model}", f"train.max_steps={args.mem_steps}",
@@ -295,7 +295,7 @@ def trainer_run(method: str, args, tmp: Path) -> dict:
         f"task.num_test={args.batch_size}", f"model.max_length={args.seq_len}", f"hydra.run.dir={run_dir}",
         *args.overrides,
     ]
-    proc = subprocess.run([sys.executable, "-m", "adazeta.train", *overrides], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "adazeta.cli.train", *overrides], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"adazeta-train {method} failed:\n{proc.stderr[-3000:]}")
     return json.loads((run_dir / "summary.json").read_text())
@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("adazeta.tasks").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar among the tables
     print(machine_line(), flush=True)
-    print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}\n", flush=True)
+    print(f"command: adazeta-bench {' '.join(sys.argv[1:] if argv is None else argv)}\n", flush=True)
     builders = {"speed": speed_table, "memory": memory_table, "scaling": scaling_table,
                 "parallel": parallel_table, "planner": planner_table, "peer": peer_table}
     titles = {"speed": f"Step time over bare forwards: {args.model}",

@@ -9,14 +9,14 @@ The key of a draw is (run seed, step, query, unit, position):
 
 (MeZO's seed trick, arXiv 2305.17333, Algorithm 1: z is regenerated from its seed, never stored).
 A unit is a trainable tensor, or for grouped adapter/LoRA sets a flat buffer whose key is its first
-tensor's index (adazeta/zo.py). Every path that needs z reads it through a `Stream`: a whole unit
+tensor's index (adazeta/zo/spsa.py). Every path that needs z reads it through a `Stream`: a whole unit
 at once (`SPSA.z`, the parallel replicas, the in-forward perturbation of a small module), in
 cache-sized chunks (`SPSA.run_lane`, the passes over the weights), or in row blocks (the
-in-forward perturbation of a large weight, adazeta/sparse.py). Reading a unit in pieces gives the
+in-forward perturbation of a large weight, adazeta/zo/sparse.py). Reading a unit in pieces gives the
 values one read gives when every piece but the last holds a multiple of 16 values, on a device
 where `chunks_exact` holds (torch's CPU kernels); that is why `chunk_bounds` and sparse.py's
 `row_blocks` cut as they do, and why a unit elsewhere is read whole. So the estimators, the sparse
-masks and the replays of other ranks' perturbations (adazeta/distributed.py) agree bit for bit by
+masks and the replays of other ranks' perturbations (adazeta/engine/distributed.py) agree bit for bit by
 construction: they read the same stream.
 """
 

@@ -14,7 +14,7 @@ The lock: `fcntl.flock` on <run>/.run.lock, which also holds the pid of the proc
 The kernel drops a flock when its process ends, however it ends (SIGKILL included), so a lock is
 never stale; the file itself stays.
 
-Single runs are checked by a Hydra callback (`RunFolderCheck`, added by adazeta/train.py) before
+Single runs are checked by a Hydra callback (`RunFolderCheck`, added by adazeta/cli/train.py) before
 Hydra writes its config copy and log into the folder, so a refused run changes nothing in it; the
 loop claims the folder again (sweep jobs, `train.resume=auto`, in-process callers). This module
 imports no torch: the callback runs before every run.
@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from adazeta.errors import AdazetaError, RunFolderError
 
 LOCK = ".run.lock"
-# What a run writes into its folder (adazeta/loop.py, checkpoint.py, loggers.py, replay.py).
+# What a run writes into its folder (adazeta/engine/loop.py, checkpoint.py, loggers.py, replay.py).
 RUN_FILES = (
     "metrics.jsonl", "replay.jsonl", "summary.json", "checkpoints", "best_trainable.safetensors",
     "config.yaml", "metrics_rolled_back.jsonl", "resumed_from.txt", "wandb",
@@ -166,7 +166,7 @@ class RunFolderCheck(Callback):
                 return
             resumed = resumed_run(resume)
             if resumed is not None and same(resumed, run_dir) and run_files(run_dir):
-                from adazeta.checkpoint import find  # imports torch: only to resume in place
+                from adazeta.engine.checkpoint import find  # imports torch: only to resume in place
 
                 in_use(run_dir)
                 find(resume, config, run_dir)  # reads every file of the checkpoint, writes nothing

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from adazeta.errors import ConfigError
-from adazeta.tt import TTLinear
-from adazeta.zo import SPSA
+from adazeta.trainable.tt import TTLinear
+from adazeta.zo.spsa import SPSA
 
 # Automatic chunking (zo.max_replicas=null): replicated activations may take at most this
 # fraction of the free memory ...
@@ -64,7 +64,7 @@ def available_bytes(device: torch.device) -> int | None:
 
 class ParallelQueries:
     """estimate(loss_fn, seeds) -> [Q, 2] float64 of (g_q, (L+ + L-) / 2), like the sequential
-    estimator (adazeta/estimators.py), from batched forwards over per-replica trainable weights.
+    estimator (adazeta/zo/estimators.py), from batched forwards over per-replica trainable weights.
 
     `loss_fn` must offer `replicated(r)` (the r per-replica mean losses of the batch repeated r
     times: `adazeta.objectives.BatchLoss`); `replica_bytes()`, if it has one, drives the

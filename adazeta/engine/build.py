@@ -1,13 +1,13 @@
 """The one build path: a composed config -> task -> model -> objective -> method, as a `Run`.
 
     from adazeta.config import compose_config
-    from adazeta.build import build_run
+    from adazeta.engine.build import build_run
     run = build_run(compose_config(["method=mezo", "model=tiny-llama"]))
     run.method.step(run.objective.batch_loss(run.method.model, batch), step=1, q=1)
 
 Everything that needs a run's objects builds them here, and nowhere else: the training loop
-(adazeta/loop.py), `adazeta-replay` (which must rebuild a run's starting weights bit for bit), the
-memory planner (adazeta/planner.py), scripts/benchmark.py and the tests. The order of the calls is
+(adazeta/engine/loop.py), `adazeta-replay` (which must rebuild a run's starting weights bit for bit), the
+memory planner (adazeta/cli/plan.py), adazeta/cli/bench.py and the tests. The order of the calls is
 part of the contract: random-init weights, a new head and adapters draw from the global RNG, which
 is seeded with `cfg.seed` first.
 """
@@ -22,14 +22,20 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from adazeta import distributed
 from adazeta.config import Head, HeadInit
-from adazeta.memory import device_peaks_gib, in_use_gib, make_resident, model_devices, reset_peak
+from adazeta.engine import distributed
+from adazeta.engine.memory import (
+    device_peaks_gib,
+    in_use_gib,
+    make_resident,
+    model_devices,
+    reset_peak,
+)
 from adazeta.methods import Method, build_method
-from adazeta.models import classification_head, load_model, prompt_init_head, resolve_device
+from adazeta.models.load import classification_head, load_model, prompt_init_head, resolve_device
 from adazeta.objectives import Objective
-from adazeta.schedules import QuerySchedule
 from adazeta.tasks import Example, Splits, Task, build_task
+from adazeta.zo.schedules import QuerySchedule
 
 log = logging.getLogger("adazeta")
 

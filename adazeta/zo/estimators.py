@@ -4,17 +4,17 @@ built and never swapped afterwards.
 An estimator is called as `estimate(loss_fn, seeds, defer_restore=False)` and returns a float64
 tensor [Q, 2] of (g_q, (L+ + L-) / 2) per query, with g_q = (L(theta + eps z_q) - L(theta - eps z_q))
 / (2 eps) (two-sided SPSA; MeZO, arXiv 2305.17333, eq. 2), z_q read from the noise stream
-(adazeta/noise.py). It returns only scalars, so the update that follows does not depend on how the
+(adazeta/zo/noise.py). It returns only scalars, so the update that follows does not depend on how the
 losses were evaluated:
 
 - `Sequential` (here): one query after another, perturbing the weights in place (+eps z, -2 eps z,
   +eps z); the default.
-- `InForwardPerturbation` (adazeta/sparse.py): each module's trainables perturbed inside its own
+- `InForwardPerturbation` (adazeta/zo/sparse.py): each module's trainables perturbed inside its own
   forward, the weights never written (Sparse-MeZO's memory-efficient form; any full-parameter set
   of bf16/fp16 weights).
-- `ParallelQueries` (adazeta/parallel.py): the 2Q perturbed forwards as batched forwards over
+- `ParallelQueries` (adazeta/zo/parallel.py): the 2Q perturbed forwards as batched forwards over
   replicas of the batch (`zo.parallel_queries=true`).
-- `Sharded` (adazeta/distributed.py): wraps one of the above and shares its queries (or the batch)
+- `Sharded` (adazeta/engine/distributed.py): wraps one of the above and shares its queries (or the batch)
   across torchrun ranks.
 
 Two attributes tell the step what an estimator does to the weights: `writes_weights` (it perturbs
@@ -35,10 +35,10 @@ from typing import Protocol
 import torch
 
 from adazeta.config import MethodConfig, ZOConfig
-from adazeta.distributed import Dist, Sharded
-from adazeta.parallel import ParallelQueries, check_parallel
-from adazeta.sparse import InForwardPerturbation
-from adazeta.zo import SPSA
+from adazeta.engine.distributed import Dist, Sharded
+from adazeta.zo.parallel import ParallelQueries, check_parallel
+from adazeta.zo.sparse import InForwardPerturbation
+from adazeta.zo.spsa import SPSA
 
 LossFn = Callable[[], torch.Tensor]
 

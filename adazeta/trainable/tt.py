@@ -178,7 +178,7 @@ class TTLinear(nn.Module):
 
         ``cores`` (default: this layer's own) may carry leading replica dimensions, e.g.
         (R, r_{k-1}, n_k, r_k) per core: then A is (R, d_in, r_M) and B (R, r_M, d_out), one pair
-        per replica (parallel queries, ``adazeta.parallel``). A loop over the (few) modes, never
+        per replica (parallel queries, ``adazeta.zo.parallel``). A loop over the (few) modes, never
         over the batch: each step is one small (batched) matmul.
         """
         return tt_factors(list(self.cores) if cores is None else cores, len(self.in_modes))

@@ -4,7 +4,7 @@
     adazeta-compare outputs/runs/run_a outputs/runs/run_b -o compare/ --band std
 
 Each FOLDER is a run folder, a multirun folder or any parent of them: every folder below it that
-holds both `summary.json` and `metrics.jsonl` (what `adazeta-train` writes, see adazeta/loop.py)
+holds both `summary.json` and `metrics.jsonl` (what `adazeta-train` writes, see adazeta/engine/loop.py)
 is a run. Runs are grouped by method, or by method/task/model when several tasks or models are
 present; the seeds of a group are averaged.
 

@@ -49,7 +49,6 @@ import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
-from adazeta.noise import chunk_bounds, query_seed, tensor_seed
 from adazeta.step import (
     GROUPED_SETS,
     Guard,
@@ -60,8 +59,9 @@ from adazeta.step import (
     check_update_fits,
     weight_norm,
 )
-from adazeta.updates import UpdateRule
-from adazeta.zo import Trainable, group_trainables
+from adazeta.zo.noise import chunk_bounds, query_seed, tensor_seed
+from adazeta.zo.spsa import Trainable, group_trainables
+from adazeta.zo.updates import UpdateRule
 
 # The trainable sets FZOO composes with (the paper: full parameters, LoRA and prefix tuning).
 FZOO_SETS = (TrainableSet.full, *GROUPED_SETS)

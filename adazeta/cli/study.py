@@ -39,10 +39,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from adazeta.compare import Run, mean_band, read_run
+from adazeta.cli.compare import Run, mean_band, read_run
+from adazeta.config import CONF_DIR
 from adazeta.errors import AdazetaError, ConfigError
 
-STUDY_DIR = (Path(__file__).resolve().parent / "conf" / "study").resolve()  # shipped with the package, as config.CONF_DIR
+STUDY_DIR = (Path(CONF_DIR) / "study").resolve()  # shipped with the package
 ZERO_SHOT = "zero-shot"
 ROLES = ("floor", "search", "seed", "ceiling", "long")
 
@@ -227,7 +228,7 @@ def execute(run: RunSpec, log_dir: Path) -> tuple[bool, float]:
         print(f"  moved the unfinished {run.folder} to {aside}", file=sys.stderr)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{run.setting}_{run.label}_{run.folder.name}.log"
-    cmd = [sys.executable, "-m", "adazeta.train", *run.overrides, "train.progress=false", f"hydra.run.dir={run.folder}"]
+    cmd = [sys.executable, "-m", "adazeta.cli.train", *run.overrides, "train.progress=false", f"hydra.run.dir={run.folder}"]
     t0 = time.perf_counter()
     with log_path.open("w") as log:
         log.write(" ".join(cmd) + "\n")

@@ -36,9 +36,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from adazeta.engine.guard import Guard, get_lr, set_lr
 from adazeta.errors import CheckpointError
-from adazeta.guard import Guard, get_lr, set_lr
-from adazeta.zo import Trainable
+from adazeta.zo.spsa import Trainable
 
 log = logging.getLogger("adazeta")
 FORMAT = 1
@@ -305,7 +305,7 @@ class Checkpointer:
         tmp = self.root / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        # Copies: trainables and rule state may be views of one flat buffer per group (adazeta/zo.py),
+        # Copies: trainables and rule state may be views of one flat buffer per group (adazeta/zo/spsa.py),
         # and safetensors refuses tensors that share memory.
         trainables = {t.name: t.param.detach().to("cpu", copy=True) for t in self.method.trainables}
         opt_tensors, opt_scalars = optimizer_state(self.method.step)

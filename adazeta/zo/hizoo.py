@@ -4,7 +4,7 @@ Zhao, Dang, Ye, Dai, Qian, Tsang, "Second-Order Fine-Tuning without Pain for LLM
 Informed Zeroth-Order Optimizer" (arXiv 2402.15173, ICLR 2025); public code Yanjun-Zhao/HiZOO
 (trainer.py: `zo_Hessian_step_update`, `efficient_Hessian_perturb_parameters`). Sigma has the shape
 of the trainable set and starts at ones. Per step, on one batch, with z_q ~ N(0, I) read from the
-noise stream (adazeta/noise.py) for query seed s_q, and D = Sigma^(-1/2) elementwise:
+noise stream (adazeta/zo/noise.py) for query seed s_q, and D = Sigma^(-1/2) elementwise:
 
     L0   = L(theta)                                                       (1 forward)
     L+_q = L(theta + eps D z_q),   L-_q = L(theta - eps D z_q)            (2 forwards per query)
@@ -39,7 +39,7 @@ Deviations from the reference code, all deliberate:
   forward passes, not 2Q + 2.
 - Weight decay is skipped for biases and norm weights (DESIGN.md 2.1, as every ZO method here);
   the code decays every tensor. Its default weight decay is 0, where the two agree.
-- z comes from the run's noise stream, keyed by (seed, step, query, tensor) (adazeta/noise.py), not
+- z comes from the run's noise stream, keyed by (seed, step, query, tensor) (adazeta/zo/noise.py), not
   torch.manual_seed(np.random.randint(...)): the same seed gives MeZO's z here (`ZOStep`), and a
   resumed run draws the z it would have drawn.
 - The moving average is written as Sigma <- Sigma + Sigma * alpha (mean_q h_q z_q^2 - 1), which
@@ -71,7 +71,6 @@ import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
-from adazeta.noise import Stream, query_seed
 from adazeta.step import (
     GROUPED_SETS,
     StepResult,
@@ -79,7 +78,8 @@ from adazeta.step import (
     check_update_fits,
     weight_norm,
 )
-from adazeta.zo import SPSA, Trainable
+from adazeta.zo.noise import Stream, query_seed
+from adazeta.zo.spsa import SPSA, Trainable
 
 LossFn = Callable[[], torch.Tensor]
 # The trainable sets HiZOO composes with (the paper: full parameters, LoRA and prefix tuning).

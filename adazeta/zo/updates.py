@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from adazeta.zo import LOW_PRECISION, SPSA, rounding_seed
+from adazeta.zo.spsa import LOW_PRECISION, SPSA, rounding_seed
 
 
 class UpdateRule:

@@ -15,7 +15,7 @@ with d = 1 - lr wd (1 where weight decay is skipped) and the weights at theta - 
 
 one regeneration of z fewer per step (3 instead of 4 passes over the weights for Q = 1).
 
-Each tensor i reads its z from its own stream, keyed by tensor_seed(s_q, i) (adazeta/noise.py, the
+Each tensor i reads its z from its own stream, keyed by tensor_seed(s_q, i) (adazeta/zo/noise.py, the
 one place z is drawn), so that one tensor's noise can be regenerated without the others' (per-layer
 perturbation inside a forward, per-tensor updates).
 Adapter and LoRA sets (SPSA(group=True), set by ZOStep) are the exception: their tensors are views
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adazeta.noise import (  # noqa: F401  (query_seed, tensor_seed: re-exported, the seeds' old home)
+from adazeta.zo.noise import (  # noqa: F401  (query_seed, tensor_seed: re-exported, the seeds' old home)
     CHUNK,
     Stream,
     chunk_bounds,
@@ -156,7 +156,7 @@ class SPSA:
     """Two-sided SPSA over a fixed, ordered list of trainable tensors.
 
     A pass over the weights (perturb, update) adds to each tensor its z, read from the noise stream
-    (adazeta/noise.py: a generator seeded by tensor_seed(seed, index), never the global RNG). Without a mask, or
+    (adazeta/zo/noise.py: a generator seeded by tensor_seed(seed, index), never the global RNG). Without a mask, or
     with one that is computed chunk by chunk (Sparse-MeZO's magnitude mask), z is drawn in
     cache-sized chunks and never exists whole; the tensors are dealt to `workers` threads
     (torch's normal_ is single-threaded; each tensor's z depends only on its own seed, so the
@@ -165,7 +165,7 @@ class SPSA:
     `displaced` records where the weights sit relative to theta: {seed: s} for theta + s eps z(seed)
     (every in-place write goes through `perturb`); `restore()` brings them back. `on_perturb(seed,
     scale)`, given at construction, is told of every such write (the step's record of what its
-    estimate wrote, which the replay log keeps: adazeta/replay.py).
+    estimate wrote, which the replay log keeps: adazeta/cli/replay.py).
     """
 
     def __init__(

@@ -4,7 +4,7 @@ Adapter (AdaZeta, arXiv 2406.18060: a Houlsby-style bottleneck whose layers are 
 
     A(x) = U(ReLU(D(x))),   adapter(x) = x + scale * A(x)
 
-with D = TTLinear(dim -> bottleneck) and U = TTLinear(bottleneck -> dim) (see ``adazeta.tt``).
+with D = TTLinear(dim -> bottleneck) and U = TTLinear(bottleneck -> dim) (see ``adazeta.trainable.tt``).
 
 Injection works like peft: walk ``named_modules()``, match qualified names against per-family regex
 rules, and replace each matched Linear (or GPT-2 Conv1D) by an ``AdaptedLinear`` that keeps the
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adazeta.tt import TTLinear
+from adazeta.trainable.tt import TTLinear
 
 __all__ = [
     "ATTENTION_TARGETS",

@@ -15,7 +15,7 @@ default), measures the peak memory of a training step of each in a fresh process
 peak = a + b x layers and reads the line at the model's full depth. `--check` measures more depths
 and reports the line's error there: run it with the largest depths that fit your machine.
 
-Memory is measured as the trainer measures it (adazeta/memory.py): torch.cuda.max_memory_allocated
+Memory is measured as the trainer measures it (adazeta/engine/memory.py): torch.cuda.max_memory_allocated
 on CUDA; on CPU the peak resident set (VmHWM), minus the resident set just before the model is
 built, so that the Python runtime and libraries do not count. Two things make the CPU figure
 follow the live tensors, as a GPU allocator's counter does: every weight is read once after
@@ -28,11 +28,11 @@ into the model's vocabulary: with random weights only the shapes matter.
 
 A CUDA target measured on a CPU: some buffers exist on CUDA only, because the CPU paths that avoid
 them need `normal_` drawn chunk by chunk to equal one draw over the tensor, which holds for torch's
-CPU kernels only (adazeta/zo.py `chunks_exact`). On CUDA every pass over the weights draws each
+CPU kernels only (adazeta/zo/spsa.py `chunks_exact`). On CUDA every pass over the weights draws each
 tensor's z whole into one scratch buffer (the largest trainable tensor of each dtype: 250 MiB for
 Llama-2-7B's bf16 embedding), masked passes keep two bools per value of that tensor, and
 Sparse-MeZO's in-forward perturbation copies each module's weights whole with two bool masks
-(adazeta/sparse.py: no module is `blockable`). The measurement reports what the CPU run held of each
+(adazeta/zo/sparse.py: no module is `blockable`). The measurement reports what the CPU run held of each
 buffer; the plan adds the CUDA size minus that (`--target-device`, default: where `model.device`
 runs, CUDA for model.device=auto) and prints both. A measurement on CUDA sees these buffers itself,
 and also reports the allocator's reserved memory (`torch.cuda.max_memory_reserved`), which a CPU
@@ -44,7 +44,7 @@ width takes minutes. The planner then measures in float32 and converts each meas
     peak(bf16) = kept + (2 / 4) x (peak(fp32) - kept)
 
 where `kept` are the parameters that a bf16 run keeps in float32 (the TT adapters, peft LoRA
-weights, a new classification head; adazeta/adapters.py, adazeta/lora.py, adazeta/models.py).
+weights, a new classification head; adazeta/trainable/tt_adapters.py, adazeta/trainable/lora.py, adazeta/models/load.py).
 Everything else is assumed to take the base dtype: base weights, SPSA's z buffer (the dtype of the
 tensor it perturbs), gradients and Adam moments of base weights, and activations. RMSNorm and
 softmax compute in fp32 internally, but on hidden-size tensors far smaller than the FFN's
@@ -210,7 +210,7 @@ def architecture(model_cfg) -> dict:
 
     from adazeta.config import Init
     from adazeta.errors import ConfigError
-    from adazeta.models import resolve_path
+    from adazeta.models.load import resolve_path
 
     if model_cfg.arch and "model_type" in model_cfg.arch:
         return OmegaConf.to_container(model_cfg.arch, resolve=True)
@@ -242,7 +242,7 @@ def plan_batch(cfg, arch: dict, seq_len: int | None):
     from transformers import AutoConfig
 
     from adazeta.config import Init
-    from adazeta.models import load_tokenizer, pick_head, resolve_path
+    from adazeta.models.load import load_tokenizer, pick_head, resolve_path
     from adazeta.objectives import Objective
     from adazeta.tasks import Example, build_task
 
@@ -291,11 +291,12 @@ def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
     import torch
 
     from adazeta.methods import ZOStep
-    from adazeta.sparse import InForwardPerturbation
-    from adazeta.zo import CHUNK
+    from adazeta.zo.hizoo import HiZOOStep
+    from adazeta.zo.sparse import InForwardPerturbation
+    from adazeta.zo.spsa import CHUNK
 
     step = method.step
-    if type(step).__name__ == "HiZOOStep":  # issue 17 (adazeta/hizoo.py)
+    if isinstance(step, HiZOOStep):
         return hizoo_cuda_terms(step, target_dtype)
     if not isinstance(step, ZOStep):
         return []
@@ -359,7 +360,7 @@ def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
 
 
 def hizoo_cuda_terms(step, target_dtype: str) -> list[CudaTerm]:
-    """HiZOO on CUDA (adazeta/hizoo.py `HiZOOStep.add`): without `chunks_exact` every unit's z is
+    """HiZOO on CUDA (adazeta/zo/hizoo.py `HiZOOStep.add`): without `chunks_exact` every unit's z is
     read whole, into a scratch of Q + 1 rows (each query's z and Sigma^(-1/2)) the size of the
     largest trainable tensor, Q = 1 as the planner measures; on CPU the rows are chunks. Sigma
     itself, one copy of the trainable set, is allocated alike on both devices and measured."""
@@ -372,15 +373,15 @@ def hizoo_cuda_terms(step, target_dtype: str) -> list[CudaTerm]:
 
 
 def measure_here(spec: dict) -> dict:
-    """Build the run of `spec` (adazeta/build.py: one inference forward on the saved batch), run
+    """Build the run of `spec` (adazeta/engine/build.py: one inference forward on the saved batch), run
     `spec["steps"]` training steps on that batch, and return the peaks above the memory in use
     before the model was built."""
     import torch
     from omegaconf import open_dict
 
-    from adazeta.build import build_run
-    from adazeta.memory import peak_gib, reset_peak
-    from adazeta.models import resolve_device
+    from adazeta.engine.build import build_run
+    from adazeta.engine.memory import peak_gib, reset_peak
+    from adazeta.models.load import resolve_device
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -446,7 +447,7 @@ def measure(spec: dict, timeout: float | None = None) -> Measurement:
         # own, and the resident set follows the live tensors as a GPU allocator's counter would.
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-        proc = subprocess.run([sys.executable, "-m", "adazeta.planner", "--child", f.name],
+        proc = subprocess.run([sys.executable, "-m", "adazeta.cli.plan", "--child", f.name],
                               capture_output=True, text=True, timeout=timeout, env=env)
     finally:
         os.unlink(f.name)
@@ -466,7 +467,7 @@ def own_tokenizer(model_cfg, log=print) -> str:
     when online), else the packaged MiniLM one, with a note: token counts set the batch's length."""
     from transformers import AutoTokenizer
 
-    from adazeta.models import resolve_path
+    from adazeta.models.load import resolve_path
 
     try:
         AutoTokenizer.from_pretrained(resolve_path(model_cfg.path), trust_remote_code=model_cfg.trust_remote_code)
@@ -480,7 +481,7 @@ def own_tokenizer(model_cfg, log=print) -> str:
 def native_is_slow(device_name: str, dtype: str) -> bool:
     """Low precision on a CPU: measure in float32 and convert (module docstring). A GPU in the
     machine does not make a CPU measurement (model.device=cpu) faster."""
-    from adazeta.models import resolve_device
+    from adazeta.models.load import resolve_device
 
     return dtype != "float32" and resolve_device(device_name).type == "cpu"
 
@@ -612,7 +613,7 @@ def report(p: Plan) -> str:
                          f"{100 * (p.peak_gib - a - b * p.depth) / (a + b * p.depth):+.1f}% |")
         lines.append("")
     if p.cuda_terms:
-        lines += [f"CUDA target, measured on {p.device}: buffers only CUDA allocates (adazeta/planner.py docstring)",
+        lines += [f"CUDA target, measured on {p.device}: buffers only CUDA allocates (adazeta/cli/plan.py docstring)",
                   "", f"| term | allocated by | CUDA GiB ({p.dtype}) | held in the measurement GiB ({mdt}) | added GiB |",
                   "|---|---|---:|---:|---:|"]
         lines += [f"| {t.name} | {t.source} | {t.cuda_gib:.4f} | {t.cpu_gib:.4f} | {t.added(p.ratio):+.4f} |"

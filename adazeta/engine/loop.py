@@ -1,7 +1,7 @@
-"""The training loop behind `adazeta-train` (entrypoint: adazeta/train.py).
+"""The training loop behind `adazeta-train` (entrypoint: adazeta/cli/train.py).
 
 A run is three calls (`fit`): `start` builds it (the task, model, objective and method come from
-the one build path, adazeta/build.py; then resume, the guard, checkpoints, the replay log and the
+the one build path, adazeta/engine/build.py; then resume, the guard, checkpoints, the replay log and the
 loggers), `train` runs the steps, `finish` evaluates the best-dev weights on test and writes the
 summary. Each step draws a batch, asks the query schedule for Q, estimates Q projected gradients
 with two-sided SPSA (2Q forward passes, no autograd) and applies the update; every
@@ -9,9 +9,9 @@ with two-sided SPSA (2Q forward passes, no autograd) and applies the update; eve
 goes into its Hydra output folder; `start` closes what it opened on every exit.
 
 Reliability is a few named calls: the divergence guard checks each step before its update
-(adazeta/guard.py); checkpoints are saved every `train.save_steps` and restored by `train.resume`
-(adazeta/checkpoint.py); SIGINT/SIGTERM stop the run after the current step with a checkpoint
-(adazeta/interrupt.py); ZO steps are appended to a replay log (adazeta/replay.py).
+(adazeta/engine/guard.py); checkpoints are saved every `train.save_steps` and restored by `train.resume`
+(adazeta/engine/checkpoint.py); SIGINT/SIGTERM stop the run after the current step with a checkpoint
+(adazeta/engine/interrupt.py); ZO steps are appended to a replay log (adazeta/cli/replay.py).
 """
 
 from __future__ import annotations
@@ -35,17 +35,17 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from adazeta import checkpoint, distributed, run_folder
-from adazeta.build import Run, build_run, to_device
+from adazeta.cli.replay import ReplayLog
 from adazeta.config import GuardAction, Optimizer, ZOObjective
+from adazeta.engine import checkpoint, distributed, run_folder
+from adazeta.engine.build import Run, build_run, to_device
+from adazeta.engine.guard import Guard, check_precision, get_lr, set_lr
+from adazeta.engine.interrupt import interruption, resume_command
+from adazeta.engine.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
+from adazeta.engine.memory import device_peaks_gib, get_memory_stats, reset_peak
 from adazeta.errors import ConfigError, DivergenceError, Interrupted
-from adazeta.guard import Guard, check_precision, get_lr, set_lr
-from adazeta.interrupt import interruption, resume_command
-from adazeta.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
-from adazeta.memory import device_peaks_gib, get_memory_stats, reset_peak
-from adazeta.replay import ReplayLog
 from adazeta.tasks import Example
-from adazeta.zo import Trainable
+from adazeta.zo.spsa import Trainable
 
 log = logging.getLogger("adazeta")
 
@@ -86,7 +86,7 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path:
 def claim(cfg: DictConfig, run_dir: Path) -> Path | None:
     """Hold the run folder and return the checkpoint to resume from (None: a fresh start). A
     folder that another process runs in, or that holds a run other than the one resumed in place,
-    is refused before anything is written into it (adazeta/run_folder.py)."""
+    is refused before anything is written into it (adazeta/engine/run_folder.py)."""
     run_folder.in_use(run_dir)
     resume_from = find_resume(cfg, run_dir) if cfg.train.resume else None
     run_folder.claim(run_dir, resume_from.parent.parent if resume_from is not None else None)
@@ -162,7 +162,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict:
 
 @contextlib.contextmanager
 def start(cfg: DictConfig, run_dir: Path) -> Iterator[Training]:
-    """Build the run (adazeta/build.py) and what trains it: the guard, the checkpointer (restoring
+    """Build the run (adazeta/engine/build.py) and what trains it: the guard, the checkpointer (restoring
     `train.resume`), the replay log, the loggers and the progress bar. On every exit (the end, an
     error, a divergence, an interruption) the replay log, the loggers and the bar are closed."""
     t_start = time.perf_counter()

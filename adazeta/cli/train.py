@@ -6,7 +6,7 @@
     adazeta-train --cfg job                               # print the composed config
 
 This module stays light (no torch, no transformers) so that config errors and `--cfg` answer at
-once; the loop lives in adazeta/loop.py and is imported when a run starts.
+once; the loop lives in adazeta/engine/loop.py and is imported when a run starts.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         validate(cfg, list(HydraConfig.get().overrides.task))  # ranges, before torch and the model are loaded
-        from adazeta.loop import run
+        from adazeta.engine.loop import run
 
         summary = run(cfg, run_dir)
     except Interrupted as e:  # SIGINT/SIGTERM: a checkpoint is saved; the whole sweep stops too
@@ -82,12 +82,12 @@ NON_MAIN_RANK_OVERRIDES = [
     "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
 ]
 # A single run's folder is claimed before Hydra writes its config copy and log into it: a folder
-# that holds another run, or that another process runs in, is refused untouched (adazeta/run_folder.py).
-RUN_FOLDER_CHECK = "+hydra.callbacks.run_folder._target_=adazeta.run_folder.RunFolderCheck"
+# that holds another run, or that another process runs in, is refused untouched (adazeta/engine/run_folder.py).
+RUN_FOLDER_CHECK = "+hydra.callbacks.run_folder._target_=adazeta.engine.run_folder.RunFolderCheck"
 
 
 def main() -> None:
-    """The console script: `adazeta-train`, `python -m adazeta.train`, or under torchrun."""
+    """The console script: `adazeta-train`, `python -m adazeta.cli.train`, or under torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if "-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]:
             sys.exit("error: torchrun runs one job across processes; sweep with -m outside torchrun "

@@ -1,0 +1,1 @@
+"""The command-line tools: adazeta-train, -replay, -compare, -plan, -study, -bench."""

@@ -1,0 +1,1 @@
+"""The engine behind every run: build, loop, checkpoint and resume, guard, distributed, memory, logging."""

@@ -1,0 +1,1 @@
+"""Loading models and their tokenizers, and the family tables."""

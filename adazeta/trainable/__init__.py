@@ -1,0 +1,1 @@
+"""Trainable sets: which tensors a method moves (full, TT adapters, LoRA, prefixes)."""
