@@ -107,8 +107,8 @@ def grid_points(grid: DictConfig | None) -> list[dict[str, object]]:
 
 def passes_per_step(overrides: list[str], max_steps: int) -> list[int]:
     """Forward passes at each step of a run composed from `overrides`: 2Q from its own query
-    schedule for a ZO method (method.fzoo_n x Q + 1 for FZOO, 2Q + 1 for HiZOO: L(theta) as well), 1 (a forward and a backward) for a
-    first-order one, as the loop counts."""
+    schedule for a ZO method (method.fzoo_n x Q + 1 for FZOO, 2Q + 1 for HiZOO: L(theta) as well),
+    1 (a forward and a backward) for a first-order one, as the loop counts."""
     from hydra.utils import instantiate
 
     from adazeta.config import Optimizer, compose_config
