@@ -75,7 +75,7 @@ def test_prediction_adds_the_terms_beside_the_converted_line():
     held of a buffer, so a term adds its CUDA size minus half the CPU one."""
     one, m = (Measurement(layers=n, dtype="float32", peak_gib=1.0 + n, inference_gib=2.0, weights_gib=2.0,
                           kept_gib=0.0, params=0, trainable_params=0, step_s=0.0,
-                          cuda_terms=[{"name": "z scratch: x", "source": "zo.py", "cuda_gib": 0.25, "cpu_gib": 0.1}])
+                          cuda_terms=[{"name": "z scratch: x", "source": "zo/spsa.py", "cuda_gib": 0.25, "cpu_gib": 0.1}])
               for n in (1, 2))
     assert isinstance(m.cuda_terms[0], CudaTerm)  # as read back from a child's JSON
     p = planner.Plan(model="m", method="mezo", depth=32, dtype="bfloat16", measured_dtype="float32", device="cpu",
@@ -84,7 +84,7 @@ def test_prediction_adds_the_terms_beside_the_converted_line():
     assert p.added_gib == pytest.approx(0.25 - 0.05)
     assert p.peak_gib == pytest.approx(1.0 + 0.5 * 32 + 0.20)
     text = planner.report(p)
-    assert "| z scratch: x | zo.py | 0.2500 | 0.1000 | +0.2000 |" in text
+    assert "| z scratch: x | zo/spsa.py | 0.2500 | 0.1000 | +0.2000 |" in text
     assert "= line 17.00 + CUDA terms 0.20" in text and "reserves more" in text
     assert "| mezo | bfloat16 | cuda | 17.20 | 0.20 |" in planner.summary_table([p])
 

@@ -310,7 +310,7 @@ def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
         bufs = [b for b in buffers if kind is None or (b.dtype == torch.bool) == (kind == "bool")]
         return sum(b.numel() * b.element_size() for b in bufs) / GIB
 
-    # Per dtype, the largest trainable tensor: on CUDA chunks_exact is False (zo.py), so SPSA.bounds
+    # Per dtype, the largest trainable tensor: on CUDA chunks_exact is False (zo/spsa.py), so SPSA.bounds
     # are all None and run_lane draws every tensor's z whole through SPSA.z into `SPSA.scratch`,
     # one buffer per (device, dtype) grown to the largest tensor drawn.
     largest: dict[str, tuple[int, str]] = {}
@@ -320,14 +320,14 @@ def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
     lanes = [b for lane in spsa.lanes for b in lane.buffers.values()]
     names = ", ".join(f"{n} ({numel:,} {d})" for d, (numel, n) in largest.items())
     terms = [CudaTerm(
-        f"z scratch: the largest trainable tensor per dtype, {names}", "zo.py SPSA.z (run_lane, whole tensors)",
+        f"z scratch: the largest trainable tensor per dtype, {names}", "zo/spsa.py SPSA.z (run_lane, whole tensors)",
         sum(numel * DTYPE_BYTES[d] for d, (numel, _) in largest.items()) / GIB,
         held(spsa.scratch.values()) + held(lanes, "float"))]
     top = max(numel for numel, _ in largest.values())
     if magnitude:
         # run_lane's whole-tensor branch computes the magnitude mask into lane.buffer(p, 2n, bool).
         terms.append(CudaTerm(
-            "update mask: 2 bools per value of the largest tensor", "zo.py run_lane (mask.chunk into lane.buffer)",
+            "update mask: 2 bools per value of the largest tensor", "zo/spsa.py run_lane (mask.chunk into lane.buffer)",
             max(2 * top, 2 * CHUNK) / GIB, held(lanes, "bool")))
     if isinstance(step.estimator, InForwardPerturbation):
         # No module is `blockable` on CUDA (it needs chunks_exact): pre_hook -> perturbed_copy
@@ -348,13 +348,13 @@ def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
 
         walk(method.model, {})
         terms.append(CudaTerm(
-            "perturbed copy: the largest module's trainable weights", "sparse.py InForwardPerturbation.perturbed_copy",
+            "perturbed copy: the largest module's trainable weights", "zo/sparse.py InForwardPerturbation.perturbed_copy",
             sum(n * DTYPE_BYTES[d] for d, n in stacked.items()) / GIB, held(step.estimator.work.values())))
         if magnitude:
             # SPSA.z -> SparseMask.__call__ -> compute(out=scratch(w, 1)) -> within(..., scratch(w)):
             # two bool buffers per device, grown to the largest tensor.
             terms.append(CudaTerm(
-                "forward masks: 2 bools per value of the largest tensor", "sparse.py SparseMask.scratch (slots 0, 1)",
+                "forward masks: 2 bools per value of the largest tensor", "zo/sparse.py SparseMask.scratch (slots 0, 1)",
                 2 * top / GIB, held(mask.buffers.values())))
     return terms
 
@@ -368,7 +368,7 @@ def hizoo_cuda_terms(step, target_dtype: str) -> list[CudaTerm]:
     cpu = sum(b.numel() * b.element_size() for b in step.buffers.values()) / GIB
     return [CudaTerm(
         f"z and Sigma^(-1/2) scratch: 2 rows of the largest trainable tensor, {largest.name} "
-        f"({largest.param.numel():,} {target_dtype})", "hizoo.py HiZOOStep.add (whole tensors)",
+        f"({largest.param.numel():,} {target_dtype})", "zo/hizoo.py HiZOOStep.add (whole tensors)",
         2 * largest.param.numel() * DTYPE_BYTES[target_dtype] / GIB, cpu)]
 
 
