@@ -65,7 +65,7 @@ def completed(runs, name) -> tuple[Path, list[str]]:
 
 
 def expected_forward_passes(overrides: list[str]) -> list[int]:
-    """2 * sum of Q over steps 1..k, Q from the run's own composed schedule (bound like train.py)."""
+    """2 * sum of Q over steps 1..k, Q from the run's own composed schedule (bound like adazeta/engine/build.py binds it)."""
     cfg = job_config(compose_config(overrides))
     sched = instantiate(cfg.schedule)
     sched.bind(steps_per_epoch=max(NUM_TRAIN // BATCH, 1), max_steps=STEPS)

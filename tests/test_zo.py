@@ -88,7 +88,7 @@ def test_z_is_reproducible_and_independent_of_the_global_rng():
 
 def test_z_is_standard_normal_and_differs_between_tensors():
     """Each tensor's z is N(0, 1) from an explicit generator seeded with tensor_seed(seed, i)
-    (zo.py docstring), and two tensors of the same shape do not share noise."""
+    (adazeta/zo/spsa.py docstring), and two tensors of the same shape do not share noise."""
     a, b = nn.Parameter(torch.zeros(300, 400)), nn.Parameter(torch.zeros(300, 400))
     spsa = SPSA([Trainable("a", a, True), Trainable("b", b, True)], eps=1e-3)
     za, zb = spsa.z(0, 5).clone(), spsa.z(1, 5).clone()
@@ -211,7 +211,7 @@ def test_averaged_estimate_points_along_the_gradient():
 
 def test_sgd_update_matches_the_formula_by_hand():
     """theta - lr * ((1/Q) sum g_q z_q + wd * theta), wd skipped for biases and norm weights, with
-    z regenerated from fresh generators seeded like zo.py's docstring says."""
+    z regenerated from fresh generators seeded like adazeta/zo/spsa.py's docstring says."""
     model = mlp(norm=True)  # 0: Linear, 1: LayerNorm, 2: Tanh, 3: Linear
     trainables = collect(model)
     no_decay = {"0.bias", "1.weight", "1.bias", "3.bias"}

@@ -133,7 +133,7 @@ def setup(cfg: DistConfig, model: ModelConfig, method: MethodConfig, batch_size:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = torch.device(rank_device(model.device, int(os.environ.get("LOCAL_RANK", "0")), gpus))
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # model.device=auto|cuda then means this GPU (models.load_model)
+        torch.cuda.set_device(device)  # model.device=auto|cuda then means this GPU (adazeta/models/load.py load_model)
     else:
         resolve_device(model.device)  # its errors for a device that is not one
     if cfg.backend not in BACKENDS:
