@@ -1,1 +1,1 @@
-"""The engine behind every run: build, loop, checkpoint and resume, guard, distributed, memory, logging."""
+"""The engine behind every run: build, loop, checkpoint and resume, divergence guard, distributed, memory, metric loggers, SIGINT/SIGTERM, the run folder."""

@@ -1,1 +1,1 @@
-"""Trainable sets: which tensors a method moves (full, TT adapters, LoRA, prefixes)."""
+"""Trainable sets: which tensors a method moves (full, sparse, TT adapters, LoRA, prefixes), and the TT layers and adapters AdaZeta adds."""

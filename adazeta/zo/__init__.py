@@ -1,1 +1,1 @@
-"""The zeroth-order parts: the noise stream, SPSA, estimators, update rules, query schedules, Sparse-MeZO, and the estimators since MeZO."""
+"""The zeroth-order parts: the noise stream, SPSA, estimators, parallel queries, Sparse-MeZO, update rules, query schedules, and the estimators since MeZO (FZOO, LOZO, HiZOO)."""
