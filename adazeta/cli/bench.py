@@ -6,7 +6,7 @@ check on a real model. Prints markdown tables, the machine on top.
     adazeta-bench --model smollm2-135m --tables speed,memory --qs 1,4
     adazeta-bench --model tiny-llama --quick             # seconds: a smoke test
     adazeta-bench --tables parallel --parallel-batches 1,4,16,32,64
-    make bench                                                          # MiniLM, then SmolLM2-135M
+    make bench                                           # MiniLM, then SmolLM2-135M
 
 Tables (`--tables`, comma-separated; default: all of them):
 - speed: per method and Q, the median time of one step over the median time of the 2Q bare
