@@ -31,7 +31,7 @@ def imported(tree: ast.AST, name: str, modules: set[str], is_package: bool) -> s
             if node.level:
                 anchor = here.rsplit(".", node.level - 1)[0] if node.level > 1 else here
                 base = f"{anchor}.{base}" if base else anchor
-            # `from adazeta import loop` imports the module adazeta.engine.loop; `from adazeta import X`
+            # `from adazeta.engine import loop` imports the module adazeta.engine.loop; `from adazeta import X`
             # of a name defined in adazeta/__init__.py imports the package itself.
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
@@ -96,12 +96,18 @@ def test_the_cycle_finder_finds_a_cycle_and_only_cycles():
 
 
 def test_the_graph_reads_deferred_and_from_imports(tmp_path):
-    tree = ast.parse("import adazeta.zo\nfrom adazeta import loop\ndef f():\n    from adazeta.train import CONF_DIR\n")
-    modules = {"adazeta", "adazeta.zo", "adazeta.loop", "adazeta.train", "adazeta.replay"}
-    assert imported(tree, "adazeta.replay", modules, False) == {"adazeta.zo", "adazeta.loop", "adazeta.train"}
-    tree = ast.parse("from adazeta import __version__\nfrom . import zo\nfrom .tasks import base\n")
-    modules |= {"adazeta.tasks", "adazeta.tasks.base"}
-    assert imported(tree, "adazeta.loop", modules, False) == {"adazeta", "adazeta.zo", "adazeta.tasks.base"}
+    tree = ast.parse("import adazeta.zo.spsa\nfrom adazeta.engine import loop\ndef f():\n    from adazeta.cli.train import CONF_DIR\n")
+    modules = {"adazeta", "adazeta.zo", "adazeta.zo.spsa", "adazeta.engine", "adazeta.engine.loop", "adazeta.cli",
+               "adazeta.cli.train", "adazeta.cli.replay"}
+    assert imported(tree, "adazeta.cli.replay", modules, False) == {"adazeta.zo.spsa", "adazeta.engine.loop",
+                                                                    "adazeta.cli.train"}
+    tree = ast.parse("from adazeta import __version__\nfrom . import checkpoint\nfrom ..tasks import base\n")
+    modules |= {"adazeta.engine.checkpoint", "adazeta.tasks", "adazeta.tasks.base"}
+    assert imported(tree, "adazeta.engine.loop", modules, False) == {"adazeta", "adazeta.engine.checkpoint",
+                                                                     "adazeta.tasks.base"}
+    # In a package's __init__.py, `from . import x` is relative to the package itself.
+    tree = ast.parse("from . import spsa\n")
+    assert imported(tree, "adazeta.zo", modules, True) == {"adazeta.zo.spsa"}
 
 
 def test_the_package_import_graph_has_no_cycle():
