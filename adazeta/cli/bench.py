@@ -482,7 +482,7 @@ def csv(text: str, cast=str) -> list:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="adazeta-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm", help="conf/model/<name>.yaml (minilm, smollm2-135m, tiny-llama, ...)")
     p.add_argument("--tables", default=None, help=f"comma-separated, from {','.join(TABLES)} (default: all)")
     p.add_argument("--methods", default=",".join(ZO_METHODS + FO_METHODS))
