@@ -174,7 +174,11 @@ def run_config(run_dir: Path):
         cfg = compose_config([f"schedule={schedule}", f"logger={saved.logger.name}"])
         with open_dict(cfg):  # open: free-form nodes (model.arch, adapter.modes) take the run's keys
             cfg.pop("hydra", None)
-            return OmegaConf.merge(cfg, saved)
+            merged = OmegaConf.merge(cfg, saved)
+        # The schedule's class by its current path: runs written before the package's subpackages
+        # saved adazeta.schedules.<Name>, which is now adazeta.zo.schedules.<Name>.
+        merged.schedule._target_ = cfg.schedule._target_
+        return merged
     except (YAMLError, OmegaConfBaseException, AttributeError, UnicodeDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is not the config adazeta-train wrote ({type(e).__name__}: {first}); "
