@@ -71,8 +71,8 @@ from adazeta.engine.build import build_run  # noqa: E402
 from adazeta.objectives import Objective  # noqa: E402
 from adazeta.tasks import Example  # noqa: E402
 
-ZO_METHODS = ["adazeta", "mezo", "mezo_lora", "sparse_mezo", "fzoo", "lozo", "lozo_m", "hizoo"]
-FO_METHODS = ["ft", "lora_fo"]
+ZO_METHODS = ["adazeta", "mezo", "mezo_lora", "mezo_prefix", "sparse_mezo", "fzoo", "lozo", "lozo_m", "hizoo"]
+FO_METHODS = ["ft", "lora_fo", "prefix_fo"]
 TABLES = ["speed", "memory", "scaling", "parallel", "planner", "peer"]
 # Random-weight Llama architectures for the model-size axis: (hidden, layers).
 SIZES = [(256, 4), (512, 4), (1024, 4), (512, 2), (512, 8)]
