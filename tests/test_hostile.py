@@ -130,7 +130,7 @@ CASES: list[tuple[str, Make, list[str]]] = [
     ("adapter scale that is no number", lambda r, t: ["adapter.scale=nan"], ["adapter.scale=nan is out of range"]),
     # -- keys the chosen method would silently ignore --
     ("LoRA rank with AdaZeta", lambda r, t: ["method=adazeta", "method.lora_r=4"],
-     ["method.lora_r is not read by method=adazeta", "method.trainable=lora", "method=lora_fo,mezo_lora",
+     ["method.lora_r is not read by method=adazeta", "method.trainable=lora", "method=hizoo_lora,lora_fo,mezo_lora",
       "drop 'method.lora_r=4'"]),
     ("LoRA targets with MeZO", lambda r, t: ["method=mezo", "method.lora_targets=[query]"],
      ["method.lora_targets is not read by method=mezo"]),
@@ -400,15 +400,15 @@ CLI_CASES: dict[str, tuple[list[str], dict[str, str], list[str], int]] = {  # ar
                                                       {"ENOSPC_AT": "step-0000004"},
                                                       ["error: No space left on device", "free space on that disk"], 1),
 }
-# sitecustomize for ENOSPC_AT: safetensors' save_file fails with ENOSPC on a path containing it.
-FULL_DISK = """import errno, os
-import safetensors.torch as st
-_save = st.save_file
-def save_file(tensors, filename, *args, **kwargs):
-    if os.environ["ENOSPC_AT"] in str(filename):
-        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
-    return _save(tensors, filename, *args, **kwargs)
-st.save_file = save_file
+# sitecustomize for ENOSPC_AT: opening a file for writing on a path containing it fails with ENOSPC,
+# as a full disk makes the first write fail.
+FULL_DISK = """import builtins, errno, io, os
+_open = io.open
+def full_disk_open(file, mode="r", *args, **kwargs):
+    if any(c in mode for c in "wax+") and os.environ["ENOSPC_AT"] in str(file):
+        raise OSError(errno.ENOSPC, "No space left on device", str(file))
+    return _open(file, mode, *args, **kwargs)
+builtins.open = io.open = full_disk_open
 """
 
 

@@ -226,9 +226,7 @@ def replay(run_dir: Path, checkpoint: Path | None = None, save: Path | None = No
              for n in rebuilt}
     unequal = [n for n in rebuilt if not torch.equal(rebuilt[n], target[n])]
     if save is not None:
-        from safetensors.torch import save_file
-
-        save_file({n: v.contiguous() for n, v in rebuilt.items()}, str(save))
+        ckpt.write_tensors(save, rebuilt)
     return {"steps": target_step, "checkpoint": str(checkpoint), "tensors": len(rebuilt),
             "values": sum(v.numel() for v in rebuilt.values()), "unequal": unequal,
             "max_abs_diff": max(diffs.values(), default=0.0), "worst": max(diffs, key=diffs.get) if diffs else None}

@@ -32,7 +32,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from adazeta.cli.replay import ReplayLog
@@ -64,16 +63,14 @@ def batches(examples: list[Example], batch_size: int, seed: int, start: int = 0)
 
 
 def save_trainables(trainables: list[Trainable], path: Path) -> None:
+    """The trainables as a safetensors file, one tensor at a time (no copy of the set in memory)."""
     tmp = path.with_suffix(".tmp")
-    save_file({t.name: t.param.detach().to("cpu", copy=True) for t in trainables}, str(tmp))  # views: copy
+    checkpoint.write_tensors(tmp, [(t.name, t.param) for t in trainables])
     tmp.replace(path)  # atomic: a crash never leaves a half-written file
 
 
-@torch.no_grad()
 def load_trainables(trainables: list[Trainable], path: Path) -> None:
-    state = load_file(str(path))
-    for t in trainables:
-        t.param.copy_(state[t.name])
+    checkpoint.read_into(path, {t.name: t.param for t in trainables})
 
 
 def find_resume(cfg: DictConfig, run_dir: Path) -> Path:
