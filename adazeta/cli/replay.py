@@ -244,12 +244,11 @@ def main(argv: list[str] | None = None) -> None:
         out = replay(args.run, args.checkpoint, args.save)
     except AdazetaError as e:
         sys.exit(f"error: {e}")
-    except OSError as e:  # a run file that cannot be read
+    except OSError as e:
+        if args.save is not None and e.filename is not None and Path(e.filename) == args.save:
+            sys.exit(f"error: cannot write --save {args.save} ({e.strerror or e}); give a file in a folder you can write")
+        # a run file that cannot be read
         sys.exit(f"error: {e.strerror or e} ({e.filename}): check the paths given to adazeta-replay and their permissions")
-    except Exception as e:
-        if args.save is None or type(e).__name__ != "SafetensorError":
-            raise
-        sys.exit(f"error: cannot write --save {args.save} ({e}); give a file in a folder you can write")
     where = f"{out['checkpoint']} ({out['tensors']} tensors, {out['values']} values)"
     if out["unequal"]:
         sys.exit(f"MISMATCH after replaying {out['steps']} steps: {len(out['unequal'])} tensors differ from {where}; "
