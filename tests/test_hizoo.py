@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import build_method_on, compose_config, job_config, output, read_jsonl, run_entrypoint
 from safetensors.torch import load_file
+from test_zo import mlp_loss
 from torch import nn
 
 from adazeta.config import Estimator, MethodConfig, Optimizer, TrainableSet, ZOConfig
@@ -26,14 +27,6 @@ from adazeta.zo.spsa import Trainable, query_seed
 def mlp(dtype=torch.float64, seed=0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.Tanh(), nn.Linear(32, 3)).to(dtype)
-
-
-def mlp_loss(model: nn.Module, seed=1, n=64):
-    g = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    x = torch.randn(n, 8, generator=g, dtype=dtype)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return lambda: nn.functional.cross_entropy(model(x), y)
 
 
 def hizoo_cfg(**kw) -> MethodConfig:
