@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -18,6 +19,18 @@ def run(args: list, cwd: Path, env: dict | None = None, timeout: float = 300) ->
     proc = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(map(str, args))} exited {proc.returncode}:\n{output(proc)[-3000:]}"
     return proc
+
+
+def running_site_packages() -> list[str]:
+    """The site-packages folders of the interpreter running the suite (a system Python, a venv, a
+    conda environment; the user's own folder too), where torch, hydra and transformers are.
+
+    `python -m venv --system-site-packages` is not enough: from inside a venv its "system" is the
+    base interpreter, which lacks them. A .pth file naming these folders adds them after the new
+    environment's own site-packages, so the wheel installed there still comes first; .pth files
+    inside them are not run, so the checkout's editable install stays out of sight."""
+    dirs = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
 
 
 def test_the_wheel_ships_the_configs_and_adazeta_train_runs_from_it(tmp_path):
@@ -38,11 +51,13 @@ def test_the_wheel_ships_the_configs_and_adazeta_train_runs_from_it(tmp_path):
             "adazeta/conf/experiment/README.md"} <= configs
     assert sorted(configs - shipped) == [], "config files missing from the wheel"
 
-    # A fresh environment that sees the system's torch and transformers (nothing to download) but
-    # not the checkout; the system's pip installs into it.
+    # A fresh environment that sees the running environment's torch and transformers (nothing to
+    # download) but not the checkout; that environment's pip installs into it.
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path)
+    run([sys.executable, "-m", "venv", "--without-pip", venv], tmp_path)
     python, train = venv / "bin" / "python", venv / "bin" / "adazeta-train"
+    venv_site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], tmp_path).stdout.strip())
+    (venv_site / "zz_running_env.pth").write_text("".join(f"{d}\n" for d in running_site_packages()))
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", wheel], tmp_path)
 
     elsewhere = tmp_path / "elsewhere"
@@ -54,8 +69,8 @@ def test_the_wheel_ships_the_configs_and_adazeta_train_runs_from_it(tmp_path):
     where = run([python, "-c", "import json, adazeta.cli.train as t; print(json.dumps([t.__file__, t.CONF_DIR]))"],
                 elsewhere, env)
     module, conf = map(Path, json.loads(where.stdout))
-    site = next((venv / "lib").glob("python3*/site-packages")).resolve()
-    assert module.is_relative_to(site) and conf == site / "adazeta" / "conf"
+    venv_site = venv_site.resolve()
+    assert module.is_relative_to(venv_site) and conf == venv_site / "adazeta" / "conf"
     assert (conf / "config.yaml").is_file()
 
     job = run([train, "--cfg", "job", "model=tiny-llama"], elsewhere, env)
