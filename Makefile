@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 # the Llama-family one that ships offline.
 PLAN_ARGS ?= model=llama2-7b train.batch_size=16 model.tokenizer=packaged:smollm2-135m $(if $(SST2_DIR),task.data_dir=$(SST2_DIR))
 
-.PHONY: help install train test test-slow bench plan gpu-check compare study study-full lint format clean
+.PHONY: help install train test test-slow test-all bench plan gpu-check compare study study-full lint format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -26,11 +26,14 @@ install: ## Install torch (TORCH_SPEC), adazeta (editable) with dev extras, and 
 train: ## Run the embedded default (AdaZeta on SmolLM2-135M, built-in SST-2 sample, CPU, about 2 min); ARGS="key=value ..."
 	adazeta-train $(ARGS)
 
-test: ## Fast tests (CPU, a few minutes)
+test: ## Fast tests, run between edits: in-process, tiny models (CPU, about 3 min on 2 cores)
 	$(PYTHON) -m pytest -q
 
-test-slow: ## Slow tests only: real models, real data in ../shared/data, multiruns
+test-slow: ## The slow tier only: the entrypoint in child processes, torchrun, sweeps, memory probes, real models and data
 	$(PYTHON) -m pytest -q -m slow
+
+test-all: ## Every test, both tiers (what CI runs)
+	$(PYTHON) -m pytest -q -m "slow or not slow"
 
 bench: ## Benchmark tables of docs/benchmarks.md: MiniLM (all tables), SmolLM2-135M (speed, memory, planner); BENCH_ARGS=--quick
 	adazeta-bench --model minilm $(BENCH_ARGS)

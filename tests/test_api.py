@@ -214,6 +214,7 @@ def run_example(name: str, tmp_path) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT)
 
 
+@pytest.mark.slow  # both examples of docs, 60 steps each
 def test_both_examples_run_and_their_loss_goes_down(tmp_path):
     names = ["plain_loop.py", "hf_trainer.py"]
     with ThreadPoolExecutor(len(names)) as pool:

@@ -239,6 +239,7 @@ CLI_CASES = {  # one range error, one checkpoint error: two processes, one per c
 }
 
 
+@pytest.mark.slow  # the entrypoint in child processes
 def test_checkpoint_errors_through_the_cli(runs, tmp_path_factory):
     """One message, `error: ` first, no traceback, and error.txt in the new run folder."""
     jobs, expected = {}, {}

@@ -87,6 +87,7 @@ def test_parallel_ceiling_is_the_sequential_step_at_the_best_bare_throughput(ben
     assert [r[8] for r in rows] == ["0.80", "1.20"]  # parallel / bare
 
 
+@pytest.mark.slow  # adazeta-bench in a child process
 def test_cli_prints_the_machine_and_the_table(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "adazeta.cli.bench", "--quick", "--model", "tiny-llama", "--tables", "speed", "--methods", "adazeta",

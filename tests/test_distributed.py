@@ -79,6 +79,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+@pytest.mark.slow  # torchrun: two ranks in child processes
 def test_query_parallel_ranks_are_bit_identical_and_equal_one_process(ranks):
     model, step, x, y = toy_step()
     single_grads = train_toy(step, model, x, y)
@@ -89,6 +90,7 @@ def test_query_parallel_ranks_are_bit_identical_and_equal_one_process(ranks):
             assert torch.equal(r["query"]["params"][name], value), name
 
 
+@pytest.mark.slow  # torchrun: two ranks in child processes
 def test_data_parallel_ranks_agree_and_match_the_whole_batch(ranks):
     model, step, x, y = toy_step()
     single_grads = train_toy(step, model, x, y)
@@ -102,6 +104,7 @@ def test_data_parallel_ranks_agree_and_match_the_whole_batch(ranks):
         torch.testing.assert_close(a["params"][name], model.state_dict()[name], rtol=1e-3, atol=2e-5)
 
 
+@pytest.mark.slow  # torchrun: two ranks in child processes
 def test_drift_check_rebroadcasts_rank_0(ranks):
     assert ranks[0]["drift"]["resynced"] and ranks[1]["drift"]["resynced"]
     for name in ranks[0]["drift"]["params"]:
@@ -109,6 +112,7 @@ def test_drift_check_rebroadcasts_rank_0(ranks):
     assert torch.equal(ranks[0]["drift"]["params"]["0.weight"], ranks[0]["data"]["params"]["0.weight"])
 
 
+@pytest.mark.slow  # torchrun: two ranks in child processes
 def test_ranks_agree_on_stopping_and_on_rank_0s_values(ranks):
     for r in ranks:
         assert r["any"] == {"one": True, "none": False, "main": "rank0"}
@@ -129,6 +133,7 @@ TORCHRUN_RUN = [
 ]
 
 
+@pytest.mark.slow  # torchrun: two ranks in child processes
 def test_torchrun_query_parallel_equals_a_single_process(tmp_path, entrypoint):
     home = tmp_path / "home"
     home.mkdir()
@@ -169,6 +174,7 @@ def test_torchrun_query_parallel_equals_a_single_process(tmp_path, entrypoint):
         ([], ["-m"], "sweep with -m outside torchrun"),
     ],
 )
+@pytest.mark.slow  # torchrun: two ranks in child processes
 def test_torchrun_configuration_errors(tmp_path, overrides, argv, message):
     """What torchrun cannot run fails before any process group is joined, with its reason."""
     home = tmp_path / "home"

@@ -12,6 +12,9 @@ import pytest
 import torch
 from conftest import TINY_RUN, config_options, output, run_entrypoints
 
+# Every case runs the entrypoint in a child process (the module fixture below).
+pytestmark = pytest.mark.slow
+
 BASE = ["method=mezo", *TINY_RUN]
 
 

@@ -160,6 +160,7 @@ def test_config_refusals_name_the_key(overrides, key):
         validate(job_config(cfg), overrides)
 
 
+@pytest.mark.slow  # a memory probe in a child process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the resident set is read from /proc")
 def test_fzoo_step_stays_near_inference_memory():
     """FZOO's perturbations and its update are drawn chunk by chunk into small buffers and added in
@@ -177,6 +178,7 @@ def test_fzoo_step_stays_near_inference_memory():
         assert m.peak_gib - m.inference_gib < 0.2 * embedding_gib, (m.layers, m.peak_gib, m.inference_gib)
 
 
+@pytest.mark.slow  # the entrypoint in a child process
 def test_fzoo_entrypoint_trains_and_logs(tmp_path):
     """`adazeta-train method=fzoo` on the two-layer Llama: N + 1 forward passes per step, the usual
     metrics, no replay log, and the train loss (l_0, at theta) lower after the steps than before."""

@@ -22,6 +22,7 @@ def rows(text: str) -> list[dict[str, str]]:
     return [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")), strict=True)) for ln in lines[2:]]
 
 
+@pytest.mark.slow  # every check of scripts/gpu_check.py, in child processes
 def test_dry_run_runs_every_check_and_writes_only_under_its_folder(tmp_path):
     home, out = tmp_path / "home", tmp_path / "out"
     home.mkdir()

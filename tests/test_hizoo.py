@@ -217,6 +217,7 @@ def test_config_refusals_name_the_key(overrides, key):
         validate(job_config(cfg), overrides)
 
 
+@pytest.mark.slow  # a memory probe in a child process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the resident set is read from /proc")
 def test_hizoo_step_costs_one_copy_of_the_trainable_set_over_inference():
     """Sigma is one fp32 value per trainable value; the perturbations and the update go a chunk
@@ -236,6 +237,7 @@ def test_hizoo_step_costs_one_copy_of_the_trainable_set_over_inference():
         assert 0.9 * sigma_gib < extra < sigma_gib + 0.2 * embedding_gib, (m.layers, extra, sigma_gib)
 
 
+@pytest.mark.slow  # the entrypoint in a child process
 def test_hizoo_entrypoint_trains_and_logs_2q_plus_1_passes(tmp_path):
     """`adazeta-train method=hizoo` on the two-layer Llama with Q = 2: 5 forward passes per step
     in the logged count, the usual metrics, no replay log, and Sigma in the checkpoint's state."""

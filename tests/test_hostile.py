@@ -430,6 +430,7 @@ def cli(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]
         return {n: (job.result(), folders[n]) for n, job in jobs.items()}
 
 
+@pytest.mark.slow  # the entrypoint, one child process per case
 @pytest.mark.parametrize("name", list(CLI_CASES))
 def test_the_entrypoint_answers_in_one_line(cli, name):
     proc, _ = cli[name]
@@ -441,6 +442,7 @@ def test_the_entrypoint_answers_in_one_line(cli, name):
         assert fragment in text, text[-3000:]
 
 
+@pytest.mark.slow  # the entrypoint, one child process per case
 def test_the_readme_modes_reach_the_run(cli):
     from omegaconf import OmegaConf
 
@@ -459,6 +461,7 @@ def test_replay_save_into_an_unwritable_place(runs, tmp_path, capsys):  # noqa: 
     assert "Not a directory" in str(exit_.value.code)
 
 
+@pytest.mark.slow  # the entrypoint, one child process per case
 def test_a_full_disk_leaves_the_earlier_checkpoint_intact(cli):
     from adazeta.engine.checkpoint import damage
 

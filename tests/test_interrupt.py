@@ -74,6 +74,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path):
         assert summaries[0][key] == summaries[1][key], key
 
 
+@pytest.mark.slow  # a Hydra multirun in a child process
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     """`-m method.eps=0,1e-3`: job 0 fails validation, job 1 trains; the error is in job 0's
     folder, and the sweep's exit status says a job failed."""

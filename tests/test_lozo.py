@@ -173,6 +173,7 @@ def test_unsupported_combinations_are_refused_by_name(overrides, key):
         build_method_on(["model=tiny-llama", "method=lozo", "task.num_train=16", *overrides])
 
 
+@pytest.mark.slow  # a memory probe in a child process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the resident set is read from /proc")
 def test_lozo_m_step_stays_near_inference_memory():
     """LOZO writes U V^T with one in-place addmm per matrix and keeps (m + n) r values per matrix (and
@@ -190,6 +191,7 @@ def test_lozo_m_step_stays_near_inference_memory():
 
 # At LOZO's lr (1e-3) LOZO-M's training loss on this tiny model rose over 12 steps (0.659 -> 0.711,
 # measured); at 1e-4 it falls (0.635 -> 0.615).
+@pytest.mark.slow  # the entrypoint in child processes
 @pytest.mark.parametrize(("method", "lr"), [("lozo", "1e-3"), ("lozo_m", "1e-4")])
 def test_lozo_entrypoint_trains_and_logs(tmp_path, method, lr):
     proc = run_entrypoint([f"method={method}", "model=tiny-llama", f"method.lr={lr}", "method.lozo_interval=4",

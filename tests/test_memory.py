@@ -31,6 +31,7 @@ def test_make_resident_counts_memory_mapped_weights(tmp_path):
     assert resident_gib() - before > 0.9 * 64 / 1024
 
 
+@pytest.mark.slow  # a memory probe in a child process
 def test_sparse_mezo_step_stays_near_inference_memory():
     """Sparse-MeZO's in-forward perturbation never copies a large weight whole: the embedding and
     the LM head (here 30522 x 1024 each, 119 MiB) are perturbed block by block, so a training step

@@ -99,6 +99,7 @@ def test_the_squad_sample_script_writes_answers_that_are_spans_of_their_context(
     assert len({ex.fields["context"] for ex in train}) > 25  # varied stories, not one repeated
 
 
+@pytest.mark.slow  # the entrypoint with greedy generation
 def test_training_on_squad_f1_runs_and_logs_minus_the_f1(entrypoint, tmp_path):
     data = tmp_path / "squad"
     squad_sample().write(data, n_train=8, n_dev=4)

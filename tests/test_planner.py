@@ -68,6 +68,7 @@ def small_llama_plan() -> planner.Plan:
                         log=lambda s: None)
 
 
+@pytest.mark.slow  # the planner measures runs in child processes
 def test_plan_of_a_small_llama_predicts_a_measured_deeper_run(small_llama_plan):
     """The line through 1 and 2 layers must be within 10% of the measured 4-layer peak (the
     planner's goal), and above the bytes of the 4-layer model's weights."""
@@ -83,6 +84,7 @@ def test_plan_of_a_small_llama_predicts_a_measured_deeper_run(small_llama_plan):
     assert "| **2** |" in planner.report(p)
 
 
+@pytest.mark.slow  # the planner measures runs in child processes
 def test_bf16_plan_on_cpu_is_measured_in_fp32_and_converted(small_llama_plan):
     p = small_llama_plan
     assert p.measured_dtype == "float32" and p.dtype == "bfloat16"
@@ -101,6 +103,7 @@ def test_cli_bad_override_is_one_clear_error():
         planner.main(["--fit", "1", "model=tiny-llama"])
 
 
+@pytest.mark.slow  # the planner measures runs in child processes
 def test_plan_with_parallel_queries_measures_the_replicated_step():
     """zo.parallel_queries=true plans the batched step (the loss is the objective's replicable
     `batch_loss`): 2Q replicas of the batch's activations show in the peak."""

@@ -103,6 +103,7 @@ def test_bad_target_device_names_the_choices():
         planner.target_device_of("cpu", "cuda:0")
 
 
+@pytest.mark.slow  # the planner's child processes
 def test_cuda_plan_measured_on_cpu_carries_the_terms_through_its_child_processes():
     """The real planner (two fresh processes) at hidden 256, where the embedding is drawn in
     chunks and perturbed in row blocks on CPU: the z scratch is all CUDA's."""

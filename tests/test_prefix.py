@@ -212,6 +212,7 @@ def test_prefix_keys_are_refused_on_other_methods():
         check_ignored(cfg, ["method.num_prefix=3"])
 
 
+@pytest.mark.slow  # the entrypoint in a child process
 def test_mezo_prefix_trains_through_the_entrypoint(entrypoint, tmp_path):
     proc = entrypoint("method=mezo_prefix", "model=tiny-llama", "method.num_prefix=3", *TINY_RUN)
     assert proc.returncode == 0, output(proc)[-3000:]

@@ -49,6 +49,7 @@ def curve(run_dir: Path) -> list[dict]:
 # -- a folder that holds a run --------------------------------------------------------------
 
 
+@pytest.mark.slow  # the entrypoint in child processes
 def test_a_second_run_into_a_run_folder_is_refused_untouched_and_the_run_resumes_in_place(tmp_path):
     """The issue's repro: the same command again with other keys used to mix two runs in one
     folder. Now it is refused before Hydra writes anything; resuming in place still works."""
@@ -200,6 +201,7 @@ def test_a_checkpoint_that_does_not_fit_the_run_leaves_its_folder_untouched(tmp_
     assert after == before
 
 
+@pytest.mark.slow  # the entrypoint in child processes
 def test_resuming_in_place_from_a_damaged_checkpoint_through_the_cli(finished, tmp_path):
     """One line, no traceback, and not even Hydra's config copy or log changes."""
     folder = tmp_path / "run"

@@ -44,6 +44,7 @@ def test_unknown_plan_and_setting_name_the_choices(capsys):
     assert "smollm2_sst3" in err and "smollm2_sst2" in err
 
 
+@pytest.mark.slow  # a whole study: eight runs
 def test_study_selects_on_dev_reruns_the_choice_and_skips_finished_runs(tmp_path, monkeypatch):
     plan_file = tmp_path / "tiny.yaml"
     plan_file.write_text(json.dumps({

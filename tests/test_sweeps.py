@@ -126,6 +126,7 @@ def test_launcher_files_are_listed():
 # ---- smoke runs (real CLI, tiny-llama, one step per job) -----------------------------------------
 
 
+@pytest.mark.slow  # Hydra multirun: one child process per job
 def test_basic_sweeper_runs_one_job_per_grid_value(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_entrypoint(
@@ -135,6 +136,7 @@ def test_basic_sweeper_runs_one_job_per_grid_value(tmp_path):
     assert [run_config(d)["method"]["lr"] for d in dirs] == pytest.approx([1e-7, 1e-6, 1e-5])
 
 
+@pytest.mark.slow  # Hydra multirun: one child process per job
 def test_optuna_runs_its_trials_and_writes_results(tmp_path):
     need("optuna")
     sweep = tmp_path / "sweep"
@@ -157,6 +159,7 @@ def test_optuna_runs_its_trials_and_writes_results(tmp_path):
         assert 1e-7 <= cfg["method"]["lr"] <= 1e-3 and 1e-4 <= cfg["method"]["eps"] <= 1e-2
 
 
+@pytest.mark.slow  # Hydra multirun: one child process per job
 @pytest.mark.parametrize(("launcher", "plugin"), [("local_joblib", "joblib"), ("local_submitit", "submitit")])
 def test_launcher_runs_two_jobs_under_the_sweep_dir(tmp_path, launcher, plugin):
     need(plugin)

@@ -1145,4 +1145,5 @@ def test_minilm_trains_on_every_real_sentence_pair_task(name, tmp_path):
                            "task.num_dev=8", "task.num_test=8", "train.progress=false"], tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["model"] == "minilm" and summary["forward_passes"] == 4 and 0 <= summary["test/accuracy"] <= 1
+    # AdaZeta's default schedule takes at least two queries a step (schedule.q_min=2): 2 steps x 2 x 2 passes.
+    assert summary["model"] == "minilm" and summary["forward_passes"] == 8 and 0 <= summary["test/accuracy"] <= 1

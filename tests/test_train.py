@@ -80,6 +80,7 @@ def is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+@pytest.mark.slow  # the entrypoint, one child process per method
 @pytest.mark.parametrize("name", TWO_STEP)
 def test_two_step_run_writes_well_formed_metrics(runs, name):
     tmp, overrides = completed(runs, name)
@@ -127,6 +128,7 @@ def test_two_step_run_writes_well_formed_metrics(runs, name):
     assert (summary["data/train"], summary["data/dev"], summary["data/test"]) == (NUM_TRAIN, NUM_DEV, NUM_TEST)
 
 
+@pytest.mark.slow  # the entrypoint, one child process per method
 def test_tokens_count_every_forward_pass(runs):
     """The same batches (one seed) read by twice the queries: exactly twice the forward tokens."""
     tokens = {name: json.loads((completed(runs, name)[0] / "run" / "summary.json").read_text())["train/tokens"]
@@ -134,6 +136,7 @@ def test_tokens_count_every_forward_pass(runs):
     assert tokens["mezo_q2-tiny-llama"] == 2 * tokens["mezo-tiny-llama"] > 0
 
 
+@pytest.mark.slow  # the entrypoint, one child process per method
 @pytest.mark.parametrize("name", TWO_STEP)
 def test_two_step_run_saves_exactly_the_trainable_set(runs, name):
     """trainable_params counts what moves: every weight for MeZO, the adapters (and a new
@@ -153,6 +156,7 @@ def test_two_step_run_saves_exactly_the_trainable_set(runs, name):
         assert any("adapter" in k for k in saved)
 
 
+@pytest.mark.slow  # the entrypoint, one child process per method
 @pytest.mark.parametrize("name", TWO_STEP)
 def test_run_writes_only_into_its_folder(runs, name):
     tmp, overrides = completed(runs, name)
@@ -195,6 +199,7 @@ def wandb_records(path: Path):
             yield record
 
 
+@pytest.mark.slow  # the entrypoint, one child process per method
 def test_wandb_offline_run_lives_in_the_run_folder(runs):
     tmp, _ = completed(runs, WANDB_RUN)
     run = tmp / "run"
@@ -245,6 +250,7 @@ def test_multirun_sweeps_seeds_into_separate_folders_and_replays(tmp_path, entry
     assert replay == curves[0]
 
 
+@pytest.mark.slow  # the entrypoint, one child process per method
 def test_zero_steps_evaluates_the_untrained_model(tmp_path, entrypoint):
     """train.max_steps=0 is a zero-shot evaluation: dev at step 0, then test on those weights."""
     proc = entrypoint("model=tiny-llama", "method=mezo", *TINY_RUN, "train.max_steps=0")
