@@ -18,6 +18,7 @@ import torch
 from adazeta.config import AdapterConfig, Head, MethodConfig, Optimizer, TrainableSet, ZOConfig
 from adazeta.config import Estimator as EstimatorKind
 from adazeta.errors import ConfigError
+from adazeta.params import LOW_PRECISION, Trainable
 from adazeta.step import (  # noqa: F401  (StepResult, Guard, Step, FLOAT32_MAX: re-exported, their old home)
     FLOAT32_MAX,
     GROUPED_SETS,
@@ -36,7 +37,7 @@ from adazeta.zo.fzoo import FZOOStep
 from adazeta.zo.hizoo import HiZOOStep
 from adazeta.zo.lozo import LOZOStep
 from adazeta.zo.sparse import SparseMask
-from adazeta.zo.spsa import LOW_PRECISION, SPSA, Trainable, query_seed
+from adazeta.zo.spsa import SPSA, query_seed
 from adazeta.zo.updates import RULES
 
 

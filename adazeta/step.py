@@ -17,7 +17,7 @@ import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError, DivergenceError
-from adazeta.zo.spsa import LOW_PRECISION, Trainable
+from adazeta.params import LOW_PRECISION, Trainable
 
 LossFn = Callable[[], torch.Tensor]
 # Sets of many small tensors (adapters, LoRA factors, prefixes): a ZO step keeps them in one flat

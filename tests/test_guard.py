@@ -18,8 +18,9 @@ from adazeta.engine.guard import Guard, check_precision
 from adazeta.engine.loop import run
 from adazeta.errors import DivergenceError
 from adazeta.objectives import Objective
+from adazeta.params import Trainable
 from adazeta.validate import validate
-from adazeta.zo.spsa import SPSA, Trainable, query_seed
+from adazeta.zo.spsa import SPSA, query_seed
 
 SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false"]
 

@@ -31,7 +31,8 @@ import torch.distributed as td
 
 from adazeta.config import DistConfig, DistMode, MethodConfig, ModelConfig, Optimizer
 from adazeta.errors import ConfigError
-from adazeta.zo.spsa import SPSA, Trainable
+from adazeta.params import Trainable
+from adazeta.zo.spsa import SPSA
 
 log = logging.getLogger("adazeta")
 BACKENDS = ("auto", "gloo", "nccl")

@@ -43,8 +43,8 @@ from adazeta.engine.interrupt import interruption, resume_command
 from adazeta.engine.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
 from adazeta.engine.memory import device_peaks_gib, get_memory_stats, reset_peak
 from adazeta.errors import ConfigError, DivergenceError, Interrupted
+from adazeta.params import Trainable
 from adazeta.tasks import Example
-from adazeta.zo.spsa import Trainable
 
 log = logging.getLogger("adazeta")
 

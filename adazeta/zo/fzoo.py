@@ -49,6 +49,7 @@ import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
+from adazeta.params import Trainable
 from adazeta.step import (
     GROUPED_SETS,
     Guard,
@@ -60,7 +61,7 @@ from adazeta.step import (
     weight_norm,
 )
 from adazeta.zo.noise import chunk_bounds, query_seed, tensor_seed
-from adazeta.zo.spsa import Trainable, group_trainables
+from adazeta.zo.spsa import group_trainables
 from adazeta.zo.updates import UpdateRule
 
 # The trainable sets FZOO composes with (the paper: full parameters, LoRA and prefix tuning).

@@ -71,6 +71,7 @@ import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
+from adazeta.params import Trainable
 from adazeta.step import (
     GROUPED_SETS,
     StepResult,
@@ -79,7 +80,7 @@ from adazeta.step import (
     weight_norm,
 )
 from adazeta.zo.noise import Stream, query_seed
-from adazeta.zo.spsa import SPSA, Trainable
+from adazeta.zo.spsa import SPSA
 
 LossFn = Callable[[], torch.Tensor]
 # The trainable sets HiZOO composes with (the paper: full parameters, LoRA and prefix tuning).

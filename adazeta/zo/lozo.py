@@ -39,6 +39,7 @@ import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
+from adazeta.params import Trainable
 from adazeta.step import (
     Guard,
     LossFn,
@@ -49,7 +50,6 @@ from adazeta.step import (
     weight_norm,
 )
 from adazeta.zo.noise import query_seed, splitmix64, tensor_seed
-from adazeta.zo.spsa import Trainable
 from adazeta.zo.updates import UpdateRule
 
 V_TAG = 0x4C4F5A4F56  # "LOZOV": V's seeds are a stream of their own, apart from every query seed
