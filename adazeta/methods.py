@@ -246,7 +246,7 @@ def build_method(
     dist=None, estimator: EstimatorFactory | None = None,
 ) -> Method:
     """The method of `cfg` on `model`. `zo` (default: ZOConfig()) configures the ZO estimator;
-    `dist` (an adazeta.engine.distributed.Dist; None or a world of 1: one process) shares its queries
+    `dist` (an adazeta.zo.sharded.Dist; None or a world of 1: one process) shares its queries
     across torchrun ranks; `estimator` (a factory (model, spsa) -> estimator, adazeta/zo/estimators.py)
     replaces the configured one. First-order methods have no queries: they ignore zo.fused_update
     and zo.max_replicas, and refuse zo.parallel_queries=true rather than silently run sequentially."""

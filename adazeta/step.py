@@ -130,7 +130,7 @@ def check_estimator_support(
             f"zo.parallel_queries=true is not supported by method.estimator={estimator} (its queries run one after "
             "another); set zo.parallel_queries=false"
         )
-    from adazeta.engine.distributed import launched
+    from adazeta.zo.sharded import launched
 
     if launched():
         raise ConfigError(

@@ -45,6 +45,7 @@ from adazeta.engine.memory import device_peaks_gib, get_memory_stats, reset_peak
 from adazeta.errors import ConfigError, DivergenceError, Interrupted
 from adazeta.params import Trainable
 from adazeta.tasks import Example
+from adazeta.zo.sharded import Dist
 
 log = logging.getLogger("adazeta")
 
@@ -133,7 +134,7 @@ class Training:
     cfg: DictConfig
     run_dir: Path
     run: Run
-    dist: distributed.Dist
+    dist: Dist
     ckpt: checkpoint.Checkpointer
     state: checkpoint.LoopState
     replay: ReplayLog | None

@@ -14,7 +14,7 @@ losses were evaluated:
   of bf16/fp16 weights).
 - `ParallelQueries` (adazeta/zo/parallel.py): the 2Q perturbed forwards as batched forwards over
   replicas of the batch (`zo.parallel_queries=true`).
-- `Sharded` (adazeta/engine/distributed.py): wraps one of the above and shares its queries (or the batch)
+- `Sharded` (adazeta/zo/sharded.py): wraps one of the above and shares its queries (or the batch)
   across torchrun ranks.
 
 Two attributes tell the step what an estimator does to the weights: `writes_weights` (it perturbs
@@ -35,8 +35,8 @@ from typing import Protocol
 import torch
 
 from adazeta.config import MethodConfig, ZOConfig
-from adazeta.engine.distributed import Dist, Sharded
 from adazeta.zo.parallel import ParallelQueries, check_parallel
+from adazeta.zo.sharded import Dist, Sharded
 from adazeta.zo.sparse import InForwardPerturbation
 from adazeta.zo.spsa import SPSA
 
