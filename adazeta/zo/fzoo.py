@@ -56,10 +56,10 @@ from adazeta.step import (
     LossFn,
     RuleStep,
     StepResult,
-    check_estimator_support,
     check_update_fits,
     weight_norm,
 )
+from adazeta.zo.estimators import check_estimator_support
 from adazeta.zo.noise import chunk_bounds, query_seed, tensor_seed
 from adazeta.zo.spsa import group_trainables
 from adazeta.zo.updates import UpdateRule

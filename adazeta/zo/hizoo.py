@@ -75,10 +75,10 @@ from adazeta.params import Trainable
 from adazeta.step import (
     GROUPED_SETS,
     StepResult,
-    check_estimator_support,
     check_update_fits,
     weight_norm,
 )
+from adazeta.zo.estimators import check_estimator_support
 from adazeta.zo.noise import Stream, query_seed
 from adazeta.zo.spsa import SPSA
 

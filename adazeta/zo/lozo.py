@@ -45,10 +45,10 @@ from adazeta.step import (
     LossFn,
     RuleStep,
     StepResult,
-    check_estimator_support,
     check_update_fits,
     weight_norm,
 )
+from adazeta.zo.estimators import check_estimator_support
 from adazeta.zo.noise import query_seed, splitmix64, tensor_seed
 from adazeta.zo.updates import UpdateRule
 
