@@ -154,7 +154,7 @@ class SPSA:
     `displaced` records where the weights sit relative to theta: {seed: s} for theta + s eps z(seed)
     (every in-place write goes through `perturb`); `restore()` brings them back. `on_perturb(seed,
     scale)`, given at construction, is told of every such write (the step's record of what its
-    estimate wrote, which the replay log keeps: adazeta/cli/replay.py).
+    estimate wrote, which the replay log keeps: adazeta/engine/replay_log.py).
     """
 
     def __init__(
