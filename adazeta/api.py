@@ -25,15 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from adazeta.cli.train import CONF_DIR
-from adazeta.config import GuardConfig, Head, Optimizer
+from adazeta.config import CONF_DIR, GuardConfig, Head, Optimizer, compose_config
 from adazeta.engine.guard import Guard, check_precision
 from adazeta.errors import ConfigError
 from adazeta.methods import StepResult, build_method
@@ -69,7 +65,8 @@ def compose_method(method: str, schedule: str | None = None, **overrides) -> Dic
             raise ConfigError(f"schedule={schedule!r} is not a query schedule; choose one of {schedule_names()} "
                               "(or None: the method's own)")
         choices.append(f"schedule={schedule}")
-    full = compose_outside_main(choices)
+    # Composed as adazeta-train composes it, with the schemas; a caller's own Hydra state is put back.
+    full = compose_config(choices, hydra_config=True)
     cfg, schedule = OmegaConf.masked_copy(full, list(SECTIONS)), full.hydra.runtime.choices.schedule
     sections = {key: section for section in SECTIONS for key in cfg[section] if key not in FIXED}
     as_given = []
@@ -101,21 +98,6 @@ def read_keys(cfg: DictConfig, sections: dict[str, str]) -> list[str]:
         except ConfigError:
             pass
     return keys
-
-
-def compose_outside_main(choices: list[str]) -> DictConfig:
-    """conf/config.yaml with these group choices, composed as adazeta-train composes it, but not
-    inside its Hydra app: a caller's own Hydra state (a script under @hydra.main) is set aside
-    and put back."""
-    backup = get_gh_backup() if GlobalHydra.instance().is_initialized() else None
-    if backup is not None:
-        GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name="config", overrides=choices, return_hydra_config=True)
-    finally:
-        if backup is not None:
-            restore_gh_from_backup(backup)
 
 
 def resolve_head(model: torch.nn.Module, head: str | Head) -> Head:

@@ -18,6 +18,7 @@ import torch
 from adazeta.config import AdapterConfig, Head, MethodConfig, Optimizer, TrainableSet, ZOConfig
 from adazeta.config import Estimator as EstimatorKind
 from adazeta.errors import ConfigError
+from adazeta.params import LOW_PRECISION, Trainable
 from adazeta.step import (  # noqa: F401  (StepResult, Guard, Step, FLOAT32_MAX: re-exported, their old home)
     FLOAT32_MAX,
     GROUPED_SETS,
@@ -36,7 +37,7 @@ from adazeta.zo.fzoo import FZOOStep
 from adazeta.zo.hizoo import HiZOOStep
 from adazeta.zo.lozo import LOZOStep
 from adazeta.zo.sparse import SparseMask
-from adazeta.zo.spsa import LOW_PRECISION, SPSA, Trainable, query_seed
+from adazeta.zo.spsa import SPSA, query_seed
 from adazeta.zo.updates import RULES
 
 
@@ -245,7 +246,7 @@ def build_method(
     dist=None, estimator: EstimatorFactory | None = None,
 ) -> Method:
     """The method of `cfg` on `model`. `zo` (default: ZOConfig()) configures the ZO estimator;
-    `dist` (an adazeta.engine.distributed.Dist; None or a world of 1: one process) shares its queries
+    `dist` (an adazeta.zo.sharded.Dist; None or a world of 1: one process) shares its queries
     across torchrun ranks; `estimator` (a factory (model, spsa) -> estimator, adazeta/zo/estimators.py)
     replaces the configured one. First-order methods have no queries: they ignore zo.fused_update
     and zo.max_replicas, and refuse zo.parallel_queries=true rather than silently run sequentially."""

@@ -3,8 +3,10 @@ the loop, the checkpoint and the library API use, and the checks made before any
 
 A ZO step whose learning rate, weight decay and state live in an update rule (`RuleStep`) gets
 `lr` and `state_dict()` from it: ZOStep (adazeta/methods.py), FZOOStep (adazeta/zo/fzoo.py),
-LOZOStep (adazeta/zo/lozo.py). The steps of their own (FZOO, LOZO, HiZOO: adazeta/zo/hizoo.py) refuse
-what they do not support with `check_estimator_support`, naming the key."""
+LOZOStep (adazeta/zo/lozo.py).
+
+The steps of adazeta/zo/ implement this contract, so it sits below zo: it imports only the config,
+the errors and `Trainable` (adazeta/params.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ from typing import Protocol
 
 import torch
 
-from adazeta.config import MethodConfig, TrainableSet, ZOConfig
-from adazeta.errors import ConfigError, DivergenceError
-from adazeta.zo.spsa import LOW_PRECISION, Trainable
+from adazeta.config import TrainableSet
+from adazeta.errors import DivergenceError
+from adazeta.params import Trainable
 
 LossFn = Callable[[], torch.Tensor]
 # Sets of many small tensors (adapters, LoRA factors, prefixes): a ZO step keeps them in one flat
@@ -108,39 +110,4 @@ def check_update_fits(step: int, lr: float, grads: list[float]) -> None:
     if lr * worst > FLOAT32_MAX:
         raise DivergenceError(
             f"step {step}: the update lr * projected gradient = {lr:.3g} * {worst:.3g} overflows float32", step
-        )
-
-
-def check_estimator_support(
-    estimator: str, cfg: MethodConfig, zo: ZOConfig, trainables: list[Trainable], sets: tuple, rules: tuple[str, ...],
-) -> None:
-    """Refuse, naming the key and the valid choices, what an estimator beyond SPSA does not do."""
-    if cfg.trainable not in sets:
-        raise ConfigError(
-            f"method.trainable={cfg.trainable.value} is not supported by method.estimator={estimator}; valid: "
-            + ", ".join(s.value for s in sets)
-        )
-    if cfg.update_rule.value not in rules:
-        raise ConfigError(
-            f"method.update_rule={cfg.update_rule.value} is not supported by method.estimator={estimator}; valid: "
-            + ", ".join(rules)
-        )
-    if zo.parallel_queries:
-        raise ConfigError(
-            f"zo.parallel_queries=true is not supported by method.estimator={estimator} (its queries run one after "
-            "another); set zo.parallel_queries=false"
-        )
-    from adazeta.engine.distributed import launched
-
-    if launched():
-        raise ConfigError(
-            f"method.estimator={estimator} runs in one process: torchrun (WORLD_SIZE > 1) is not supported; "
-            "run it without torchrun, or use method.estimator=spsa"
-        )
-    low = [t for t in trainables if t.param.dtype in LOW_PRECISION]
-    if low:
-        raise ConfigError(
-            f"method.estimator={estimator} perturbs its trainable weights in place, and {len(low)} of them are "
-            f"{low[0].param.dtype} (e.g. {low[0].name}): a rounded round trip does not restore them. "
-            "Use model.dtype=float32, or method.estimator=spsa"
         )

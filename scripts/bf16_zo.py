@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from adazeta.zo.spsa import SPSA, Trainable, query_seed
+from adazeta.params import Trainable
+from adazeta.zo.spsa import SPSA, query_seed
 
 N, EPS, LR, STEPS = 1 << 19, 1e-3, 5e-7, 100
 

@@ -17,9 +17,10 @@ from conftest import TINY_RUN, output, read_jsonl, subprocess_env
 from safetensors.torch import load_file
 
 from adazeta.config import DistMode, MethodConfig, TrainableSet, ZOConfig
-from adazeta.engine.distributed import Dist, check_drift, checksum
+from adazeta.engine.distributed import check_drift, checksum
 from adazeta.methods import ZOStep
 from adazeta.trainable.sets import collect
+from adazeta.zo.sharded import Dist
 
 STEPS, Q, BATCH = 3, 3, 8  # Q = 3 does not divide across 2 ranks: one rank runs 2 queries, the other 1
 

@@ -15,10 +15,11 @@ from torch import nn
 
 from adazeta.config import MethodConfig, Optimizer, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
+from adazeta.params import Trainable
 from adazeta.trainable.sets import collect
 from adazeta.validate import validate
 from adazeta.zo.fzoo import FZOOStep, Rademacher
-from adazeta.zo.spsa import Trainable, query_seed
+from adazeta.zo.spsa import query_seed
 
 
 def fzoo_cfg(**kw) -> MethodConfig:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import build_method_on
 
-from adazeta.zo.spsa import SPSA, Trainable, tensor_seed
+from adazeta.params import Trainable
+from adazeta.zo.spsa import SPSA, tensor_seed
 
 
 @pytest.fixture

@@ -12,14 +12,16 @@ import pytest
 import torch
 from conftest import compose_config, job_config, read_jsonl
 
-from adazeta.cli.replay import ReplayLog, replay
+from adazeta.cli.replay import replay
 from adazeta.engine.build import build_run, to_device
 from adazeta.engine.guard import Guard, check_precision
 from adazeta.engine.loop import run
+from adazeta.engine.replay_log import ReplayLog
 from adazeta.errors import DivergenceError
 from adazeta.objectives import Objective
+from adazeta.params import Trainable
 from adazeta.validate import validate
-from adazeta.zo.spsa import SPSA, Trainable, query_seed
+from adazeta.zo.spsa import SPSA, query_seed
 
 SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false"]
 

@@ -14,8 +14,9 @@ from conftest import compose_config, job_config
 from adazeta.engine.build import build_run, to_device
 from adazeta.engine.guard import Guard
 from adazeta.errors import ConfigError
+from adazeta.params import Trainable
 from adazeta.zo import spsa as zo
-from adazeta.zo.spsa import SPSA, Trainable
+from adazeta.zo.spsa import SPSA
 from adazeta.zo.updates import Adam, Momentum
 
 SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false"]

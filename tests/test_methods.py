@@ -10,9 +10,10 @@ from conftest import compose_config
 from adazeta.methods import build_method
 from adazeta.models.load import load_model
 from adazeta.objectives import Objective
+from adazeta.params import Trainable
 from adazeta.tasks import build_task
 from adazeta.zo.sparse import thresholds
-from adazeta.zo.spsa import SPSA, Trainable, query_seed
+from adazeta.zo.spsa import SPSA, query_seed
 from adazeta.zo.updates import RULES
 
 

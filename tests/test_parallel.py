@@ -189,7 +189,8 @@ def test_replicas_of_a_hooked_head_keep_accelerates_input_move():
     casts its input as AlignDevicesHook moves it; bypassing the hook fails in baddbmm."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
-    from adazeta.zo.spsa import SPSA, Trainable
+    from adazeta.params import Trainable
+    from adazeta.zo.spsa import SPSA
 
     class MoveInputs(ModelHook):
         def pre_forward(self, module, *args, **kwargs):

@@ -18,8 +18,9 @@ import pytest
 from conftest import compose_config, job_config, read_jsonl
 from safetensors.torch import load_file
 
-from adazeta.cli.replay import ReplayLog, replay
+from adazeta.cli.replay import replay
 from adazeta.engine.loop import run
+from adazeta.engine.replay_log import ReplayLog
 from adazeta.errors import Interrupted
 from adazeta.validate import validate
 

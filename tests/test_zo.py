@@ -13,8 +13,9 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
+from adazeta.params import Trainable
 from adazeta.trainable.sets import collect
-from adazeta.zo.spsa import SPSA, Trainable, query_seed, tensor_seed
+from adazeta.zo.spsa import SPSA, query_seed, tensor_seed
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,28 +1,13 @@
-"""The replay log of a ZO run, and `adazeta-replay`, which rebuilds the trainable parameters from
-the base model and that log alone (no forward pass) and checks them against a checkpoint.
+"""`adazeta-replay`: rebuild the trainable parameters of a ZO run from the base model and its replay
+log alone (no forward pass), and check them against a checkpoint.
 
     adazeta-replay outputs/runs/2026-11-24/10-00-00_mezo_sst2_minilm
     adazeta-replay <run> --checkpoint <run>/checkpoints/step-0000200 --save rebuilt.safetensors
 
-A ZO run's whole update history is (seed_q, g_q) per step (DESIGN.md 2.1): z_q is regenerated
-from its seed, so each step's update can be applied again from the logged projected gradients.
-<run>/replay.jsonl has one line per applied step:
-
-    {"step": 12, "seeds": [s_0, ...], "grads": [g_0, ...], "lr": 1e-4, "perturbs": "round_trip"}
-
-`perturbs` records the in-place writes the estimate made: "round_trip" (+eps z, -2 eps z, +eps z
-per query, in order: in fp32 the round trip restores theta only to within a rounding, and an exact
-replay repeats it), "round_trip_fused" (the same, but the last query's +eps z restore is folded
-into the update: `zo.fused_update`), "none" (the in-forward perturbation of Sparse-MeZO, parallel
-replicas, or any estimate that never writes the weights), or an explicit [[seed, scale], ...]
-list: the step's own record of its estimate's writes (`ZOStep.writes`, which SPSA reports to it),
-read after each step, so nothing of the method is wrapped or replaced to log them. The replay runs
-each step through the method's own ZOStep (`ZOStep.run`) with an estimate that repeats these writes
-and returns the logged g_q, so the update (fused or not, masks, rule state) is the run's own code.
-update_rule=conservative also logs
-the three losses it compared (`rule_losses`), so it replays without a forward too. A step the
-divergence guard rejected is logged as {"step": k, "applied": false, "perturbs": [...]}: its round
-trips happened, its update did not. A checkpoint records how many records precede it.
+The log, <run>/replay.jsonl, and what its records hold: adazeta/engine/replay_log.py. The replay
+runs each step through the method's own ZOStep (`ZOStep.run`) with an estimate that repeats the
+step's logged in-place writes and returns the logged g_q, so the update (fused or not, masks, rule
+state) is the run's own code.
 Adapter and LoRA sets draw z per group of tensors (adazeta/zo/spsa.py, issue 18): logs of such runs
 made before that change replay with the adazeta version that wrote them, not with this one.
 First-order methods (ft, lora_fo) have no replay log: backprop gradients are not a function of
@@ -39,63 +24,11 @@ from pathlib import Path
 
 import torch
 
+from adazeta.engine.replay_log import decode
 from adazeta.errors import AdazetaError, CheckpointError
 from adazeta.zo.spsa import query_seed
 
 log = logging.getLogger("adazeta")
-ROUND_TRIP = (1.0, -2.0, 1.0)
-
-
-class ReplayLog:
-    """Appends one record per applied ZO step to <run>/replay.jsonl (`train.replay_log`)."""
-
-    def __init__(self, path: Path, zo_step, records: list[str] = ()):
-        self.path, self.step, self.rule = path, zo_step, zo_step.rule
-        self.file = path.open("a", encoding="utf-8")
-        self.file.writelines(line + "\n" for line in records)  # a resumed run's history
-        self.file.flush()
-        self.count = len(records)  # records written; a checkpoint saves it
-
-    def append(self, step: int, seeds: list[int], grads: list[float], lr: float) -> None:
-        record = {"step": step, "seeds": seeds, "grads": grads, "lr": lr, "perturbs": encode(self.step.writes, seeds)}
-        if getattr(self.rule, "last_losses", None):
-            record["rule_losses"] = self.rule.last_losses
-        self.write(record)
-
-    def reject(self, step: int) -> None:
-        """A step the guard stopped before its update: only its in-place round trips happened."""
-        self.write({"step": step, "applied": False, "perturbs": [list(p) for p in self.step.writes]})
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        self.count += 1
-
-    def rewind(self, count: int) -> None:
-        """After a rollback: keep the first `count` records (those before the checkpoint)."""
-        self.file.close()
-        self.path.write_text("".join(self.path.read_text().splitlines(keepends=True)[:count]))
-        self.file = self.path.open("a", encoding="utf-8")
-        self.count = count
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def patterns(seeds: list[int]) -> dict[str, list[tuple[int, float]]]:
-    full = [(s, scale) for s in seeds for scale in ROUND_TRIP]
-    return {"none": [], "round_trip": full, "round_trip_fused": full[:-1]}
-
-
-def encode(perturbs: list[tuple[int, float]], seeds: list[int]):
-    named = [name for name, writes in patterns(seeds).items() if writes == perturbs]
-    return named[0] if named else [list(p) for p in perturbs]
-
-
-def decode(perturbs, seeds: list[int]) -> list[tuple[int, float]]:
-    if isinstance(perturbs, str):
-        return patterns(seeds)[perturbs]
-    return [(int(s), float(scale)) for s, scale in perturbs]
 
 
 class Logged:

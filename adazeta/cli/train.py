@@ -27,7 +27,7 @@ from adazeta.errors import AdazetaError, Interrupted, RunFolderError, environmen
 from adazeta.validate import validate
 
 log = logging.getLogger("adazeta")
-__all__ = ["CONF_DIR", "main"]  # CONF_DIR (adazeta/config.py): the configs this command composes
+__all__ = ["main"]
 
 register_configs()
 

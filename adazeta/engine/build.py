@@ -23,7 +23,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from adazeta.config import Head, HeadInit
-from adazeta.engine import distributed
 from adazeta.engine.memory import (
     device_peaks_gib,
     in_use_gib,
@@ -36,6 +35,7 @@ from adazeta.models.load import classification_head, load_model, prompt_init_hea
 from adazeta.objectives import Objective
 from adazeta.tasks import Example, Splits, Task, build_task
 from adazeta.zo.schedules import QuerySchedule
+from adazeta.zo.sharded import Dist
 
 log = logging.getLogger("adazeta")
 
@@ -68,7 +68,7 @@ class Run:
         return sum(t.param.numel() for t in self.method.trainables)
 
 
-def build_run(cfg: DictConfig, dist: distributed.Dist | None = None,
+def build_run(cfg: DictConfig, dist: Dist | None = None,
               inference_batch: dict[str, torch.Tensor] | None = None) -> Run:
     """Data, model, objective, method and query schedule of `cfg`, built in the order that fixes the
     global RNG's draws (random-init weights, new heads, adapters): `adazeta-replay` rebuilds a

@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 
 from adazeta.engine.guard import Guard, get_lr, set_lr
 from adazeta.errors import CheckpointError
-from adazeta.zo.spsa import Trainable
+from adazeta.params import Trainable
 
 log = logging.getLogger("adazeta")
 FORMAT = 1

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 2 -m adazeta.cli.train dist.mode=query schedule=constant schedule.q=4
 
-A ZO step exchanges scalars only, never gradients:
+A ZO step exchanges scalars only, never gradients (the estimator that shares it: `Sharded`,
+adazeta/zo/sharded.py):
 - `dist.mode=query`: the Q queries of a step are dealt out across ranks (query i to rank i mod W).
   Each rank draws z for its queries from query_seed(seed, step, i), the same pure function a
   single process uses, so no two ranks share a seed by accident and the union of the ranks'
@@ -12,18 +13,17 @@ A ZO step exchanges scalars only, never gradients:
   one all_reduce (mean) of the (g_q, loss_q) pairs per step. With equal shards the mean of the
   shard losses is the loss of the whole batch, so the step is the single-process step.
 
-Only rank 0 logs, writes files and shows the progress bar. Every `dist.check_steps` steps the ranks
-compare a checksum of their trainable parameters; on a mismatch rank 0's are broadcast to all and
-the event is logged as `dist/resyncs`.
+This module joins the process group (`setup`) and keeps the replicas identical: every
+`dist.check_steps` steps the ranks compare a checksum of their trainable parameters; on a mismatch
+rank 0's are broadcast to all and the event is logged as `dist/resyncs`. Only rank 0 logs, writes
+files and shows the progress bar.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -31,60 +31,11 @@ import torch.distributed as td
 
 from adazeta.config import DistConfig, DistMode, MethodConfig, ModelConfig, Optimizer
 from adazeta.errors import ConfigError
-from adazeta.zo.spsa import SPSA, Trainable
+from adazeta.params import Trainable
+from adazeta.zo.sharded import Dist, launched
 
 log = logging.getLogger("adazeta")
 BACKENDS = ("auto", "gloo", "nccl")
-
-
-def launched() -> bool:
-    """True in a process started by torchrun (or any launcher setting WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-@dataclass
-class Dist:
-    """This process's place in the run; world == 1 when not launched by torchrun."""
-
-    rank: int = 0
-    world: int = 1
-    mode: DistMode = DistMode.query
-    comm_device: torch.device = torch.device("cpu")  # where the collectives' tensors live
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, examples: list) -> list:
-        """Data mode: this rank's contiguous shard of a training batch (batch % world == 0)."""
-        if not self.enabled or self.mode != DistMode.data:
-            return examples
-        n = len(examples) // self.world
-        return examples[self.rank * n : (self.rank + 1) * n]
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is True on any (e.g. a signal that reached one rank first)."""
-        if not self.enabled:
-            return flag
-        t = torch.tensor([float(flag)], device=self.comm_device)
-        td.all_reduce(t, op=td.ReduceOp.MAX)
-        return bool(t.item())
-
-    def from_main(self, value):
-        """Rank 0's value of a picklable object, on every rank."""
-        if not self.enabled:
-            return value
-        box = [value]
-        td.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self) -> None:
-        if self.enabled and td.is_initialized():
-            td.destroy_process_group()
 
 
 def rank_device(device: str, local_rank: int, gpus: int) -> str:
@@ -162,47 +113,6 @@ def setup(cfg: DistConfig, model: ModelConfig, method: MethodConfig, batch_size:
     d = Dist(rank=td.get_rank(), world=td.get_world_size(), mode=cfg.mode, comm_device=comm)
     log.info("torch.distributed: rank %d of %d, backend %s, mode %s", d.rank, d.world, backend, cfg.mode.value)
     return d
-
-
-class Sharded:
-    """An estimator whose work is shared across ranks (wraps the method's own estimator, chosen
-    when the method is built with a Dist of world > 1: adazeta/zo/estimators.py). Called like it:
-    (loss_fn, seeds) -> [Q, 2] of (g_q, loss_q), identical on every rank.
-
-    Every query restores its own perturbation (`can_defer_restore` is False): the queries of a step
-    are split across ranks, so no rank holds the last query's displacement for a fused update."""
-
-    can_defer_restore = False
-
-    def __init__(self, inner, d: Dist, spsa: SPSA):
-        self.inner, self.dist, self.spsa = inner, d, spsa
-        self.writes_weights = inner.writes_weights
-
-    def __call__(self, loss_fn, seeds: list[int], defer_restore: bool = False) -> torch.Tensor:
-        d = self.dist
-        if d.mode == DistMode.data:
-            local = self.inner(loss_fn, seeds).to(d.comm_device)
-            td.all_reduce(local, op=td.ReduceOp.SUM)  # g and the loss are linear in the shard means
-            return (local / d.world).cpu()
-        per_rank = math.ceil(len(seeds) / d.world)
-        local = torch.full((per_rank, 2), math.nan, dtype=torch.float64)
-        if self.writes_weights:
-            # Query i runs on rank i mod W; the other ranks replay its in-place round trip (z only,
-            # no forward), so every rank's weights round exactly as in a single process.
-            for i, seed in enumerate(seeds):
-                if i % d.world == d.rank:
-                    local[i // d.world] = self.inner(loss_fn, [seed])[0]
-                else:
-                    self.spsa.perturb(seed, +1.0)
-                    self.spsa.perturb(seed, -2.0)
-                    self.spsa.perturb(seed, +1.0)
-        elif mine := seeds[d.rank :: d.world]:
-            local[: len(mine)] = self.inner(loss_fn, mine)
-        local = local.to(d.comm_device)
-        gathered = [torch.empty_like(local) for _ in range(d.world)]
-        td.all_gather(gathered, local)
-        gathered = [g.cpu() for g in gathered]
-        return torch.stack([gathered[i % d.world][i // d.world] for i in range(len(seeds))])
 
 
 def checksum(trainables: list[Trainable]) -> str:

@@ -27,7 +27,7 @@ from collections import deque
 
 from adazeta.config import GuardConfig
 from adazeta.errors import DivergenceError
-from adazeta.zo.spsa import LOW_PRECISION, Trainable
+from adazeta.params import LOW_PRECISION, Trainable
 
 log = logging.getLogger("adazeta")
 

@@ -11,7 +11,7 @@ goes into its Hydra output folder; `start` closes what it opened on every exit.
 Reliability is a few named calls: the divergence guard checks each step before its update
 (adazeta/engine/guard.py); checkpoints are saved every `train.save_steps` and restored by `train.resume`
 (adazeta/engine/checkpoint.py); SIGINT/SIGTERM stop the run after the current step with a checkpoint
-(adazeta/engine/interrupt.py); ZO steps are appended to a replay log (adazeta/cli/replay.py).
+(adazeta/engine/interrupt.py); ZO steps are appended to a replay log (adazeta/engine/replay_log.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from adazeta.cli.replay import ReplayLog
 from adazeta.config import GuardAction, Optimizer, ZOObjective
 from adazeta.engine import checkpoint, distributed, run_folder
 from adazeta.engine.build import Run, build_run, to_device
@@ -42,9 +41,11 @@ from adazeta.engine.guard import Guard, check_precision, get_lr, set_lr
 from adazeta.engine.interrupt import interruption, resume_command
 from adazeta.engine.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
 from adazeta.engine.memory import device_peaks_gib, get_memory_stats, reset_peak
+from adazeta.engine.replay_log import ReplayLog
 from adazeta.errors import ConfigError, DivergenceError, Interrupted
+from adazeta.params import Trainable
 from adazeta.tasks import Example
-from adazeta.zo.spsa import Trainable
+from adazeta.zo.sharded import Dist
 
 log = logging.getLogger("adazeta")
 
@@ -133,7 +134,7 @@ class Training:
     cfg: DictConfig
     run_dir: Path
     run: Run
-    dist: distributed.Dist
+    dist: Dist
     ckpt: checkpoint.Checkpointer
     state: checkpoint.LoopState
     replay: ReplayLog | None

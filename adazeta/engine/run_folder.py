@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from adazeta.errors import AdazetaError, RunFolderError
 
 LOCK = ".run.lock"
-# What a run writes into its folder (adazeta/engine/loop.py, checkpoint.py, loggers.py; adazeta/cli/replay.py).
+# What a run writes into its folder (adazeta/engine/loop.py, checkpoint.py, loggers.py, replay_log.py).
 RUN_FILES = (
     "metrics.jsonl", "replay.jsonl", "summary.json", "checkpoints", "best_trainable.safetensors",
     "config.yaml", "metrics_rolled_back.jsonl", "resumed_from.txt", "wandb",

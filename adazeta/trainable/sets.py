@@ -10,12 +10,12 @@ from omegaconf import OmegaConf
 from adazeta.config import AdapterConfig, Head, MethodConfig, TrainableSet
 from adazeta.errors import ConfigError
 from adazeta.models.load import classification_head, is_norm
+from adazeta.params import Trainable
 from adazeta.trainable.lora import (
     inject_lora,  # imported up front: its import memory is not the method's
 )
 from adazeta.trainable.prefix import PREFIX_MARKER, inject_prefix
 from adazeta.trainable.tt_adapters import inject_tt_adapters
-from adazeta.zo.spsa import Trainable
 
 
 def freeze(model: torch.nn.Module) -> None:

@@ -183,6 +183,19 @@ class TTLinear(nn.Module):
         """
         return tt_factors(list(self.cores) if cores is None else cores, len(self.in_modes))
 
+    def replica_factors(
+        self, params: dict[str, torch.Tensor], n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A (n, d_in, r_M), B (n, r_M, d_out) and the bias of n replicas of this layer, whose
+        forward is then y_r = (x_r A_r) B_r + bias_r. ``params`` maps some of the layer's parameter
+        names (``cores.<k>``, ``bias``) to per-replica stacks (n, *shape); the others are shared by
+        every replica. The bias is (n, d_out), (d_out,) or None. What parallel queries
+        (``adazeta.zo.parallel``) ask of a layer that computes with its submodules' parameters.
+        """
+        cores = [params.get(f"cores.{k}", c.expand(n, *c.shape)) for k, c in enumerate(self.cores)]
+        a, b = self.factors(cores)
+        return a, b, params.get("bias", self.bias)
+
     def dense_weight(self) -> torch.Tensor:
         """The full (d_in, d_out) weight, so that forward(x) == x @ dense_weight() + bias.
 

@@ -14,7 +14,7 @@ losses were evaluated:
   of bf16/fp16 weights).
 - `ParallelQueries` (adazeta/zo/parallel.py): the 2Q perturbed forwards as batched forwards over
   replicas of the batch (`zo.parallel_queries=true`).
-- `Sharded` (adazeta/engine/distributed.py): wraps one of the above and shares its queries (or the batch)
+- `Sharded` (adazeta/zo/sharded.py): wraps one of the above and shares its queries (or the batch)
   across torchrun ranks.
 
 Two attributes tell the step what an estimator does to the weights: `writes_weights` (it perturbs
@@ -25,6 +25,9 @@ at theta - eps z for a fused SGD update to restore: `zo.fused_update`).
 A new estimator is a class with these two attributes and that call; pass a factory
 `(model, spsa) -> estimator` to `build_method(..., estimator=...)` (or `ZOStep(..., estimator=...)`)
 and it takes the place of the default one, wrapped by `Sharded` under torchrun.
+
+The estimators beyond SPSA are steps of their own (FZOO, LOZO, HiZOO: adazeta/zo/fzoo.py, lozo.py,
+hizoo.py); `check_estimator_support` refuses what they do not support, naming the key.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from typing import Protocol
 import torch
 
 from adazeta.config import MethodConfig, ZOConfig
-from adazeta.engine.distributed import Dist, Sharded
+from adazeta.errors import ConfigError
+from adazeta.params import LOW_PRECISION, Trainable
 from adazeta.zo.parallel import ParallelQueries, check_parallel
+from adazeta.zo.sharded import Dist, Sharded, launched
 from adazeta.zo.sparse import InForwardPerturbation
 from adazeta.zo.spsa import SPSA
 
@@ -91,3 +96,36 @@ def build_estimator(
     if dist is not None and dist.enabled:
         estimator = Sharded(estimator, dist, spsa)
     return estimator
+
+
+def check_estimator_support(
+    estimator: str, cfg: MethodConfig, zo: ZOConfig, trainables: list[Trainable], sets: tuple, rules: tuple[str, ...],
+) -> None:
+    """Refuse, naming the key and the valid choices, what an estimator beyond SPSA does not do."""
+    if cfg.trainable not in sets:
+        raise ConfigError(
+            f"method.trainable={cfg.trainable.value} is not supported by method.estimator={estimator}; valid: "
+            + ", ".join(s.value for s in sets)
+        )
+    if cfg.update_rule.value not in rules:
+        raise ConfigError(
+            f"method.update_rule={cfg.update_rule.value} is not supported by method.estimator={estimator}; valid: "
+            + ", ".join(rules)
+        )
+    if zo.parallel_queries:
+        raise ConfigError(
+            f"zo.parallel_queries=true is not supported by method.estimator={estimator} (its queries run one after "
+            "another); set zo.parallel_queries=false"
+        )
+    if launched():
+        raise ConfigError(
+            f"method.estimator={estimator} runs in one process: torchrun (WORLD_SIZE > 1) is not supported; "
+            "run it without torchrun, or use method.estimator=spsa"
+        )
+    low = [t for t in trainables if t.param.dtype in LOW_PRECISION]
+    if low:
+        raise ConfigError(
+            f"method.estimator={estimator} perturbs its trainable weights in place, and {len(low)} of them are "
+            f"{low[0].param.dtype} (e.g. {low[0].name}): a rounded round trip does not restore them. "
+            "Use model.dtype=float32, or method.estimator=spsa"
+        )

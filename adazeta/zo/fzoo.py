@@ -49,18 +49,19 @@ import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
+from adazeta.params import Trainable
 from adazeta.step import (
     GROUPED_SETS,
     Guard,
     LossFn,
     RuleStep,
     StepResult,
-    check_estimator_support,
     check_update_fits,
     weight_norm,
 )
+from adazeta.zo.estimators import check_estimator_support
 from adazeta.zo.noise import chunk_bounds, query_seed, tensor_seed
-from adazeta.zo.spsa import Trainable, group_trainables
+from adazeta.zo.spsa import group_trainables
 from adazeta.zo.updates import UpdateRule
 
 # The trainable sets FZOO composes with (the paper: full parameters, LoRA and prefix tuning).

@@ -71,15 +71,16 @@ import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
+from adazeta.params import Trainable
 from adazeta.step import (
     GROUPED_SETS,
     StepResult,
-    check_estimator_support,
     check_update_fits,
     weight_norm,
 )
+from adazeta.zo.estimators import check_estimator_support
 from adazeta.zo.noise import Stream, query_seed
-from adazeta.zo.spsa import SPSA, Trainable
+from adazeta.zo.spsa import SPSA
 
 LossFn = Callable[[], torch.Tensor]
 # The trainable sets HiZOO composes with (the paper: full parameters, LoRA and prefix tuning).

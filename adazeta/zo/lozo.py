@@ -39,17 +39,17 @@ import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
+from adazeta.params import Trainable
 from adazeta.step import (
     Guard,
     LossFn,
     RuleStep,
     StepResult,
-    check_estimator_support,
     check_update_fits,
     weight_norm,
 )
+from adazeta.zo.estimators import check_estimator_support
 from adazeta.zo.noise import query_seed, splitmix64, tensor_seed
-from adazeta.zo.spsa import Trainable
 from adazeta.zo.updates import UpdateRule
 
 V_TAG = 0x4C4F5A4F56  # "LOZOV": V's seeds are a stream of their own, apart from every query seed

@@ -16,7 +16,7 @@ in-forward perturbation of a large weight, adazeta/zo/sparse.py). Reading a unit
 values one read gives when every piece but the last holds a multiple of 16 values, on a device
 where `chunks_exact` holds (torch's CPU kernels); that is why `chunk_bounds` and sparse.py's
 `row_blocks` cut as they do, and why a unit elsewhere is read whole. So the estimators, the sparse
-masks and the replays of other ranks' perturbations (adazeta/engine/distributed.py) agree bit for bit by
+masks and the replays of other ranks' perturbations (adazeta/zo/sharded.py) agree bit for bit by
 construction: they read the same stream.
 """
 

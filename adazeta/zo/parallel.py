@@ -15,8 +15,9 @@ methods cannot run this way). During a replicated forward such a module's `forwa
 for a batched one that splits its input into the R replicas' row blocks:
 
 - nn.Linear (LoRA's A and B, classification heads): y_r = x_r W_r^T + b_r, one `baddbmm`;
-- TTLinear (AdaZeta's adapters): A_r, B_r from the replica's cores by batched contractions of
-  the fast-forward path, then y_r = (x_r A_r) B_r + b_r, two `bmm`s.
+- a `FactoredLinear` (TTLinear, AdaZeta's adapters): A_r, B_r from the replica's parameters, as
+  the layer forms them (for TTLinear, batched contractions of the fast-forward path's cores), then
+  y_r = (x_r A_r) B_r + b_r, two `bmm`s.
 
 Replicas are evaluated in chunks of at most `zo.max_replicas`; when that is null, as many as an
 estimate of the replicated activations allows (half the free memory, see `BatchLoss.replica_bytes`)
@@ -30,12 +31,12 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from adazeta.errors import ConfigError
-from adazeta.trainable.tt import TTLinear
 from adazeta.zo.spsa import SPSA
 
 # Automatic chunking (zo.max_replicas=null): replicated activations may take at most this
@@ -46,6 +47,28 @@ MEMORY_FRACTION = 0.5
 # sequential queries with 1024 / 2048 tokens per forward: 1.67 / 1.60x at 4 x 32 tokens,
 # 1.32 / 1.22x at 8 x 32, 1.11 / 1.16x at 16 x 32 (4096 tokens: 1.07x; 8192: 0.99x).
 CPU_TOKENS = 1024
+
+
+class FactoredLinear(Protocol):
+    """A linear layer y = (x A) B + bias whose A and B it forms from parameters held by its
+    submodules (TTLinear: its cores, in a ParameterList). It owns all of them, and forms A and B
+    per replica itself, so this module needs to know no class of the trainable sets."""
+
+    d_out: int
+
+    def replica_factors(
+        self, params: dict[str, torch.Tensor], n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A (n, d_in, r), B (n, r, d_out) and the bias ((n, d_out), (d_out,) or None) of n replicas,
+        from `params`: per-replica stacks (n, *shape) of some of its parameters by name
+        (`named_parameters()`), the others shared by every replica."""
+        ...
+
+
+def factored(module: nn.Module) -> bool:
+    """Whether `module` is a FactoredLinear. Read from its class, as an isinstance check would: a
+    method of the layer, never a parameter or submodule of that name."""
+    return callable(getattr(type(module), "replica_factors", None))
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -185,20 +208,22 @@ class ParallelQueries:
 
 def owners(model: nn.Module, spsa: SPSA) -> list[tuple[nn.Module, list[tuple[str, int]]]]:
     """The modules that compute with trainable tensors, each with [(its name for the tensor,
-    trainable index)]. A TTLinear owns its cores (held by a ParameterList child)."""
+    trainable index)]. A FactoredLinear owns its submodules' parameters (TTLinear: its cores, held
+    by a ParameterList child)."""
     index = {id(t.param): i for i, t in enumerate(spsa.trainables)}
     found, claimed = [], set()
     for module in model.modules():
-        if isinstance(module, TTLinear):
+        is_factored = factored(module)
+        if is_factored:
             params = module.named_parameters()
         elif isinstance(module, nn.ParameterList):
-            continue  # TTLinear cores: claimed by their TTLinear above
+            continue  # holds tensors for the module above it (a FactoredLinear's: claimed by it above)
         else:
             params = module.named_parameters(recurse=False)
         owned = [(name, index[id(p)]) for name, p in params if id(p) in index and id(p) not in claimed]
         if not owned:
             continue
-        if not isinstance(module, (nn.Linear, TTLinear)):
+        if not (is_factored or isinstance(module, nn.Linear)):
             raise ConfigError(
                 f"zo.parallel_queries=true: trainable {[n for n, _ in owned]} of a "
                 f"{type(module).__name__} cannot get per-replica copies (supported: nn.Linear, "
@@ -218,21 +243,20 @@ def owners(model: nn.Module, spsa: SPSA) -> list[tuple[nn.Module, list[tuple[str
 
 def replica_forward(module: nn.Module, params: dict[str, torch.Tensor], n: int) -> Callable:
     """The module's forward over an input of n row blocks, block r with weights params[.][r]."""
-    if isinstance(module, TTLinear):
-        cores = [params.get(f"cores.{k}", core.expand(n, *core.shape)) for k, core in enumerate(module.cores)]
-        bias = params.get("bias", module.bias)
-        a, b = module.factors(cores)  # (n, d_in, r), (n, r, d_out): once per forward, not per row
+    if factored(module):
+        # (n, d_in, r), (n, r, d_out): once per forward, not per row
+        a, b, bias = module.replica_factors(params, n)
         # Right-hand sides as transposed views of contiguous (n, r, d) copies: the layout CPU GEMMs
         # are fast with for a skinny operand (see TTLinear.forward).
         a, b = a.mT.contiguous().mT, b.mT.contiguous().mT
 
-        def tt_forward(x: torch.Tensor) -> torch.Tensor:
+        def factored_forward(x: torch.Tensor) -> torch.Tensor:
             xs = _blocks(x, n, module, a.device)
             h = torch.bmm(xs, a)
             y = torch.bmm(h, b) if bias is None else torch.baddbmm(_rows(bias), h, b)
             return y.reshape(*x.shape[:-1], module.d_out)
 
-        return tt_forward
+        return factored_forward
 
     weight = params.get("weight", module.weight)
     bias = params.get("bias", module.bias)

@@ -32,8 +32,9 @@ from collections.abc import Callable
 
 import torch
 
+from adazeta.params import Trainable
 from adazeta.zo.noise import Stream
-from adazeta.zo.spsa import SPSA, Trainable, chunks_exact, query_stats
+from adazeta.zo.spsa import SPSA, chunks_exact, query_stats
 
 # Weights of at least this many values are perturbed block by block in the forward (see above).
 BLOCK_MIN = 1 << 22

@@ -38,10 +38,10 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
+from adazeta.params import LOW_PRECISION, Trainable
 from adazeta.zo.noise import (  # noqa: F401  (query_seed, tensor_seed: re-exported, the seeds' old home)
     CHUNK,
     Stream,
@@ -54,8 +54,6 @@ from adazeta.zo.noise import (  # noqa: F401  (query_seed, tensor_seed: re-expor
 
 # Passes over fewer trainable values than this run on the calling thread only (adapters, LoRA).
 THREADED_MIN = 1 << 20
-# Dtypes whose updates are written with stochastic rounding (see the module docstring).
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Stochastic rounding of a whole tensor (a large one on CUDA) goes through float32 temporaries of
 # at most this many values at a time.
 ROUND_SLICE = 1 << 22
@@ -90,15 +88,6 @@ def write_rounded(dst: torch.Tensor, x: torch.Tensor, generator: torch.Generator
     for a in range(0, flat_x.numel(), ROUND_SLICE):
         b = min(a + ROUND_SLICE, flat_x.numel())
         flat_dst[a:b] = stochastic_round(flat_x[a:b], dst.dtype, generator)
-
-
-@dataclass
-class Trainable:
-    """One trainable tensor and whether weight decay applies to it."""
-
-    name: str
-    param: torch.nn.Parameter
-    decay: bool
 
 
 def group_trainables(trainables: list[Trainable]) -> tuple[list[Trainable], list[int], list[int], list[list[int]]]:
@@ -165,7 +154,7 @@ class SPSA:
     `displaced` records where the weights sit relative to theta: {seed: s} for theta + s eps z(seed)
     (every in-place write goes through `perturb`); `restore()` brings them back. `on_perturb(seed,
     scale)`, given at construction, is told of every such write (the step's record of what its
-    estimate wrote, which the replay log keeps: adazeta/cli/replay.py).
+    estimate wrote, which the replay log keeps: adazeta/engine/replay_log.py).
     """
 
     def __init__(

@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from adazeta.zo.spsa import LOW_PRECISION, SPSA, rounding_seed
+from adazeta.params import LOW_PRECISION
+from adazeta.zo.spsa import SPSA, rounding_seed
 
 
 class UpdateRule:
