@@ -1,5 +1,5 @@
-"""What full-parameter ZO does to bf16 weights, before and after adazeta's low-precision path
-(issue 18, item 1). Prints one table; a minute on one CPU core.
+"""What full-parameter ZO does to bf16 weights, before and after adazeta's low-precision path.
+Prints one table; a minute on one CPU core.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/bf16_zo.py
 

@@ -1,5 +1,5 @@
 """RNG calls (normal_ launches) per pass over the trainables, for AdaZeta on the Llama-2-7B
-architecture (issue 18, item 10): per tensor (before) and per group (after). A model of 1 and 2
+architecture: per tensor (before) and per group (after). A model of 1 and 2
 layers built from conf/model/llama2-7b.yaml's config with uninitialised base weights (built on the
 meta device, then given memory: SPSA never reads them) and real TT adapters, vocabulary cut to 256
 (the adapters do not see it), extrapolated linearly to its 32 layers. Seconds on one CPU core.

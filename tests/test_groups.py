@@ -1,4 +1,4 @@
-"""One RNG call per group (issue 18, item 10): adapter and LoRA tensors live in one flat buffer per
+"""One RNG call per group: adapter and LoRA tensors live in one flat buffer per
 (device, dtype, decay) group, the parameters are views of it, and a pass draws z once per group
 and query instead of once per tensor (AdaZeta on Llama-2-7B: 1,344 tensors; scripts/rng_calls.py)."""
 

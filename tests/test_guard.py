@@ -246,10 +246,10 @@ def test_the_explosion_check_protects_from_the_second_step():
 
 @pytest.mark.parametrize("batch", [16, 8])
 def test_a_huge_lr_is_stopped_before_its_first_step(tmp_path, batch):
-    """The issue's repro (MeZO, lr 1e3, ten steps): at batch 16 it used to apply a step whose loss
-    was about 5.5e5 and end without an error; at batch 8 (today's default) the first step
-    flattens the model to a loss of exactly ln 2, which no loss check can tell from learning, and
-    the run ended with exit 0. The update-size check stops it before step 1 moves a weight."""
+    """MeZO at lr 1e3 for ten steps: at batch 16 a step whose loss is about 5.5e5 would be applied
+    and the run end without an error; at batch 8 (the default) the first step would flatten the
+    model to a loss of exactly ln 2, which no loss check can tell from learning, and the run would
+    end with exit 0. The update-size check stops it before step 1 moves a weight."""
     cfg = job_config(compose_config(["model=tiny-llama", "method=mezo", "method.lr=1e3", "train.max_steps=10",
                                      f"train.batch_size={batch}", "train.log_steps=1", "train.progress=false"]))
     (tmp_path / "run").mkdir()

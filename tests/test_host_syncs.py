@@ -1,4 +1,4 @@
-"""Host syncs (issue 18, item 9): on a GPU every read of a device value by the host (`.item()`,
+"""Host syncs: on a GPU every read of a device value by the host (`.item()`,
 `.tolist()`, `int(t)`, a `repeat_interleave` without its output size) waits for the queue to drain.
 A ZO step reads the device once, whatever its number of queries, and a causal-LM scoring forward
 not at all: the sizes it needs are fixed when the batch is encoded.

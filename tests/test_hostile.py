@@ -1,6 +1,6 @@
-"""Hostile inputs, continued (issue 15, section 2): each of these ended in a Python traceback (or a
-hang, or was accepted and silently ignored) and now gives one line that names the bad value and
-what to do, and leaves the run data it found intact.
+"""Hostile inputs, continued: each of these gives one line that names the bad value and what to
+do (no Python traceback, no hang, nothing accepted and silently ignored), and leaves the run data
+it found intact.
 
 The table runs in process, as tests/test_bad_inputs.py does (its `runs` fixture, its error_of);
 adazeta-plan and adazeta-compare run through their main(); the cases that only the real entrypoint

@@ -1,4 +1,4 @@
-"""ZO on bf16 weights (issue 18, items 1 and 2): a full-parameter method on a bf16 model trains,
+"""ZO on bf16 weights: a full-parameter method on a bf16 model trains,
 its perturbation leaves no drift, and optimiser state lives in fp32.
 
 An update lr g z of about 1e-6 is under half a bf16 ulp of a weight near 0.02 (1.2e-4): rounded

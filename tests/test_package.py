@@ -1,6 +1,6 @@
 """The wheel is the whole program: built from this checkout, installed into a fresh virtual
 environment, `adazeta-train` finds its configs and runs from a folder that knows nothing of the
-checkout (a non-editable install used to have no configs at all)."""
+checkout."""
 
 from __future__ import annotations
 

@@ -51,8 +51,8 @@ def curve(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow  # the entrypoint in child processes
 def test_a_second_run_into_a_run_folder_is_refused_untouched_and_the_run_resumes_in_place(tmp_path):
-    """The issue's repro: the same command again with other keys used to mix two runs in one
-    folder. Now it is refused before Hydra writes anything; resuming in place still works."""
+    """The same command again with other keys would mix two runs in one folder: it is refused
+    before Hydra writes anything; resuming in place still works."""
     folder = tmp_path / "run"
     first = run_entrypoint(RUN, tmp_path)
     assert first.returncode == 0, output(first)[-3000:]
@@ -172,7 +172,8 @@ def finished(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", list(DAMAGE))
 def test_resuming_in_place_from_a_damaged_checkpoint_touches_nothing(finished, tmp_path, case):
-    """It used to delete metrics.jsonl, replay.jsonl and summary.json, then find the checkpoint bad."""
+    """A damaged checkpoint is found bad before anything is touched: metrics.jsonl, replay.jsonl and
+    summary.json stay as they were."""
     name, damage, says = DAMAGE[case]
     folder = tmp_path / "run"
     shutil.copytree(finished, folder)

@@ -1107,7 +1107,7 @@ REAL = ["sst2", "rte", "boolq", "cb", "copa", "wic"]
 def test_train_two_steps_on_real_files(name, tmp_path):
     data = SHARED_DATA / name
     if not data.is_dir():
-        pytest.skip(f"{data} is absent: the real task files ship beside the repo (../shared/data, DESIGN.md section 5)")
+        pytest.skip(f"{data} is absent: the real task files ship beside the repo (../shared/data; task.data_dir points a task at them)")
     proc = run_entrypoint(
         [
             f"task={name}",
@@ -1136,10 +1136,10 @@ def test_train_two_steps_on_real_files(name, tmp_path):
 @pytest.mark.parametrize("name", ["rte", "boolq", "cb", "wic"])
 def test_minilm_trains_on_every_real_sentence_pair_task(name, tmp_path):
     """The packaged MiniLM through its mean-pooled head on real sentence pairs, which carry
-    token_type_ids (they crashed it before issue 15)."""
+    token_type_ids."""
     data = SHARED_DATA / name
     if not data.is_dir():
-        pytest.skip(f"{data} is absent: the real task files ship beside the repo (../shared/data, DESIGN.md section 5)")
+        pytest.skip(f"{data} is absent: the real task files ship beside the repo (../shared/data; task.data_dir points a task at them)")
     proc = run_entrypoint([f"task={name}", f"task.data_dir={data}", "model=minilm", "method=adazeta",
                            "train.max_steps=2", "train.eval_steps=2", "train.batch_size=4", "task.num_train=16",
                            "task.num_dev=8", "task.num_test=8", "train.progress=false"], tmp_path)

@@ -8,8 +8,8 @@ The log, <run>/replay.jsonl, and what its records hold: adazeta/engine/replay_lo
 runs each step through the method's own ZOStep (`ZOStep.run`) with an estimate that repeats the
 step's logged in-place writes and returns the logged g_q, so the update (fused or not, masks, rule
 state) is the run's own code.
-Adapter and LoRA sets draw z per group of tensors (adazeta/zo/spsa.py, issue 18): logs of such runs
-made before that change replay with the adazeta version that wrote them, not with this one.
+Adapter and LoRA sets draw z per group of tensors (adazeta/zo/spsa.py): a log replays with an
+adazeta version that draws z as the version that wrote it did.
 First-order methods (ft, lora_fo) have no replay log: backprop gradients are not a function of
 seeds.
 """

@@ -2,7 +2,7 @@
 after every step and `adazeta-replay` (adazeta/cli/replay.py) rebuilds the trainable parameters
 from, without a forward pass.
 
-A ZO run's whole update history is (seed_q, g_q) per step (DESIGN.md 2.1): z_q is regenerated
+A ZO run's whole update history is (seed_q, g_q) per step (docs/design.md, section 4.1): z_q is regenerated
 from its seed, so each step's update can be applied again from the logged projected gradients.
 <run>/replay.jsonl has one line per applied step:
 

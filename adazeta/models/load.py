@@ -186,7 +186,7 @@ def load_model(cfg: ModelConfig, num_labels: int = 2) -> LoadedModel:
         log.info("device_map=%s: %s", cfg.device_map, dict(model.hf_device_map))
     model.eval()  # ZO forwards run without dropout; first-order methods switch to train() themselves
     if head == Head.classification:
-        # The new head is trainable and must stay fp32 whatever the base dtype (DESIGN.md 2.1).
+        # The new head is trainable and must stay fp32 whatever the base dtype (docs/design.md, section 4.1).
         head_module = classification_head(model).float()
         head_module.register_forward_pre_hook(
             lambda _m, args: tuple(a.float() if torch.is_tensor(a) else a for a in args)

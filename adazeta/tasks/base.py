@@ -9,7 +9,7 @@ label values in class order, its prompts, and how it is trained and scored:
 - `generation = True` (SQuAD, DROP): evaluated by greedy generation, scored by `metric` ("f1",
   with exact match reported too); otherwise by the best-scoring candidate ("accuracy").
 
-Protocols (DESIGN.md 2.4): MeZO samples num_train + num_dev examples from the train split (dev
+Protocols (docs/design.md, section 5): MeZO samples num_train + num_dev examples from the train split (dev
 first) and num_test from the validation split; LM-BFF (task.k_shot) samples k per class for train
 and for dev, and caps test at num_test.
 """

@@ -90,7 +90,7 @@ class PrefixedCache:
 
 class Prefix(nn.Module):
     """The trainable keys and values (H_kv, P, d) of one attention layer, fp32 whatever the model's
-    dtype (DESIGN.md 2.1: in-place ZO perturbations of low-precision tensors do not round-trip)."""
+    dtype (docs/design.md, section 4.1: in-place ZO perturbations of low-precision tensors do not round-trip)."""
 
     def __init__(self, heads: int, num_prefix: int, head_dim: int, device: torch.device):
         super().__init__()
