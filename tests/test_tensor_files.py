@@ -1,4 +1,4 @@
-"""The run's safetensors files, written and read one tensor at a time (adazeta/engine/checkpoint.py
+"""The run's safetensors files, written and read one tensor at a time (adazeta/engine/tensor_files.py
 write_tensors, read_into): files safetensors itself reads back exactly, tensors that are views of
 one flat buffer (a ZO step's adapter groups), refusals that name the tensor, and a peak memory of
 about one tensor rather than a copy of the whole set."""
@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from adazeta.engine.checkpoint import read_into, write_tensors
 from adazeta.engine.memory import _status_gib, reset_peak
+from adazeta.engine.tensor_files import read_into, write_tensors
 from adazeta.errors import CheckpointError
 
 

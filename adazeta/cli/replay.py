@@ -124,6 +124,7 @@ def replay(run_dir: Path, checkpoint: Path | None = None, save: Path | None = No
     from adazeta.config import Optimizer
     from adazeta.engine import checkpoint as ckpt
     from adazeta.engine.build import build_run
+    from adazeta.engine.tensor_files import read_tensors, write_tensors
 
     cfg = run_config(run_dir)
     if cfg.method.optimizer != Optimizer.zo:
@@ -136,7 +137,7 @@ def replay(run_dir: Path, checkpoint: Path | None = None, save: Path | None = No
         checkpoint = found[-1]
     saved = ckpt.read_json(checkpoint / "state.json")
     target_step, count = saved["step"], saved.get("replay_records")
-    target = ckpt.read_tensors(checkpoint / "trainable.safetensors")
+    target = read_tensors(checkpoint / "trainable.safetensors")
     log_path = run_dir / "replay.jsonl"
     if not log_path.is_file() or count is None:
         raise CheckpointError(f"{log_path} does not exist: the run was made with train.replay_log=false, so it "
@@ -159,7 +160,7 @@ def replay(run_dir: Path, checkpoint: Path | None = None, save: Path | None = No
              for n in rebuilt}
     unequal = [n for n in rebuilt if not torch.equal(rebuilt[n], target[n])]
     if save is not None:
-        ckpt.write_tensors(save, rebuilt)
+        write_tensors(save, rebuilt)
     return {"steps": target_step, "checkpoint": str(checkpoint), "tensors": len(rebuilt),
             "values": sum(v.numel() for v in rebuilt.values()), "unequal": unequal,
             "max_abs_diff": max(diffs.values(), default=0.0), "worst": max(diffs, key=diffs.get) if diffs else None}

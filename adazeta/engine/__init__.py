@@ -1,1 +1,1 @@
-"""The engine behind every run: build, loop, checkpoint and resume, the replay log, divergence guard, torchrun's process group, memory, metric loggers, SIGINT/SIGTERM, the run folder."""
+"""The engine behind every run: build, loop, checkpoints (checkpoint), resuming (resume), safetensors files (tensor_files), the replay log, divergence guard, torchrun's process group, memory, metric loggers, SIGINT/SIGTERM, the run folder."""

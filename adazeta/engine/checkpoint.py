@@ -1,4 +1,5 @@
-"""Checkpoints: save, find, check and restore everything a run needs to continue exactly.
+"""Checkpoints: save, check and restore everything a run needs to continue exactly (which one to
+resume from, and rewinding the run folder to it: adazeta/engine/resume.py).
 
     <run>/checkpoints/step-0000040/
         trainable.safetensors       the trainable parameters
@@ -26,19 +27,16 @@ import logging
 import os
 import random
 import shutil
-import struct
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from adazeta.engine.guard import Guard, get_lr, set_lr
+from adazeta.engine.tensor_files import fsync, read_tensors, tensor_specs, write_tensors
 from adazeta.errors import CheckpointError
 from adazeta.params import Trainable
 
@@ -51,7 +49,6 @@ FREE_KEYS = ("train.resume",)
 # What restore() reads from state.json.
 STATE_KEYS = ("step", "forward_passes", "window", "best", "rollbacks", "truncated", "optimizer", "guard", "rng",
               "identity", "config")
-DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors -> torch
 
 
 @dataclass
@@ -66,125 +63,6 @@ class LoopState:
     rollbacks: int = 0
     tokens: int = 0  # forward tokens this process has processed in training steps (tokens x passes)
     train_s: float = 0.0  # wall seconds this process has spent in training steps
-
-
-# -- files ---------------------------------------------------------------------------------
-
-# torch dtype -> safetensors dtype name
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-@torch.no_grad()
-def write_tensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor]) -> None:
-    """Write `tensors` as a safetensors file, one tensor at a time: the header first (names, dtypes,
-    shapes, offsets: known without the data), then each tensor's bytes straight from its storage
-    (moved to the CPU, and made contiguous, one tensor at a time). safetensors' own save_file
-    takes every tensor at once and turns each into a bytes copy, and tensors that share memory (the
-    views of one flat buffer a ZO step keeps its adapters in) must be copied before it accepts them:
-    for a full-parameter set that is one or two extra copies of the model in host memory (SmolLM2-
-    135M: +0.96 GiB on a 0.46 GiB model, measured). Here the peak is the largest tensor."""
-    items = list(tensors.items() if isinstance(tensors, dict) else tensors)
-    header, offset = {}, 0
-    for name, t in items:
-        if t.dtype not in SAFETENSORS_DTYPES:
-            raise TypeError(f"write_tensors: {name} has dtype {t.dtype}, which safetensors has no name for here")
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for _, t in items:
-            if t.numel():
-                f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-
-@torch.no_grad()
-def read_into(path: Path, params: dict[str, torch.Tensor]) -> None:
-    """Copy the tensors of a safetensors file into `params` (name -> tensor), one at a time, read
-    with plain file reads straight into each CPU tensor's storage (through a buffer of that tensor's
-    size for another device or layout). safetensors' loaders map the file, and its mapped pages
-    count in the process's resident set: the whole file on top of the model (+0.50 GiB for
-    SmolLM2-135M, measured)."""
-    present(path)
-    try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-            start = 8 + size
-            missing = set(params) - set(header)
-            if missing:
-                raise CheckpointError(f"{path} lacks {len(missing)} of the trainable tensors, e.g. {sorted(missing)[0]}")
-            for name, p in params.items():
-                spec = header[name]
-                a, b = spec["data_offsets"]
-                if spec["dtype"] != SAFETENSORS_DTYPES.get(p.dtype) or list(spec["shape"]) != list(p.shape):
-                    raise CheckpointError(f"{path}: {name} is {spec['dtype']} {spec['shape']}, the run's tensor "
-                                          f"{SAFETENSORS_DTYPES.get(p.dtype)} {list(p.shape)}")
-                direct = p.device.type == "cpu" and p.is_contiguous()
-                dst = p if direct else torch.empty(p.shape, dtype=p.dtype)
-                f.seek(start + a)
-                if b > a and f.readinto(memoryview(dst.reshape(-1).view(torch.uint8).numpy())) != b - a:
-                    raise CheckpointError(f"{path} ends inside {name}: the file is truncated")
-                if not direct:
-                    p.copy_(dst)
-    except (OSError, ValueError, KeyError, struct.error) as e:
-        raise unreadable(path, e) from e
-
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file, or a CheckpointError saying what is wrong with it."""
-    present(path)
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise unreadable(path, e) from e
-
-
-def tensor_specs(path: Path) -> dict[str, tuple[list[int], str]]:
-    """name -> (shape, dtype) of a safetensors file, from its header alone: safetensors refuses a
-    header that does not cover the whole file, so a truncated file fails here too."""
-    present(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118  (safe_open is no dict)
-            return {k: (list(s.get_shape()), DTYPES.get(s.get_dtype(), s.get_dtype())) for k, s in slices.items()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise unreadable(path, e) from e
-
-
-def present(path: Path) -> None:
-    if not path.is_file():
-        found = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
-        pickles = [n for n in found if n.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt"))]
-        hint = (f" (found {', '.join(pickles)}: checkpoints are read as safetensors only, never "
-                "unpickled, because loading a pickle can run arbitrary code)") if pickles else ""
-        raise CheckpointError(f"checkpoint file {path} is missing{hint}; resume from a complete checkpoint folder")
-
-
-def unreadable(path: Path, e: Exception) -> CheckpointError:
-    with path.open("rb") as f:
-        head = f.read(2)
-    what = "a pickle, not safetensors" if head[:1] == b"\x80" or head == b"PK" else "damaged or truncated"
-    return CheckpointError(
-        f"cannot read {path} ({e}): the file is {what}. Checkpoints are loaded with safetensors "
-        "only; resume from another checkpoint of the run"
-    )
 
 
 def read_json(path: Path) -> dict:
@@ -296,6 +174,16 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     old, new = flatten(saved), flatten(current)
     keys = sorted((old.keys() | new.keys()) - set(FREE_KEYS))
     return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def mismatch(folder: Path, theirs: dict, mine: dict) -> None:
+    diff = [f"{k}={theirs.get(k)!r} (this run: {mine[k]!r})" for k in IDENTITY_KEYS if theirs.get(k) != mine[k]]
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {folder} belongs to a different run: {', '.join(diff)}. Resume with the "
+            "same method, model, task and seed as the run that wrote it (other keys may change)"
+        )
+
 
 
 # -- RNG and optimiser state -----------------------------------------------------------------
@@ -462,152 +350,3 @@ class Checkpointer:
         window = [w + [0] * (5 - len(w)) for w in saved["window"]]
         return LoopState(**{k: saved[k] for k in ("step", "forward_passes", "best", "rollbacks")}, window=window,
                          tokens=saved.get("tokens", 0), train_s=saved.get("train_s", 0.0))
-
-
-# -- resuming --------------------------------------------------------------------------------
-
-
-def output_root(run_dir: Path, sweep_dir: Path | None) -> Path:
-    """Where `train.resume=auto` looks: outputs/runs for single runs (run folders are
-    <root>/<date>/<time>_...), outputs/multirun for sweep jobs (<root>/<date>/<time>/<job>)."""
-    return sweep_dir.parent.parent if sweep_dir is not None else run_dir.parent.parent
-
-
-def find(resume: str, cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Path | None:
-    """The checkpoint folder `train.resume` names: a checkpoint folder, a run folder's newest
-    checkpoint, or (`auto`) the newest checkpoint under the output root of a run with this config,
-    None if there is none (so the same command starts a run and resumes it after a pre-emption)."""
-    if resume == "auto":
-        root = output_root(run_dir, sweep_dir)
-        mine = plain_config(cfg)
-        candidates = []
-        states = [*root.glob(f"*/*/checkpoints/{PREFIX}*/state.json"), *root.glob(f"*/*/*/checkpoints/{PREFIX}*/state.json")]
-        for state in states:
-            try:
-                saved = json.loads(state.read_text())
-            except (OSError, ValueError):
-                continue
-            if not config_changes(saved.get("config", {}), mine):
-                candidates.append((saved.get("time", 0.0), state.parent))
-        if not candidates:
-            log.info("train.resume=auto: no checkpoint of a run with this config under %s; starting afresh", root)
-            return None
-        damaged = []
-        for _, folder in sorted(candidates, reverse=True):  # newest first
-            wrong = damage(folder)
-            if wrong is None:
-                log.info("train.resume=auto: resuming from %s, the newest intact one of %d checkpoints of runs with "
-                         "this config%s", folder, len(candidates),
-                         f" (skipped {len(damaged)} newer damaged ones: {', '.join(map(str, damaged))})" if damaged else "")
-                return folder
-            log.warning("train.resume=auto: skipping a damaged checkpoint: %s", wrong)
-            damaged.append(folder)
-        log.warning("train.resume=auto: every checkpoint of a run with this config under %s is damaged; starting afresh", root)
-        return None
-    path = Path(resume).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(f"train.resume={resume!r} is not a folder: give a run folder, one of its "
-                              "checkpoints/step-<N> folders, or auto")
-    if (path / "state.json").is_file():
-        return intact(path, cfg)
-    if path.name.startswith(PREFIX):
-        raise CheckpointError(f"train.resume={resume!r} is an incomplete checkpoint (no state.json): the run was "
-                              "stopped while writing it; resume from its run folder to take the newest complete one")
-    found = complete(path / "checkpoints")
-    if not found:
-        raise CheckpointError(
-            f"train.resume={resume!r} has no checkpoint (no checkpoints/{PREFIX}<N>/state.json in it): "
-            "runs save one every train.save_steps steps, at the end and on SIGINT/SIGTERM; start this run "
-            "afresh, or give the folder of a run that saved one"
-        )
-    return intact(found[-1], cfg)
-
-
-def intact(folder: Path, cfg: DictConfig) -> Path:
-    """precheck(), and when the checkpoint is damaged, an error that names the newest intact
-    checkpoint of the same run."""
-    wrong = damage(folder)
-    if wrong:
-        other = next((f for f in reversed(complete(folder.parent)) if f != folder and damage(f) is None), None)
-        hint = f". The newest intact checkpoint of this run is {other}: resume from it with train.resume={other}"
-        raise CheckpointError(wrong + (hint if other else ""))
-    return precheck(folder, cfg)
-
-
-def precheck(folder: Path, cfg: DictConfig) -> Path:
-    """What can be checked before the model loads: every file (verify), the run's identity and
-    the step."""
-    saved = verify(folder)
-    mine = {"method": cfg.method.name, "optimizer": cfg.method.optimizer.value, "update_rule": cfg.method.update_rule.value,
-            "trainable": cfg.method.trainable.value, "model": cfg.model.name, "task": cfg.task.name, "seed": cfg.seed}
-    mismatch(folder, saved["identity"], mine)
-    if saved["step"] > cfg.train.max_steps:
-        raise CheckpointError(f"checkpoint {folder} is at step {saved['step']}, past train.max_steps={cfg.train.max_steps}: "
-                              f"set train.max_steps >= {saved['step']} to continue the run")
-    return folder
-
-
-def mismatch(folder: Path, theirs: dict, mine: dict) -> None:
-    diff = [f"{k}={theirs.get(k)!r} (this run: {mine[k]!r})" for k in IDENTITY_KEYS if theirs.get(k) != mine[k]]
-    if diff:
-        raise CheckpointError(
-            f"checkpoint {folder} belongs to a different run: {', '.join(diff)}. Resume with the "
-            "same method, model, task and seed as the run that wrote it (other keys may change)"
-        )
-
-
-def rows_until(path: Path, step: int) -> list[dict]:
-    """The JSONL rows of a run up to `step`, without the end-of-run best/test rows."""
-    if not path.is_file():
-        return []
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if not isinstance(row, dict) or type(row.get("step")) is not int:
-            raise CheckpointError(f"{path}, line {i}: not a metrics row with a step ({line[:80]!r}); the earlier run's "
-                                  "curve is damaged: fix or delete that line, then resume again (nothing was changed)")
-        rows.append(row)
-    return [r for r in rows if r["step"] <= step and not any(k.startswith(("best/", "test/")) for k in r)]
-
-
-def carry_over(folder: Path, run_dir: Path) -> tuple[list[dict], list[str]]:
-    """Prepare a resumed run's folder: returns the old run's metric rows up to the checkpoint (to
-    log again, so every logger sees the whole curve) and its replay records; copies the best-dev
-    weights. Resuming into the old run's own folder rewinds it to the checkpoint."""
-    old_run = folder.parent.parent
-    saved = read_json(folder / "state.json")
-    step, count = saved["step"], saved.get("replay_records") or 0
-    rows = rows_until(old_run / "metrics.jsonl", step)
-    replay = old_run / "replay.jsonl"
-    records = replay.read_text().splitlines()[:count] if replay.is_file() else []
-    for name in ("metrics.jsonl", "replay.jsonl", "summary.json"):
-        (run_dir / name).unlink(missing_ok=True)  # only non-empty when resuming in place
-    for later in complete(run_dir / "checkpoints"):
-        if int(later.name[len(PREFIX):]) > step:
-            shutil.rmtree(later)
-    best = folder / "best_trainable.safetensors"
-    if best.exists():
-        tmp = run_dir / "best_trainable.safetensors.tmp"
-        shutil.copyfile(best, tmp)
-        tmp.replace(run_dir / "best_trainable.safetensors")
-    (run_dir / "resumed_from.txt").write_text(f"{folder}\n")
-    log.info("resuming from %s (step %d of run %s)", folder, step, old_run)
-    return rows, records
-
-
-def rewind_metrics(run_dir: Path, step: int) -> None:
-    """After a rollback: move the rows logged after `step` to metrics_rolled_back.jsonl, so
-    metrics.jsonl stays one curve (the log file keeps the whole story)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if json.loads(line)["step"] <= step]
-    with (run_dir / "metrics_rolled_back.jsonl").open("a") as f:
-        f.writelines(line for line in lines if json.loads(line)["step"] > step)
-    path.write_text("".join(keep))  # same file: the logger's append-mode handle writes after it

@@ -10,7 +10,7 @@ goes into its Hydra output folder; `start` closes what it opened on every exit.
 
 Reliability is a few named calls: the divergence guard checks each step before its update
 (adazeta/engine/guard.py); checkpoints are saved every `train.save_steps` and restored by `train.resume`
-(adazeta/engine/checkpoint.py); SIGINT/SIGTERM stop the run after the current step with a checkpoint
+(adazeta/engine/checkpoint.py, adazeta/engine/resume.py); SIGINT/SIGTERM stop the run after the current step with a checkpoint
 (adazeta/engine/interrupt.py); ZO steps are appended to a replay log (adazeta/engine/replay_log.py).
 """
 
@@ -35,13 +35,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from adazeta.config import GuardAction, Optimizer, ZOObjective
-from adazeta.engine import checkpoint, distributed, run_folder
+from adazeta.engine import checkpoint, distributed, resume, run_folder
 from adazeta.engine.build import Run, build_run, to_device
 from adazeta.engine.guard import Guard, check_precision, get_lr, set_lr
 from adazeta.engine.interrupt import interruption, resume_command
 from adazeta.engine.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
 from adazeta.engine.memory import device_peaks_gib, get_memory_stats, reset_peak
 from adazeta.engine.replay_log import ReplayLog
+from adazeta.engine.tensor_files import read_into, write_tensors
 from adazeta.errors import ConfigError, DivergenceError, Interrupted
 from adazeta.params import Trainable
 from adazeta.tasks import Example
@@ -66,19 +67,19 @@ def batches(examples: list[Example], batch_size: int, seed: int, start: int = 0)
 def save_trainables(trainables: list[Trainable], path: Path) -> None:
     """The trainables as a safetensors file, one tensor at a time (no copy of the set in memory)."""
     tmp = path.with_suffix(".tmp")
-    checkpoint.write_tensors(tmp, [(t.name, t.param) for t in trainables])
+    write_tensors(tmp, [(t.name, t.param) for t in trainables])
     tmp.replace(path)  # atomic: a crash never leaves a half-written file
 
 
 def load_trainables(trainables: list[Trainable], path: Path) -> None:
-    checkpoint.read_into(path, {t.name: t.param for t in trainables})
+    read_into(path, {t.name: t.param for t in trainables})
 
 
 def find_resume(cfg: DictConfig, run_dir: Path) -> Path:
     """The checkpoint `train.resume` names (`auto`: searched for under the output root)."""
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     sweep = Path(hc.sweep.dir) if hc is not None and hc.mode == RunMode.MULTIRUN else None
-    return checkpoint.find(cfg.train.resume, cfg, run_dir, sweep)
+    return resume.find(cfg.train.resume, cfg, run_dir, sweep)
 
 
 def claim(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -193,7 +194,7 @@ def start(cfg: DictConfig, run_dir: Path) -> Iterator[Training]:
         # before carry_over rewinds a run folder resumed in place.
         state = ckpt.restore(resume_from)
         if dist.is_main:
-            rows, records = checkpoint.carry_over(resume_from, run_dir)
+            rows, records = resume.carry_over(resume_from, run_dir)
     with contextlib.ExitStack() as opened:
         replay = None
         if cfg.train.replay_log and cfg.method.optimizer == Optimizer.zo and dist.is_main:
@@ -315,7 +316,7 @@ def diverged(t: Training, e: DivergenceError) -> checkpoint.LoopState:
         back.rollbacks, back.best = state.rollbacks + 1, state.best  # best-dev weights stay valid
         log.warning("%s; rollback %d of %d to step %d (%s), lr %.3g -> %.3g", e, back.rollbacks,
                     cfg.guard.max_rollbacks, back.step, ckpt.last, lr, get_lr(step_fn))
-        checkpoint.rewind_metrics(t.run_dir, back.step)
+        resume.rewind_metrics(t.run_dir, back.step)
         event = {"guard/rollbacks": back.rollbacks, "guard/diverged_step": e.step, "train/lr": get_lr(step_fn)}
         t.loggers.log_dict(event, back.step)
         return back

@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from adazeta.errors import AdazetaError, RunFolderError
 
 LOCK = ".run.lock"
-# What a run writes into its folder (adazeta/engine/loop.py, checkpoint.py, loggers.py, replay_log.py).
+# What a run writes into its folder (adazeta/engine/loop.py, checkpoint.py, resume.py, loggers.py, replay_log.py).
 RUN_FILES = (
     "metrics.jsonl", "replay.jsonl", "summary.json", "checkpoints", "best_trainable.safetensors",
     "config.yaml", "metrics_rolled_back.jsonl", "resumed_from.txt", "wandb",
@@ -166,7 +166,7 @@ class RunFolderCheck(Callback):
                 return
             resumed = resumed_run(resume)
             if resumed is not None and same(resumed, run_dir) and run_files(run_dir):
-                from adazeta.engine.checkpoint import find  # imports torch: only to resume in place
+                from adazeta.engine.resume import find  # imports torch: only to resume in place
 
                 in_use(run_dir)
                 find(resume, config, run_dir)  # reads every file of the checkpoint, writes nothing
