@@ -34,11 +34,11 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(adazeta.config.CONF_DIR)
-# The spine of every two-step run in these tests: tiny data, no progress bar.
-TINY_RUN = [
-    "train.max_steps=2", "train.eval_steps=1", "train.batch_size=4", "task.num_train=16",
-    "task.num_dev=8", "task.num_test=8", "train.progress=false",
-]
+# The data of every small run in these tests: 16 train, 8 dev and 8 test examples, batches of 4, no
+# progress bar.
+SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false"]
+# The spine of every two-step run.
+TINY_RUN = ["train.max_steps=2", "train.eval_steps=1", *SMALL]
 ENTRYPOINT_TIMEOUT = 180
 
 
@@ -97,6 +97,19 @@ def build_method_on(overrides: Iterable[str]):
     -> (Method, Objective, Task)."""
     run = build_run_on(overrides)
     return run.method, run.objective, run.task
+
+
+def built_step(*overrides: str):
+    """A small run (SMALL + overrides) built by the loop's build path, with the loss of one training
+    batch as a closure and the guard a step is handed: -> (cfg, Run, loss_fn, Guard)."""
+    from adazeta.engine.build import build_run, to_device
+    from adazeta.engine.guard import Guard
+
+    cfg = job_config(compose_config([*SMALL, *overrides]))
+    b = build_run(cfg)
+    batch = to_device(b.objective.encode(b.splits.train[:4], train=True), b.device)
+    loss_fn = lambda: b.objective.forward(b.method.model, batch)[0].mean()  # noqa: E731
+    return cfg, b, loss_fn, Guard(cfg.guard)
 
 
 def subprocess_env(home: Path) -> dict[str, str]:

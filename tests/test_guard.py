@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, job_config, read_jsonl
+from conftest import SMALL, compose_config, job_config, read_jsonl
+from conftest import built_step as built
 
 from adazeta.cli.replay import replay
-from adazeta.engine.build import build_run, to_device
 from adazeta.engine.guard import Guard, check_precision
 from adazeta.engine.loop import run
 from adazeta.engine.replay_log import ReplayLog
@@ -22,16 +22,6 @@ from adazeta.objectives import Objective
 from adazeta.params import Trainable
 from adazeta.validate import validate
 from adazeta.zo.spsa import SPSA, query_seed
-
-SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false"]
-
-
-def built(*overrides: str):
-    cfg = job_config(compose_config([*SMALL, *overrides]))
-    b = build_run(cfg)
-    batch = to_device(b.objective.encode(b.splits.train[:4], train=True), b.device)
-    loss_fn = lambda: b.objective.forward(b.method.model, batch)[0].mean()  # noqa: E731
-    return cfg, b, loss_fn, Guard(cfg.guard)  # the guard is passed to each step
 
 
 def weights(method) -> dict[str, torch.Tensor]:

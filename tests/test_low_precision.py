@@ -9,25 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_config, job_config
+from conftest import built_step
 
-from adazeta.engine.build import build_run, to_device
-from adazeta.engine.guard import Guard
 from adazeta.errors import ConfigError
 from adazeta.params import Trainable
 from adazeta.zo import spsa as zo
 from adazeta.zo.spsa import SPSA
 from adazeta.zo.updates import Adam, Momentum
-
-SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false"]
-
-
-def built(*overrides: str):
-    cfg = job_config(compose_config([*SMALL, *overrides]))
-    b = build_run(cfg)
-    batch = to_device(b.objective.encode(b.splits.train[:4], train=True), b.device)
-    loss_fn = lambda: b.objective.forward(b.method.model, batch)[0].mean()  # noqa: E731
-    return b, loss_fn, Guard(cfg.guard)  # the guard is passed to each step
 
 
 def weights(method) -> dict[str, torch.Tensor]:
@@ -80,7 +68,7 @@ def test_a_bf16_full_parameter_step_leaves_no_drift_and_moves_by_its_update():
     """MeZO on a bf16 tiny Llama: with lr = 0 the steps' perturbations (inside the forward) leave
     every weight bit-identical (in place, the +eps z / -2 eps z / +eps z round trip would not);
     with lr > 0 the update moves them."""
-    b, loss_fn, guard = built("model=tiny-llama", "model.dtype=bfloat16", "method=mezo", "method.lr=0.0")
+    _, b, loss_fn, guard = built_step("model=tiny-llama", "model.dtype=bfloat16", "method=mezo", "method.lr=0.0")
     assert {t.param.dtype for t in b.method.trainables} == {torch.bfloat16}
     assert not b.method.step.writes_weights
     start = weights(b.method)
@@ -96,7 +84,7 @@ def test_a_bf16_full_parameter_step_leaves_no_drift_and_moves_by_its_update():
 
 def test_in_place_sparse_perturbation_of_bf16_weights_is_refused():
     with pytest.raises(ConfigError, match=r"method.in_forward=true.*model.dtype=float32"):
-        built("model=tiny-llama", "model.dtype=bfloat16", "method=sparse_mezo", "method.in_forward=false")
+        built_step("model=tiny-llama", "model.dtype=bfloat16", "method=sparse_mezo", "method.in_forward=false")
 
 
 @pytest.mark.parametrize("rule", [Adam, Momentum])

@@ -9,14 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose_config, job_config, read_jsonl
+from conftest import SMALL, compose_config, job_config, read_jsonl
 from safetensors.torch import load_file
 
 from adazeta.cli.replay import main, replay
 from adazeta.engine.loop import run
 
-SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false",
-         "train.eval_steps=6", "train.max_steps=12"]
+RUN = [*SMALL, "train.eval_steps=6", "train.max_steps=12"]
 # name -> (overrides, how replay.jsonl records the estimate's in-place writes)
 RUNS = {
     "mezo": (["model=tiny-llama", "method=mezo", "method.lr=1e-3"], "round_trip_fused"),
@@ -42,7 +41,7 @@ RUNS = {
 def train(tmp_path: Path, *overrides: str) -> Path:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    run(job_config(compose_config([*SMALL, *overrides])), run_dir)
+    run(job_config(compose_config([*RUN, *overrides])), run_dir)
     return run_dir
 
 

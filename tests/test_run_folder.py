@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_config, job_config, output, read_jsonl, run_entrypoint, subprocess_env
+from conftest import (
+    SMALL,
+    compose_config,
+    job_config,
+    output,
+    read_jsonl,
+    run_entrypoint,
+    subprocess_env,
+)
 from safetensors.torch import load_file, save_file
 
 from adazeta.engine import run_folder
@@ -21,10 +29,9 @@ from adazeta.engine.loop import run
 from adazeta.errors import CheckpointError, RunFolderError
 from adazeta.validate import validate
 
-SMALL = ["train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "train.progress=false",
-         "train.eval_steps=2", "train.save_steps=2", "train.save_total_limit=10", "train.log_steps=1"]
+SAVING = [*SMALL, "train.eval_steps=2", "train.save_steps=2", "train.save_total_limit=10", "train.log_steps=1"]
 # MeZO on tiny-llama: about 0.1 s a step; checkpoints at steps 2 and 4.
-RUN = ["model=tiny-llama", "method=mezo", "method.lr=1e-3", *SMALL, "train.max_steps=4"]
+RUN = ["model=tiny-llama", "method=mezo", "method.lr=1e-3", *SAVING, "train.max_steps=4"]
 VARYING = ("time/", "mem/")
 
 
