@@ -215,6 +215,10 @@ class AdaptiveScheduleConfig(ScheduleConfig):
     q_min: int = 1
     """Lower bound on the queries per step: 1 in the paper (Q = 1 for the whole first epoch);
     conf/schedule/adaptive.yaml sets 2, which the study measured to keep lr 1e-3 stable."""
+    q_target: int | None = None
+    """The released AdaZeta code's rule (its `num_pertub`): derive beta = ln(q_target / alpha) /
+    ln(max_steps / steps_per_epoch) from the run's length, Q still capped at q_max
+    (conf/schedule/adaptive_released.yaml: 20, capped at 15). null: beta as given."""
 
 
 @dataclass

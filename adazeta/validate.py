@@ -44,6 +44,7 @@ CHECKS: list[Check] = [
     ("schedule.q", AT_LEAST_1, ">= 1"),
     ("schedule.q_max", AT_LEAST_1, ">= 1"),
     ("schedule.q_min", AT_LEAST_1, ">= 1"),
+    ("schedule.q_target", AT_LEAST_1, ">= 1 (or null: beta as given)"),
     ("schedule.alpha", POSITIVE, "> 0"),
     ("schedule.beta", NON_NEGATIVE, ">= 0"),
     ("schedule.q_start", AT_LEAST_1, ">= 1"),
@@ -185,6 +186,10 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     if q_min is not None and q_max is not None and q_min > q_max:
         raise ConfigError(f"schedule.q_min={q_min} is above schedule.q_max={q_max}: the adaptive schedule keeps Q "
                           "within [q_min, q_max]; lower schedule.q_min or raise schedule.q_max")
+    if lookup(cfg, "schedule.q_target") is not None and lookup(cfg, "schedule.reach_max_at_last_epoch"):
+        raise ConfigError("schedule.q_target and schedule.reach_max_at_last_epoch=true each derive beta from the run's "
+                          "length: keep one (q_target: the released AdaZeta code's rule, schedule=adaptive_released; "
+                          "reach_max_at_last_epoch: Q = q_max at the last epoch)")
     q_start, q_end = lookup(cfg, "schedule.q_start"), lookup(cfg, "schedule.q_end")
     if q_start is not None and q_end is not None and q_end < q_start:
         raise ConfigError(f"schedule.q_end={q_end} is below schedule.q_start={q_start}: the linear schedule grows "

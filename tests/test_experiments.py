@@ -29,6 +29,7 @@ ROBERTA = {"model": "roberta-large", "batch": 64, "steps": 100_000, "eval_steps"
 CPU = {"model": "smollm2-135m", "batch": 8, "steps": 60, "eval_steps": 15}
 EXPECTED = {
     "llama2_7b_adazeta": {**LLAMA, "method": "adazeta", "lr": 1e-4, "eps": 1e-3, "steps": 10_000},
+    "llama2_7b_adazeta_paper": {**LLAMA, "method": "adazeta", "lr": 1e-4, "eps": 1e-3, "steps": 10_000},
     "llama2_7b_mezo": {**LLAMA, "method": "mezo", "lr": 5e-7, "eps": 1e-3, "steps": 20_000},
     "llama2_7b_mezo_lora": {
         **LLAMA,
@@ -59,6 +60,7 @@ EXPECTED = {
 # sampling and the masked-LM head.
 SMOKE_TASK = {
     "llama2_7b_adazeta": "rte",
+    "llama2_7b_adazeta_paper": "rte",
     "llama2_7b_mezo": "squad",
     "llama2_7b_mezo_lora": "boolq",
     "llama2_7b_sparse_mezo": "cb",
@@ -236,12 +238,15 @@ def test_experiment_composes_to_its_paper_values(name, monkeypatch):
     if want["model"] == "llama2-7b":  # MeZO's protocol from the task file, real data only
         assert (obj.task.k_shot, obj.task.builtin, obj.model.dtype) == (None, False, "bfloat16")
         assert (obj.task.num_train, obj.task.num_test) == (1000, 1000)
-    if want["method"] == "adazeta":  # Q_max 20 on Llama; Q fixed at 1 on RoBERTa
+    if want["method"] == "adazeta":  # on Llama: the released code's Q (capped at 15) or the paper's; RoBERTa: Q = 1
         if want["model"] == "roberta-large":
             assert isinstance(obj.schedule, schema.ConstantScheduleConfig) and obj.schedule.q == 1
         else:
             assert isinstance(obj.schedule, schema.AdaptiveScheduleConfig)
-            assert want["model"] != "llama2-7b" or obj.schedule.q_max == 20
+            if name == "llama2_7b_adazeta":
+                assert (obj.schedule.q_target, obj.schedule.q_max) == (20, 15)
+            elif want["model"] == "llama2-7b":
+                assert (obj.schedule.q_target, obj.schedule.beta, obj.schedule.q_max) == (None, 0.45, 20)
     if want["method"] == "sparse_mezo":
         assert obj.method.sparsity == 0.8 and obj.method.in_forward
     if name.startswith("cpu_sst2_"):  # the built-in sample unless ADAZETA_SST2_DIR names real files
@@ -295,7 +300,7 @@ def test_the_cli_takes_an_experiment_and_a_task(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg = OmegaConf.create(proc.stdout)
     assert (cfg.model.name, cfg.task.name, cfg.method.name) == ("llama2-7b", "rte", "adazeta")
-    assert cfg.train.max_steps == 10_000 and cfg.schedule.q_max == 20
+    assert cfg.train.max_steps == 10_000 and (cfg.schedule.q_target, cfg.schedule.q_max) == (20, 15)
 
 
 def test_readme_names_every_experiment():

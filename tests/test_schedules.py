@@ -1,6 +1,7 @@
 """Query schedules: expected values are worked out by hand in the comments, not recomputed."""
 
 import logging
+import math
 
 import pytest
 from hydra.utils import instantiate
@@ -56,6 +57,44 @@ def test_the_shipped_adaptive_schedule_floors_q_at_2_and_the_paper_experiment_at
     for s in (default, paper):
         s.bind(steps_per_epoch=10, max_steps=100)
     assert (default(0), paper(0)) == (2, 1)
+
+
+def released_q(epoch: int, max_steps: int, num_train: int, batch: int) -> int:
+    """The released AdaZeta code's Q, transcribed (yifanycc/AdaZeta, large_models/run.py: inc_rate
+    from NUM=20 and SHRINK=0.85; trainer_adazeta.py: the clamp, NUM_MAX=15)."""
+    total_epoch = max_steps / (num_train / batch)
+    inc_rate = math.log((1 / 0.85) * 20) / math.log(total_epoch)
+    return min(max(int(0.85 * (epoch ** inc_rate)), 1), 15)
+
+
+def test_adaptive_q_target_is_the_released_codes_schedule():
+    # 160 epochs: beta = ln(20 / 0.85) / ln(160) = 3.1582 / 5.0752 = 0.6223
+    # e=10: 0.85 * 10^0.6223 = 3.56 -> 3 | e=100: 0.85 * 17.56 = 14.93 -> 14 | e=101: 15.03 -> 15 (the cap)
+    s = AdaptiveSchedule(alpha=0.85, q_max=15, q_min=1, q_target=20)
+    s.bind(steps_per_epoch=1, max_steps=160)
+    assert s.effective_beta == pytest.approx(0.6223, abs=1e-4)
+    assert [s(e) for e in (0, 1, 10, 100, 101, 159)] == [1, 1, 3, 14, 15, 15]
+    # Against the transcription, at a length whose epochs are whole batches in both loaders (992
+    # examples at batch 16: 62 steps an epoch), over every epoch of Llama-2-7B's 10k steps.
+    s.bind(steps_per_epoch=62, max_steps=10_000)
+    assert [s(k) for k in range(0, 10_000, 62)] == [released_q(e, 10_000, 992, 16) for e in range(0, 10_000 // 62 + 1)]
+
+
+def test_the_paper_experiment_runs_the_released_schedule_and_its_paper_twin_the_papers_text():
+    from conftest import compose_config
+
+    released = compose_config(["experiment=llama2_7b_adazeta"], hydra_config=False).schedule
+    paper = compose_config(["experiment=llama2_7b_adazeta_paper"], hydra_config=False).schedule
+    assert (released.q_target, released.q_max, released.q_min) == (20, 15, 1)
+    assert (paper.q_target, paper.beta, paper.q_max, paper.q_min) == (None, 0.45, 20, 1)
+    s = instantiate(released)
+    s.bind(steps_per_epoch=62, max_steps=10_000)  # 1000 examples at batch 16 in our loader
+    assert s.effective_beta == pytest.approx(math.log(20 / 0.85) / math.log(10_000 / 62))
+
+
+def test_q_target_and_reach_max_are_one_choice():
+    with pytest.raises(ValueError, match="set one of them"):
+        AdaptiveSchedule(q_target=20, reach_max_at_last_epoch=True)
 
 
 def test_adaptive_q_constant_within_an_epoch():

@@ -86,9 +86,16 @@ class AdaptiveSchedule(_Bound):
     Epochs count from 0, as in the reference code (yifanycc/AdaZeta,
     large_models/trainer_adazeta.py: ``min(max(int(shrink_factor * (epoch ** inc_rate)), 1),
     num_pertub_max)`` inside the Hugging Face ``for epoch in range(...)`` loop). So the first
-    epoch always runs with Q = 1 and Q changes only at epoch starts. The reference run script
-    (large_models/run_all_large_exp.sh) uses alpha 0.85 with beta 0.4 (mezo.sh default) and
-    q_max 15; the paper reports alpha 0.85, beta 0.45, q_max 20 (the defaults here).
+    epoch always runs with Q = 1 and Q changes only at epoch starts. The paper reports alpha 0.85,
+    beta 0.45, q_max 20 (the defaults here).
+
+    ``q_target`` is how the released code runs it (large_models/run.py and run_all_large_exp.sh:
+    NUM=20, NUM_MAX=15, SHRINK=0.85, and no --use_num, so the script's --inc_rate 0.4 is
+    overwritten): beta = ln(q_target / alpha) / ln(E), E = max_steps / steps_per_epoch the run's
+    length in epochs, derived at bind, with Q still capped at q_max. For Llama-2-7B (10k steps,
+    1000 examples, batch 16: E = 160) that is beta = ln(20 / 0.85) / ln(160) = 0.622 and Q capped
+    at 15 from epoch 101 on. (The released loader keeps the last partial batch, 63 steps an epoch
+    against our 62, so its epochs start a little later.)
 
     ``reach_max_at_last_epoch=True`` (an earlier reference version, large_models/
     trainer_dist_adazeta.py) replaces beta by log(q_max / alpha) / log(E_last), E_last = the
@@ -108,6 +115,7 @@ class AdaptiveSchedule(_Bound):
         q_max: int = 20,
         reach_max_at_last_epoch: bool = False,
         q_min: int = 1,
+        q_target: int | None = None,
     ):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"alpha must be a number > 0, got alpha={alpha!r}")
@@ -125,6 +133,11 @@ class AdaptiveSchedule(_Bound):
             raise ValueError(f"q_min={self.q_min} is above q_max={self.q_max}: the adaptive schedule keeps Q "
                              "within [q_min, q_max]; lower q_min or raise q_max")
         self.reach_max_at_last_epoch = reach_max_at_last_epoch
+        self.q_target = None if q_target is None else _check_int("q_target", q_target, 1)
+        if self.q_target is not None and reach_max_at_last_epoch:
+            raise ValueError("q_target and reach_max_at_last_epoch each derive beta from the run's length: set "
+                             "one of them (q_target: the released code's rule; reach_max_at_last_epoch: Q = q_max "
+                             "at the last epoch)")
         self.effective_beta = self.beta
         self.last_epoch: int | None = None
 
@@ -132,7 +145,13 @@ class AdaptiveSchedule(_Bound):
         super().bind(steps_per_epoch, max_steps)
         self.last_epoch = (max_steps - 1) // steps_per_epoch
         self.effective_beta = self.beta
-        if self.reach_max_at_last_epoch:
+        epochs = max_steps / steps_per_epoch
+        if self.q_target is not None:
+            # The released code's inc_rate; a run of at most one epoch has no exponent to derive
+            # (ln 1 = 0), and its only epoch, e = 0, takes q_min whatever beta is.
+            if epochs > 1:
+                self.effective_beta = max(math.log(self.q_target / self.alpha) / math.log(epochs), 0.0)
+        elif self.reach_max_at_last_epoch:
             if self.last_epoch >= 2:
                 beta = math.log(self.q_max / self.alpha) / math.log(self.last_epoch)
                 self.effective_beta = max(beta, 0.0)
@@ -172,7 +191,7 @@ class AdaptiveSchedule(_Bound):
     def __repr__(self) -> str:
         return (
             f"AdaptiveSchedule(alpha={self.alpha}, beta={self.beta}, q_max={self.q_max}, "
-            f"reach_max_at_last_epoch={self.reach_max_at_last_epoch}, q_min={self.q_min})"
+            f"reach_max_at_last_epoch={self.reach_max_at_last_epoch}, q_min={self.q_min}, q_target={self.q_target})"
         )
 
 
