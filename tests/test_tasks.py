@@ -785,12 +785,12 @@ def test_mean_pooled_head_reads_every_task_with_its_segments(name, tmp_path):
 
 def test_heads_a_task_cannot_use_fail_clearly(tmp_path, models):
     tok = models[Head.causal_lm].tokenizer
-    with pytest.raises(ConfigError, match="classification head"):
+    with pytest.raises(ConfigError, match=r"task copa does not run on the classification head "
+                       r"\(model.head=classification\): its choices differ per example"):
         Objective(make_task("copa", tmp_path), tok, Head.classification, 64)
-    with pytest.raises(ConfigError, match="no masked-LM template"):
-        Objective(make_task("boolq", tmp_path), tok, Head.masked_lm, 64)
-    with pytest.raises(ConfigError, match="no causal-LM prompt"):
-        Objective(make_task("trec", tmp_path), tok, Head.causal_lm, 64)
+    with pytest.raises(ConfigError, match=r"task squad does not run on the masked-LM head \(model.head=masked_lm\): "
+                       r"it generates its answers.*It runs on the causal-LM head \(model.head=causal_lm"):
+        Objective(make_task("squad", tmp_path), tok, Head.masked_lm, 64)
     with pytest.raises(ConfigError, match="max_length"):
         obj = Objective(make_task("squad", tmp_path), tok, Head.causal_lm, 40)
         obj.encode(obj.task.read_split("train"))
