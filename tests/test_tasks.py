@@ -419,6 +419,11 @@ CAUSAL = {
         4,
     ),
     "mr": ("a moving , honest story . It was", (" terrible", " great"), 1),
+    "trec": (
+        "How many dogs does Ann own ? This question is about",
+        (" definition", " thing", " abbreviation", " person", " place", " number"),
+        5,
+    ),
     "rte": (
         'The cat sat on the mat.\nDoes this mean that "A cat is sitting." is true? Yes or No?\n',
         ("Yes", "No"),
