@@ -490,7 +490,7 @@ CAUSAL = {
     ),
 }
 
-MASKED = {  # task -> (LM-BFF rendering of the first train example, label words, label)
+MASKED = {  # task -> (LM-BFF or PET rendering of the first train example, label words, label)
     "sst2": ("a gripping , funny film . It was<mask>.", ("terrible", "great"), 1),
     "sst5": (
         "a gorgeous , witty film . It was<mask>.",
@@ -507,6 +507,24 @@ MASKED = {  # task -> (LM-BFF rendering of the first train example, label words,
     "mnli": ("He left early?<mask>, he went home.", ("Yes", "Maybe", "No"), 1),
     "snli": ("A man plays a guitar?<mask>, a man makes music.", ("Yes", "Maybe", "No"), 0),
     "cb": ("Mary said it might rain?<mask>, it will rain", ("Yes", "No", "Maybe"), 2),
+    # PET's patterns (SuperGLUE): the fields' own final punctuation is not doubled
+    "boolq": ("The sky is blue on clear days. Question: is the sky blue? Answer:<mask>.", ("No", "Yes"), 1),
+    "wic": (
+        "He sat on the river bank. She works at a bank. Does bank have the same meaning in both "
+        "sentences?<mask>",
+        ("No", "Yes"),
+        0,
+    ),
+    "wsc": (
+        "Mark told Pete many lies about himself. He believed them. The pronoun 'He' refers to Pete?<mask>",
+        ("No", "Yes"),
+        1,
+    ),
+    "multirc": (
+        "Sam baked bread. Then Sam sold it at the market. Question: What did Sam sell? Is it Bread?<mask>.",
+        ("No", "Yes"),
+        1,
+    ),
 }
 
 
