@@ -113,8 +113,9 @@ class ModelConfig:
     """Classification head only: `cls` (the model's own head) or `mean` (mean pooling + linear)."""
     head_init: HeadInit = HeadInit.random
     """Classification head only: `random`, or `prompt` (prototypes of the label prompts, so the
-    head starts at zero-shot accuracy instead of chance; needs a linear head). A task without label
-    words (boolq, wic) keeps the random init, with a warning."""
+    head starts at zero-shot accuracy instead of chance; needs a linear head). The prompts are the
+    task's masked-LM template with each label word, which every task a classification head can
+    learn has (LM-BFF's or PET's)."""
     dtype: str = "float32"
     """Base-model dtype: float32, bfloat16, float16. Adapter, LoRA and head parameters stay in
     float32; full-parameter methods train the base weights in this dtype (ZO: perturbed inside the

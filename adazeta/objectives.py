@@ -61,25 +61,9 @@ class Objective:
         return self.task.metric
 
     def check_head(self) -> None:
-        task, head = self.task, self.head
-        if head == Head.classification and not task.is_classification:
-            raise ConfigError(
-                f"task {task.name} has no fixed classes, so a classification head cannot learn it "
-                "(its choices differ per example, or it generates text); use a causal LM, e.g. "
-                "model=smollm2-135m or model=tiny-llama"
-            )
-        if head == Head.masked_lm and not task.has_mlm:
-            raise ConfigError(
-                f"task {task.name} has no masked-LM template (LM-BFF's are sst2, sst5, mr, trec, "
-                "snli, mnli, rte; cb too); use a causal LM or model.head=classification"
-            )
-        if head == Head.causal_lm and type(task).causal_prompt is Task.causal_prompt:
-            raise ConfigError(
-                f"task {task.name} has no causal-LM prompt; use a masked LM (model=roberta-large) "
-                "or model.head=classification"
-            )
-        if task.generation and head != Head.causal_lm:
-            raise ConfigError(f"task {task.name} generates its answers: it needs a causal LM")
+        """Refuse a head the task cannot use, naming the heads it runs on (Task.heads)."""
+        if self.head not in self.task.heads:
+            raise ConfigError(self.task.head_error(self.head))
 
     # -- tokens --------------------------------------------------------------------------------
     def single_token(self, spaced: str, word: str) -> int:

@@ -419,6 +419,11 @@ CAUSAL = {
         4,
     ),
     "mr": ("a moving , honest story . It was", (" terrible", " great"), 1),
+    "trec": (
+        "How many dogs does Ann own ? This question is about",
+        (" definition", " thing", " abbreviation", " person", " place", " number"),
+        5,
+    ),
     "rte": (
         'The cat sat on the mat.\nDoes this mean that "A cat is sitting." is true? Yes or No?\n',
         ("Yes", "No"),
@@ -485,7 +490,7 @@ CAUSAL = {
     ),
 }
 
-MASKED = {  # task -> (LM-BFF rendering of the first train example, label words, label)
+MASKED = {  # task -> (LM-BFF or PET rendering of the first train example, label words, label)
     "sst2": ("a gripping , funny film . It was<mask>.", ("terrible", "great"), 1),
     "sst5": (
         "a gorgeous , witty film . It was<mask>.",
@@ -502,6 +507,24 @@ MASKED = {  # task -> (LM-BFF rendering of the first train example, label words,
     "mnli": ("He left early?<mask>, he went home.", ("Yes", "Maybe", "No"), 1),
     "snli": ("A man plays a guitar?<mask>, a man makes music.", ("Yes", "Maybe", "No"), 0),
     "cb": ("Mary said it might rain?<mask>, it will rain", ("Yes", "No", "Maybe"), 2),
+    # PET's patterns (SuperGLUE): the fields' own final punctuation is not doubled
+    "boolq": ("The sky is blue on clear days. Question: is the sky blue? Answer:<mask>.", ("No", "Yes"), 1),
+    "wic": (
+        "He sat on the river bank. She works at a bank. Does bank have the same meaning in both "
+        "sentences?<mask>",
+        ("No", "Yes"),
+        0,
+    ),
+    "wsc": (
+        "Mark told Pete many lies about himself. He believed them. The pronoun 'He' refers to Pete?<mask>",
+        ("No", "Yes"),
+        1,
+    ),
+    "multirc": (
+        "Sam baked bread. Then Sam sold it at the market. Question: What did Sam sell? Is it Bread?<mask>.",
+        ("No", "Yes"),
+        1,
+    ),
 }
 
 
@@ -785,12 +808,12 @@ def test_mean_pooled_head_reads_every_task_with_its_segments(name, tmp_path):
 
 def test_heads_a_task_cannot_use_fail_clearly(tmp_path, models):
     tok = models[Head.causal_lm].tokenizer
-    with pytest.raises(ConfigError, match="classification head"):
+    with pytest.raises(ConfigError, match=r"task copa does not run on the classification head "
+                       r"\(model.head=classification\): its choices differ per example"):
         Objective(make_task("copa", tmp_path), tok, Head.classification, 64)
-    with pytest.raises(ConfigError, match="no masked-LM template"):
-        Objective(make_task("boolq", tmp_path), tok, Head.masked_lm, 64)
-    with pytest.raises(ConfigError, match="no causal-LM prompt"):
-        Objective(make_task("trec", tmp_path), tok, Head.causal_lm, 64)
+    with pytest.raises(ConfigError, match=r"task squad does not run on the masked-LM head \(model.head=masked_lm\): "
+                       r"it generates its answers.*It runs on the causal-LM head \(model.head=causal_lm"):
+        Objective(make_task("squad", tmp_path), tok, Head.masked_lm, 64)
     with pytest.raises(ConfigError, match="max_length"):
         obj = Objective(make_task("squad", tmp_path), tok, Head.causal_lm, 40)
         obj.encode(obj.task.read_split("train"))

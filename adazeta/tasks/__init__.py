@@ -1,13 +1,17 @@
 """Tasks: each a small class naming its columns, labels, prompts, loss and metric (tasks/base.py).
 
-| task | masked LM (LM-BFF) | causal LM (MeZO) | classification head | metric |
+Which task runs on which head (`Task.heads`; an Objective refuses any other, naming the task, the
+head and the heads the task runs on):
+
+| task | causal LM | masked LM | classification head | metric |
 |---|---|---|---|---|
-| sst2, sst5, mr | yes | yes | yes | accuracy |
-| trec, mnli, snli | yes | mnli/snli: CB's prompt | yes | accuracy |
-| rte, cb | yes | yes | yes | accuracy |
-| boolq, wic, wsc, multirc | no | yes | yes | accuracy (multirc: per answer option) |
-| copa, record | no | yes (LM loss on the gold choice) | no | accuracy (record: any gold entity) |
-| squad, drop | no | yes (LM loss, greedy generation) | no | f1 (and em) |
+| sst2, sst5, mr | MeZO's SST-2 prompt | LM-BFF | yes | accuracy |
+| trec | MeZO's SST-2 style ("This question is about") | LM-BFF | yes | accuracy |
+| rte, cb | MeZO | LM-BFF | yes | accuracy |
+| mnli, snli | CB's MeZO prompt | LM-BFF | yes | accuracy |
+| boolq, wic, wsc, multirc | MeZO | PET | yes | accuracy (multirc: per answer option) |
+| copa, record | MeZO (LM loss on the gold choice) | no | no | accuracy (record: any gold entity) |
+| squad, drop | MeZO (LM loss, greedy generation) | no | no | f1 (and em) |
 """
 
 from adazeta.config import TaskConfig

@@ -20,7 +20,7 @@ import logging
 import random
 from dataclasses import dataclass
 
-from adazeta.config import TaskConfig
+from adazeta.config import Head, TaskConfig
 from adazeta.errors import ConfigError, DataError
 from adazeta.tasks.loading import BUILTIN_DIR, Rows, column, read_file, read_hub, read_local
 
@@ -47,6 +47,19 @@ def norm_label(raw) -> str:
     if isinstance(raw, float) and raw.is_integer():
         raw = int(raw)
     return str(raw).strip().lower()
+
+
+# Each head as errors name it, and models that have it (conf/model/*.yaml) to suggest.
+HEAD_NAMES = {
+    Head.causal_lm: "causal-LM",
+    Head.masked_lm: "masked-LM",
+    Head.classification: "classification",
+}
+HEAD_EXAMPLES = {
+    Head.causal_lm: "e.g. model=smollm2-135m or model=tiny-llama",
+    Head.masked_lm: "e.g. model=roberta-large or model=tiny-roberta",
+    Head.classification: "e.g. model=minilm or model=tiny-bert",
+}
 
 
 class Task:
@@ -95,6 +108,42 @@ class Task:
         """Fixed classes shared by every example: works with a classification head."""
         return self.loss == "candidates" and not self.generation and self.num_labels > 0
 
+    @property
+    def has_causal(self) -> bool:
+        return type(self).causal_prompt is not Task.causal_prompt
+
+    @property
+    def heads(self) -> tuple[Head, ...]:
+        """The heads this task runs on: a causal LM (its prompt), a masked LM (its template and
+        label words, over fixed classes) and a classification head (fixed classes)."""
+        runs = {
+            Head.causal_lm: self.has_causal,
+            Head.masked_lm: self.has_mlm and self.is_classification,
+            Head.classification: self.is_classification,
+        }
+        return tuple(head for head, ok in runs.items() if ok)
+
+    def head_error(self, head: Head) -> str:
+        """Why this task does not run on `head`, the heads it runs on, and what to do."""
+        if self.generation:
+            why = "it generates its answers, which only a causal LM does"
+        elif not self.is_classification:
+            why = (
+                "its choices differ per example (no fixed classes for label words or a "
+                "classification head to score)"
+            )
+        elif head == Head.masked_lm:
+            why = "it has no masked-LM template and label words"
+        else:
+            why = "it has no causal-LM prompt"
+        runs = "; ".join(
+            f"the {HEAD_NAMES[h]} head (model.head={h.value}, {HEAD_EXAMPLES[h]})" for h in self.heads
+        )
+        return (
+            f"task {self.name} does not run on the {HEAD_NAMES[head]} head (model.head="
+            f"{head.value}): {why}. It runs on {runs}"
+        )
+
     # -- renderings (override per task) -------------------------------------------------------
     def classification_text(self, ex: Example) -> tuple[str, str | None]:
         """Text (and optional second segment) fed to an encoder with a classification head. The
@@ -103,15 +152,10 @@ class Task:
         return first, (rest[0] if rest else None)
 
     def mlm_template(self, ex: Example, mask: str) -> str:
-        raise ConfigError(
-            f"task {self.name} has no masked-LM template (LM-BFF has sst2, sst5, mr, trec, snli, "
-            "mnli, rte; cb too); use a causal LM or model.head=classification"
-        )
+        raise ConfigError(self.head_error(Head.masked_lm))
 
     def causal_prompt(self, ex: Example) -> str:
-        raise ConfigError(
-            f"task {self.name} has no causal-LM prompt; use model.head=classification"
-        )
+        raise ConfigError(self.head_error(Head.causal_lm))
 
     def causal_candidates(self, ex: Example) -> tuple[str, ...]:
         """The continuations scored after the prompt; candidate i belongs to class i."""

@@ -1,5 +1,13 @@
 """Single-sentence LM-BFF tasks: SST-5 and MR (sentiment), TREC (question type).
 
+SST-5 and MR take SST-2's prompts. TREC's masked-LM template is LM-BFF's; MeZO has no TREC
+prompt, so its causal prompt is written in the style of MeZO's SST-2 one (the input, then a short
+phrase the candidate word completes): "<question> This question is about" -> " definition" /
+" thing" / " abbreviation" / " person" / " place" / " number", each one token with its leading
+space for SmolLM2's and GPT-2's tokenizers. Multi-token words lose under MeZO's mean log-prob
+scoring: "Abbreviation" (3 tokens, the last two nearly certain after the first) won every example
+of a 300-question sample of TREC's train set with PromptSource's TREC choices.
+
 Their LM-BFF files are headerless csv (label, sentence), also read in the same layout as tsv
 (label<TAB>sentence): train, and test which is the test set (LM-BFF evaluates on the original
 test sets of these tasks).
@@ -50,6 +58,7 @@ class TREC(Task):
     text_fields = ("sentence",)
     label_values = (0, 1, 2, 3, 4, 5)
     label_words = ("Description", "Entity", "Expression", "Human", "Location", "Number")
+    candidates = (" definition", " thing", " abbreviation", " person", " place", " number")
     aliases = {"sentence": ("text", "text_a")}
     passage_field = "sentence"
     csv_columns = ("label", "sentence")
@@ -73,3 +82,7 @@ class TREC(Task):
     def mlm_template(self, ex: Example, mask: str) -> str:
         # LM-BFF `*cls**mask*:*+sent_0**sep+*`
         return f"{mask}: {ex.fields['sentence']}"
+
+    def causal_prompt(self, ex: Example) -> str:
+        # MeZO's SST-2 style ("<sentence> It was" -> " terrible" / " great"); see the module docstring
+        return f"{ex.fields['sentence']} This question is about"

@@ -2,6 +2,12 @@
 classification by candidate scoring), COPA and ReCoRD (choices that differ per example, trained
 with the LM loss on the gold choice).
 
+The yes/no tasks have masked-LM templates too, from PET's patterns (Schick & Schuetze 2021, "It's
+Not Just Size That Matters", pet/pvp.py), with PET's label words No / Yes. As in the LM-BFF
+templates (sst2.py, nli.py) the mask follows the text without a space: the label words carry it
+(RoBERTa "ĠYes"). Where a pattern appends "." or "?" to a field, the field's own final
+punctuation is dropped first, so that it is not doubled.
+
 Local files are SuperGLUE jsonl; the nested ones (WSC `target`, MultiRC and ReCoRD `passage`) are
 flattened to the hub's columns, so the hub (super_glue/<task>) and local files read alike.
 """
@@ -9,7 +15,7 @@ flattened to the hub's columns, so the hub (super_glue/<task>) and local files r
 from __future__ import annotations
 
 from adazeta.errors import DataError
-from adazeta.tasks.base import Example, Task
+from adazeta.tasks.base import Example, Task, drop_final_punct
 from adazeta.tasks.loading import Rows
 
 YES_NO = ((False, "0"), (True, "1"))  # class 0 = False/0 -> "No", class 1 = True/1 -> "Yes"
@@ -19,6 +25,7 @@ class BoolQ(Task):
     name = "boolq"
     text_fields = ("passage", "question")
     label_values = YES_NO
+    label_words = ("No", "Yes")
     candidates = ("No", "Yes")
     aliases = {
         "passage": ("text_a",),
@@ -33,11 +40,17 @@ class BoolQ(Task):
             question += "?"
         return f"{ex.fields['passage']} {question[:1].upper() + question[1:]}\n"
 
+    def mlm_template(self, ex: Example, mask: str) -> str:
+        # PET BoolQ pattern 0: passage, ". Question: ", question, "? Answer: ", mask, "."
+        f = ex.fields
+        return f"{drop_final_punct(f['passage'])}. Question: {drop_final_punct(f['question'])}? Answer:{mask}."
+
 
 class WiC(Task):
     name = "wic"
     text_fields = ("sentence1", "sentence2", "word")
     label_values = YES_NO
+    label_words = ("No", "Yes")
     candidates = ("No", "Yes")
     aliases = {"sentence1": ("text_a",), "sentence2": ("text_b",)}
 
@@ -51,11 +64,21 @@ class WiC(Task):
             f"Yes, No?\n{f['sentence1']}\n{f['sentence2']}\n"
         )
 
+    def mlm_template(self, ex: Example, mask: str) -> str:
+        # PET WiC pattern 1: sentence1, sentence2, "Does <word> have the same meaning in both
+        # sentences?", mask
+        f = ex.fields
+        return (
+            f"{f['sentence1']} {f['sentence2']} Does {f['word']} have the same meaning in both "
+            f"sentences?{mask}"
+        )
+
 
 class WSC(Task):
     name = "wsc"
     text_fields = ("text", "span1_text", "span2_text")
     label_values = YES_NO
+    label_words = ("No", "Yes")
     candidates = ("No", "Yes")
     passage_field = "text"
 
@@ -75,6 +98,13 @@ class WSC(Task):
             f"refer to {f['span1_text']}? Yes or No?\n"
         )
 
+    def mlm_template(self, ex: Example, mask: str) -> str:
+        # PET WSC pattern 0 ("<text> The pronoun '*<pronoun>*' refers to <masks>.") fills in the
+        # referent; SuperGLUE's WSC is binary (does the pronoun refer to span1?), so the referent is
+        # given and the mask answers No / Yes, as in PET's other yes/no patterns.
+        f = ex.fields
+        return f"{f['text']} The pronoun '{f['span2_text']}' refers to {f['span1_text']}?{mask}"
+
 
 class MultiRC(Task):
     """One example per (paragraph, question, answer option): is this option correct? Scored by
@@ -83,6 +113,7 @@ class MultiRC(Task):
     name = "multirc"
     text_fields = ("paragraph", "question", "answer")
     label_values = YES_NO
+    label_words = ("No", "Yes")
     candidates = ("No", "Yes")
     passage_field = "paragraph"
 
@@ -119,6 +150,15 @@ class MultiRC(Task):
         return (
             f'{f["paragraph"]}\nQuestion: {f["question"]}\nI found this answer "{f["answer"]}". '
             "Is that correct? Yes or No?\n"
+        )
+
+    def mlm_template(self, ex: Example, mask: str) -> str:
+        # PET MultiRC pattern 0: paragraph, ". Question: ", question, "? Is it ", answer, "?",
+        # mask, "."
+        f = ex.fields
+        return (
+            f"{drop_final_punct(f['paragraph'])}. Question: {drop_final_punct(f['question'])}? "
+            f"Is it {drop_final_punct(f['answer'])}?{mask}."
         )
 
 
