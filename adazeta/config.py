@@ -64,6 +64,8 @@ class Update(Enum):
     momentum = "momentum"  # heavy-ball momentum on g_hat
     conservative = "conservative"  # keep the best of theta, theta -/+ lr g_hat (3 extra forwards)
     adam = "adam"  # Adam moments on g_hat
+    sign_adamw = "sign_adamw"  # ZO-Bench's released ZO-SGD-Sign: AdamW on sign(g_q) z_q
+    conservative_adamw = "conservative_adamw"  # ZO-Bench's released ZO-SGD-Cons: AdamW steps, conservative choice
 
 
 class ZOObjective(Enum):
@@ -247,7 +249,9 @@ class MethodConfig:
     weight_decay: float = 0.0
     """Decoupled from the estimate: theta -= lr * wd * theta, skipped for biases and norm weights."""
     update_rule: Update = Update.sgd
-    """ZO update rule: sgd, sign, momentum, conservative, adam (zo only)."""
+    """ZO update rule: sgd, sign, momentum, conservative, adam (zo only); sign_adamw and
+    conservative_adamw: the ZO-LLM benchmark's sign and conservative rules as its released code
+    runs them, AdamW steps on sign(g) z and g z (adazeta/zo/updates.py)."""
     momentum: float = 0.9
     """Momentum coefficient of update_rule=momentum."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

@@ -38,7 +38,7 @@ from adazeta.zo.hizoo import HiZOOStep
 from adazeta.zo.lozo import LOZOStep
 from adazeta.zo.sparse import SparseMask
 from adazeta.zo.spsa import SPSA, query_seed
-from adazeta.zo.updates import RULES
+from adazeta.zo.updates import ADAM_RULES, RULES
 
 
 @dataclass
@@ -92,7 +92,7 @@ class ZOStep(RuleStep):
         kwargs = {}
         if cfg.update_rule.value == "momentum":
             kwargs = {"momentum": cfg.momentum}
-        elif cfg.update_rule.value == "adam":
+        elif cfg.update_rule.value in ADAM_RULES:
             kwargs = {"betas": tuple(cfg.betas), "adam_eps": cfg.adam_eps}
         self.rule = RULES[cfg.update_rule.value](self.spsa, cfg.lr, cfg.weight_decay, **kwargs)
         self.update_scale = UPDATE_SCALE[cfg.update_rule.value]

@@ -88,6 +88,8 @@ UPDATE_SCALE: dict[str, Callable[[list[float]], float]] = {
     "conservative": lambda g: math.sqrt(sum(x * x for x in g)) / len(g),
     "sign": lambda g: 1 / math.sqrt(len(g)),
     "adam": lambda g: 1.0,  # normalised by the second moment: about one z per step
+    "sign_adamw": lambda g: 1.0,
+    "conservative_adamw": lambda g: 1.0,
 }
 
 

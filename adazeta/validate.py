@@ -99,7 +99,7 @@ def _zo(cfg) -> bool:
 
 
 def _adam(cfg) -> bool:
-    return not _zo(cfg) or _method(cfg, "update_rule") == "adam"
+    return not _zo(cfg) or _method(cfg, "update_rule") in ("adam", "sign_adamw", "conservative_adamw")
 
 
 # Keys that only some methods read: (key or key prefix, whether the method in `cfg` reads it, who does).
@@ -120,8 +120,8 @@ READ_BY: list[tuple[str, Callable[[DictConfig], bool], str]] = [
     ("zo.", _zo, "method.optimizer=zo"),
     ("method.momentum", lambda c: _zo(c) and _method(c, "update_rule") == "momentum",
      "method.update_rule=momentum"),
-    ("method.betas", _adam, "method.update_rule=adam or method.optimizer=fo"),
-    ("method.adam_eps", _adam, "method.update_rule=adam or method.optimizer=fo"),
+    ("method.betas", _adam, "method.update_rule=adam, sign_adamw or conservative_adamw, or method.optimizer=fo"),
+    ("method.adam_eps", _adam, "method.update_rule=adam, sign_adamw or conservative_adamw, or method.optimizer=fo"),
     ("method.estimator", _zo, "method.optimizer=zo"),
     ("method.fzoo_n", lambda c: _zo(c) and _method(c, "estimator") == "fzoo", "method.estimator=fzoo"),
     ("method.lozo_", lambda c: _zo(c) and _method(c, "estimator") == "lozo", "method.estimator=lozo"),

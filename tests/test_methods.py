@@ -3,6 +3,7 @@ perturbation; the ZO update rules against hand computations."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose_config
@@ -180,6 +181,63 @@ def test_conservative_keeps_the_best_of_three():
     loss_fn = lambda: ((w - w0) ** 2).sum()  # noqa: E731  (theta itself is best)
     RULES["conservative"](spsa, lr=0.1, weight_decay=0.0).apply([5], [1.0], loss_fn)
     torch.testing.assert_close(w.detach(), w0, rtol=0, atol=1e-6)
+
+
+def zo_bench_released_step(params, zs, projected_grad, loss, trainer, opt):
+    """ZO-Bench's update, transcribed from its released code (ZO-Bench/ZO-LLM, zo-bench/trainer.py:
+    the update loop of zo_step for trainer zo_sign_opt, zo_conserv_step's update_params and its
+    choice), with the optimizer its sweeps get: the Hugging Face Trainer's AdamW."""
+
+    def update_params(sign=1.0):
+        for param, z in zip(params, zs, strict=True):
+            if trainer == "zo_sign_opt":
+                graddiff_times_z = np.sign(projected_grad) * z
+            else:
+                graddiff_times_z = projected_grad * z
+            param.grad = sign * graddiff_times_z  # zo_step divides by args.q, 1 in the sweeps
+            opt.step()  # steps the parameters whose grad is set: this one
+            param.grad = None
+
+    if trainer == "zo_sign_opt":
+        update_params()
+        return
+    loss0 = loss()
+    update_params()
+    loss1 = loss()
+    update_params(sign=-2.0)
+    loss2 = loss()
+    if loss1 > loss0:
+        if loss0 < loss2:
+            update_params()
+    else:
+        if loss1 < loss2:
+            update_params(2.0)
+
+
+@pytest.mark.parametrize("rule, trainer, where", [
+    ("sign_adamw", "zo_sign_opt", None),
+    ("conservative_adamw", "zo_conserv", "first step's point"),  # L1 < L0 and L1 < L2: back towards it
+    ("conservative_adamw", "zo_conserv", "start"),  # L1 > L0 and L0 < L2: back towards theta
+])
+def test_zo_bench_released_rules_match_a_transcription_of_their_code(rule, trainer, where):
+    """Three steps (Adam's moments carry over) of our rule and of the transcribed reference, on
+    the same z and projected gradients, from the same weights."""
+    spsa, w, b = tiny_spsa()
+    ref = [w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)]
+    opt = torch.optim.AdamW(ref, lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    ours = RULES[rule](spsa, lr=0.05, weight_decay=0.0, betas=(0.9, 0.999), adam_eps=1e-8)
+    # The loss is least near where an sgd step from the start lands, or near the start itself.
+    centre = w.detach().clone() - (0.05 * g_hat(spsa, [7], [1.0])[0] if where == "first step's point" else 0)
+    loss = lambda p: float(((p - centre) ** 2).sum())  # noqa: E731
+    for step, (seed, g) in enumerate([(7, 1.0), (8, -0.4), (9, 2.5)]):
+        extra = ours.apply([seed], [g], lambda: torch.tensor(loss(w.detach())))
+        with torch.no_grad():
+            zs = [spsa.z(i, seed).clone() for i in range(2)]
+            zo_bench_released_step(ref, zs, g, lambda: loss(ref[0].detach()), trainer, opt)
+        torch.testing.assert_close(w.detach(), ref[0].detach(), rtol=1e-5, atol=1e-6, msg=f"step {step}")
+        torch.testing.assert_close(b.detach(), ref[1].detach(), rtol=1e-5, atol=1e-6, msg=f"step {step}")
+        assert extra == (3 if rule == "conservative_adamw" else 0)
+    assert not torch.equal(w.detach(), tiny_spsa()[1].detach())  # the weights moved
 
 
 @pytest.mark.parametrize("block", [1024, 1 << 20])

@@ -28,6 +28,9 @@ RUNS = {
                               "method.update_rule=conservative"], "round_trip"),
     "mezo_lora-adam-q3": (["model=tiny-llama", "method=mezo_lora", "method.lr=1e-3", "method.update_rule=adam",
                            "schedule.q=3"], "round_trip"),
+    # ZO-Bench's released conservative rule: up to three AdamW steps, chosen by the logged losses.
+    "mezo_lora-conservative_adamw": (["model=tiny-llama", "method=mezo_lora", "method.lr=1e-3",
+                                      "method.update_rule=conservative_adamw"], "round_trip"),
     # bf16 weights: perturbed in the forward, updates (and decay) stochastically rounded from seeds
     "mezo-bf16-decay": (["model=tiny-llama", "model.dtype=bfloat16", "method=mezo", "method.lr=1e-4",
                          "method.weight_decay=0.1"], "none"),

@@ -7,6 +7,9 @@ The rules of the ZO-LLM benchmark (Zhang et al., arXiv 2402.11592), selected by 
 - conservative: keep the lowest-loss of theta, theta - lr g_hat, theta + lr g_hat (ZO-SGD-Cons;
                 3 extra forward passes per step)
 - adam:         Adam moments on g_hat (bias-corrected), decoupled weight decay  (ZO-Adam)
+- sign_adamw, conservative_adamw: ZO-SGD-Sign and ZO-SGD-Cons as the benchmark's released code
+                runs them: an AdamW step on sign(g) z, resp. on g z with the conservative choice
+                (see SignAdamW and ConservativeAdamW)
 where g_hat = (1/Q) sum_q g_q z_q. sgd and sign need no state; momentum and adam keep one or two
 fp32 buffers per trainable tensor (that is what they cost), whatever the tensor's dtype: in bf16,
 v.mul_(0.999) rounds back to v and m + (1 - beta) g_hat drops g_hat. g_hat is formed in fp32 too;
@@ -184,4 +187,51 @@ class Conservative(UpdateRule):
         return 3
 
 
-RULES = {"sgd": SGD, "sign": Sign, "momentum": Momentum, "adam": Adam, "conservative": Conservative}
+def signs(grads: list[float]) -> list[float]:
+    return [float((g > 0) - (g < 0)) for g in grads]
+
+
+# ZO-Bench's released code (ZO-Bench/ZO-LLM, zo-bench/trainer.py) builds SGD for the sign and
+# conservative trainers only when run.py's `--optimizer` is sgd (or Adam for adam). Its default is
+# "adamw", which matches neither branch, and its sweeps pass no --optimizer, so the Hugging Face
+# Trainer's AdamW stays: every update is an AdamW step on param.grad = c * z (lr constant, betas
+# 0.9/0.999, eps 1e-8, the sweeps' weight decay 0). The paper's text describes SGD: `sign` and
+# `conservative` above. These two are what the released sweeps ran.
+
+
+class SignAdamW(Adam):
+    """ZO-Bench's `--trainer zo_sign_opt` as released: an AdamW step on sign(g_q) z_q (the sign of
+    the projected gradient, not of g z element-wise)."""
+
+    def apply(self, seeds, grads, loss_fn) -> int:
+        return super().apply(seeds, signs(grads), loss_fn)
+
+
+class ConservativeAdamW(Adam):
+    """ZO-Bench's `--trainer zo_conserv` as released (its zo_conserv_step): L0 = L(theta); an AdamW
+    step on g z, L1; an AdamW step on -2 g z, L2; then, if L1 > L0, one more on g z when L0 < L2,
+    and if L1 <= L0, one on 2 g z when L1 < L2. The code means to return to theta or to the first
+    step's point, as SGD would; under AdamW every call is a full step (its moments and t advance),
+    so it lands elsewhere. 3 extra forward passes per step, like `conservative`."""
+
+    last_losses: list[float] = []  # the step's three losses, for the replay log
+
+    def apply(self, seeds, grads, loss_fn) -> int:
+        loss_here = float(loss_fn())
+        super().apply(seeds, grads, loss_fn)
+        loss_after = float(loss_fn())
+        super().apply(seeds, [-2 * g for g in grads], loss_fn)
+        loss_back = float(loss_fn())
+        self.last_losses = [loss_here, loss_after, loss_back]
+        if loss_after > loss_here:
+            if loss_here < loss_back:
+                super().apply(seeds, grads, loss_fn)
+        elif loss_after < loss_back:
+            super().apply(seeds, [2 * g for g in grads], loss_fn)
+        return 3
+
+
+RULES = {"sgd": SGD, "sign": Sign, "momentum": Momentum, "adam": Adam, "conservative": Conservative,
+         "sign_adamw": SignAdamW, "conservative_adamw": ConservativeAdamW}
+# The rules that take Adam's betas and epsilon (method.betas, method.adam_eps).
+ADAM_RULES = ("adam", "sign_adamw", "conservative_adamw")
