@@ -1,12 +1,18 @@
 """What every ZO or first-order step shares: its result, the guard it is handed, the protocol
-the loop, the checkpoint and the library API use, and the checks made before any weight moves.
+the loop, the checkpoint and the library API use, the checks made before any weight moves, and
+the registry the steps enter themselves in.
 
 A ZO step whose learning rate, weight decay and state live in an update rule (`RuleStep`) gets
-`lr` and `state_dict()` from it: ZOStep (adazeta/methods.py), FZOOStep (adazeta/zo/fzoo.py),
+`lr` and `state_dict()` from it: ZOStep (adazeta/zo/spsa_step.py), FZOOStep (adazeta/zo/fzoo.py),
 LOZOStep (adazeta/zo/lozo.py).
 
-The steps of adazeta/zo/ implement this contract, so it sits below zo: it imports only the config,
-the errors and `Trainable` (adazeta/params.py)."""
+The registry: each step's module calls `register_step(name, cls, supports)` once, beside its class,
+with what the step composes with (`Supports`); `adazeta.methods.build_method` looks the step of a
+config up by name (`step_name`: method.estimator's value for a ZO method, `fo` for a first-order
+one) and builds every step with one signature, `cls(model, trainables, cfg, seed, zo, dist=None)`.
+
+The steps of adazeta/zo/ and adazeta/first_order.py implement this contract, so it sits below
+both: it imports only the config, the errors and `Trainable` (adazeta/params.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +23,8 @@ from typing import Protocol
 
 import torch
 
-from adazeta.config import TrainableSet
-from adazeta.errors import DivergenceError
+from adazeta.config import MethodConfig, Optimizer, TrainableSet, Update
+from adazeta.errors import ConfigError, DivergenceError
 from adazeta.params import Trainable
 
 LossFn = Callable[[], torch.Tensor]
@@ -111,3 +117,66 @@ def check_update_fits(step: int, lr: float, grads: list[float]) -> None:
         raise DivergenceError(
             f"step {step}: the update lr * projected gradient = {lr:.3g} * {worst:.3g} overflows float32", step
         )
+
+
+@dataclass(frozen=True)
+class Supports:
+    """What a step composes with, declared once beside its class and passed to `register_step`."""
+
+    trainable: tuple[TrainableSet, ...]
+    """The method.trainable values it trains."""
+    update_rules: tuple[Update, ...] | None
+    """The method.update_rule values it applies; None: it has no ZO update rule (first-order: AdamW)."""
+    parallel_queries: tuple[TrainableSet, ...] = ()
+    """The trainable sets whose queries zo.parallel_queries=true runs as batched replicas (): none."""
+    torchrun: bool = False
+    """It runs under torchrun (WORLD_SIZE > 1)."""
+    low_precision: tuple[TrainableSet, ...] = ()
+    """The trainable sets whose bf16/fp16 tensors it trains (a ZO step perturbs them inside the
+    forward, never in place; the sparse set only with method.in_forward=true)."""
+    replay_log: bool = False
+    """adazeta-replay rebuilds its steps from the replay log (train.replay_log=true)."""
+    estimator_factory: bool = False
+    """build_method(estimator=...) replaces its estimate."""
+
+
+@dataclass(frozen=True)
+class RegisteredStep:
+    name: str  # the registry key: method.estimator's value, or `fo` (method.optimizer=fo)
+    cls: type  # built as cls(model, trainables, cfg, seed, zo, dist=None)
+    supports: Supports
+
+    @property
+    def optimizer(self) -> Optimizer:
+        return Optimizer.fo if self.name == Optimizer.fo.value else Optimizer.zo
+
+    @property
+    def selected_by(self) -> str:
+        """The config assignment that selects this step, as messages name it."""
+        return "method.optimizer=fo" if self.optimizer == Optimizer.fo else f"method.estimator={self.name}"
+
+
+STEPS: dict[str, RegisteredStep] = {}
+
+
+def register_step(name: str, cls: type, supports: Supports) -> None:
+    """Enter a step class in the registry under `name`: the value of method.estimator that selects
+    it, or `fo` for the first-order step (method.optimizer=fo)."""
+    if name in STEPS and STEPS[name].cls is not cls:
+        raise ValueError(f"a step named {name!r} is registered already: {STEPS[name].cls.__qualname__}")
+    STEPS[name] = RegisteredStep(name, cls, supports)
+
+
+def step_name(cfg: MethodConfig) -> str:
+    """The registry key of the step `cfg` selects: `fo` for a first-order method (which does not
+    read method.estimator), else method.estimator's value."""
+    return Optimizer.fo.value if cfg.optimizer == Optimizer.fo else cfg.estimator.value
+
+
+def registered(cfg: MethodConfig) -> RegisteredStep:
+    """The registered step of `cfg`; a ConfigError naming the registered ones if there is none."""
+    name = step_name(cfg)
+    if name not in STEPS:
+        valid = ", ".join(sorted(n for n in STEPS if n != Optimizer.fo.value))
+        raise ConfigError(f"method.estimator={name} has no registered step; valid: {valid}")
+    return STEPS[name]

@@ -17,12 +17,12 @@ from torch import nn
 
 from adazeta.config import Estimator, MethodConfig, Optimizer, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
-from adazeta.methods import ZOStep
 from adazeta.params import Trainable
 from adazeta.trainable.sets import collect
 from adazeta.validate import validate
 from adazeta.zo.hizoo import HiZOOStep
 from adazeta.zo.spsa import query_seed
+from adazeta.zo.spsa_step import ZOStep
 
 
 def mlp(dtype=torch.float64, seed=0) -> nn.Module:

@@ -290,10 +290,10 @@ def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
     Empty for first-order methods: backprop allocates alike on both devices."""
     import torch
 
-    from adazeta.methods import ZOStep
     from adazeta.zo.hizoo import HiZOOStep
     from adazeta.zo.sparse import InForwardPerturbation
     from adazeta.zo.spsa import CHUNK
+    from adazeta.zo.spsa_step import ZOStep
 
     step = method.step
     if isinstance(step, HiZOOStep):

@@ -23,7 +23,7 @@ log records) and `can_defer_restore` (with defer_restore=True it may leave the l
 at theta - eps z for a fused SGD update to restore: `zo.fused_update`).
 
 A new estimator is a class with these two attributes and that call; pass a factory
-`(model, spsa) -> estimator` to `build_method(..., estimator=...)` (or `ZOStep(..., estimator=...)`)
+`(model, spsa) -> estimator` to `build_method(..., estimator=...)` (or `ZOStep(..., estimator=...)`, adazeta/zo/spsa_step.py)
 and it takes the place of the default one, wrapped by `Sharded` under torchrun.
 
 The estimators beyond SPSA are steps of their own (FZOO, LOZO, HiZOO: adazeta/zo/fzoo.py, lozo.py,
@@ -82,7 +82,7 @@ def build_estimator(
 ) -> Estimator:
     """The estimator of a method, chosen once: `factory`'s if given, else parallel replicas
     (zo.parallel_queries), the in-forward perturbation (`in_forward`, see
-    `methods.functional_perturbation`) or the sequential in-place one; shared across ranks when
+    `spsa_step.functional_perturbation`) or the sequential in-place one; shared across ranks when
     `dist` spans more than one process."""
     if factory is not None:
         estimator = factory(model, spsa)

@@ -47,7 +47,7 @@ import math
 
 import torch
 
-from adazeta.config import MethodConfig, TrainableSet, ZOConfig
+from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.params import Trainable
 from adazeta.step import (
@@ -56,7 +56,9 @@ from adazeta.step import (
     LossFn,
     RuleStep,
     StepResult,
+    Supports,
     check_update_fits,
+    register_step,
     weight_norm,
 )
 from adazeta.zo.estimators import check_estimator_support
@@ -156,7 +158,9 @@ class FZOOStep(RuleStep):
     guard, then the normalised update in one pass over the weights. A `Step` (adazeta/step.py): `rule`
     holds lr and weight decay."""
 
-    def __init__(self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig):
+    def __init__(
+        self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig, dist=None,
+    ):
         check_estimator_support("fzoo", cfg, zo, trainables, FZOO_SETS, ("sgd",))
         if cfg.fzoo_n < 2:
             raise ConfigError(f"method.fzoo_n={cfg.fzoo_n}: FZOO normalises by the std of the N perturbed losses, "
@@ -218,3 +222,8 @@ class FZOOStep(RuleStep):
             if displaced is not None:  # the step stopped (guard, error) with the weights displaced
                 self.noise.add([displaced], [-eps])
         return StepResult(l0, sum(grads) / n, n + 1, seeds, grads)
+
+
+# One process, queries one after another, weights perturbed in place (float32 only), no replay log.
+SUPPORTS = Supports(trainable=FZOO_SETS, update_rules=(Update.sgd,))
+register_step("fzoo", FZOOStep, SUPPORTS)

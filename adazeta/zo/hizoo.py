@@ -69,13 +69,15 @@ from collections.abc import Callable
 
 import torch
 
-from adazeta.config import MethodConfig, TrainableSet, ZOConfig
+from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.params import Trainable
 from adazeta.step import (
     GROUPED_SETS,
     StepResult,
+    Supports,
     check_update_fits,
+    register_step,
     weight_norm,
 )
 from adazeta.zo.estimators import check_estimator_support
@@ -92,7 +94,9 @@ class HiZOOStep:
     another, the guard, then Sigma and theta in one pass over the weights. A `Step` (adazeta/step.py): call
     it, read and set `lr`, save and load `state_dict` (Sigma and lr)."""
 
-    def __init__(self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig):
+    def __init__(
+        self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig, dist=None,
+    ):
         check_estimator_support("hizoo", cfg, zo, trainables, HIZOO_SETS, ("sgd",))
         if not 0 <= cfg.hizoo_alpha < 1:
             raise ConfigError(f"method.hizoo_alpha={cfg.hizoo_alpha!r} is out of range: in [0, 1)")
@@ -236,3 +240,8 @@ class HiZOOStep:
         finally:
             self.restore()  # a no-op, unless the step stopped (an error) with the weights displaced
         return StepResult(l0, sum(grads) / q, 2 * q + 1, seeds, grads)
+
+
+# One process, queries one after another, weights perturbed in place (float32 only), no replay log.
+SUPPORTS = Supports(trainable=HIZOO_SETS, update_rules=(Update.sgd,))
+register_step("hizoo", HiZOOStep, SUPPORTS)

@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from adazeta.config import MethodConfig, TrainableSet, ZOConfig
+from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.params import Trainable
 from adazeta.step import (
@@ -45,7 +45,9 @@ from adazeta.step import (
     LossFn,
     RuleStep,
     StepResult,
+    Supports,
     check_update_fits,
+    register_step,
     weight_norm,
 )
 from adazeta.zo.estimators import check_estimator_support
@@ -157,7 +159,9 @@ class LOZOStep(RuleStep):
     """One LOZO(-M) step (module docstring): Q two-sided queries with U V_k^T, guard, then the
     update. A `Step` (adazeta/step.py): `rule` holds lr, wd and LOZO-M's momentum."""
 
-    def __init__(self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig):
+    def __init__(
+        self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig, dist=None,
+    ):
         check_estimator_support("lozo", cfg, zo, trainables, (TrainableSet.full,), ("sgd", "momentum"))
         if cfg.lozo_rank < 1 or cfg.lozo_interval < 1:
             raise ConfigError(f"method.lozo_rank={cfg.lozo_rank}, method.lozo_interval={cfg.lozo_interval}: both "
@@ -233,3 +237,8 @@ class LOZOStep(RuleStep):
                 p.add_(step.to(p.dtype))
         if momentum:
             self.rule.t, self.rule.block = self.rule.t + 1, block
+
+
+# One process, queries one after another, weights perturbed in place (float32 only), no replay log.
+SUPPORTS = Supports(trainable=(TrainableSet.full,), update_rules=(Update.sgd, Update.momentum))
+register_step("lozo", LOZOStep, SUPPORTS)

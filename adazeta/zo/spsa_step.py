@@ -1,0 +1,167 @@
+"""MeZO's step: Q queries of two-sided SPSA (adazeta/zo/spsa.py) through the configured estimator
+(adazeta/zo/estimators.py), then the update rule (adazeta/zo/updates.py). Registered as
+method.estimator=spsa: every method of conf/method/ whose estimator is not FZOO, LOZO or HiZOO
+(MeZO, AdaZeta, MeZO-LoRA, MeZO on prefixes, Sparse-MeZO) steps with it."""
+
+from __future__ import annotations
+
+from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
+from adazeta.errors import ConfigError
+from adazeta.params import LOW_PRECISION, Trainable
+from adazeta.step import (
+    GROUPED_SETS,
+    UPDATE_SCALE,
+    Guard,
+    LossFn,
+    RuleStep,
+    StepResult,
+    Supports,
+    check_update_fits,
+    register_step,
+    weight_norm,
+)
+from adazeta.zo.estimators import Estimator, EstimatorFactory, build_estimator
+from adazeta.zo.noise import query_seed
+from adazeta.zo.sharded import Dist
+from adazeta.zo.sparse import SparseMask
+from adazeta.zo.spsa import SPSA
+from adazeta.zo.updates import RULES
+
+
+class ZOStep(RuleStep):
+    """Q queries of two-sided SPSA, then the update rule:
+
+        seeds -> estimate -> guard -> update rule
+
+    composed once, here, from the config: the SPSA over the trainable set (z from the noise stream,
+    adazeta/zo/noise.py; Sparse-MeZO's mask), the estimator (sequential, in-forward, parallel
+    replicas, sharded over ranks: adazeta/zo/estimators.py), the update rule (adazeta/zo/updates.py).
+    Nothing of it is replaced afterwards. The estimator returns only scalars; the guard, passed to
+    each call, sees the step's losses and projected gradients before any weight is written.
+
+    Fused restore (`zo.fused_update`, plain SGD or sign rules, an estimator that can defer the
+    restore): the sequential estimate leaves the last query's weights at theta - eps z
+    (`spsa.displaced`), and the update folds the restore into its own pass over that z. Whatever
+    stops the step in between (the guard, an error) restores the weights instead. Under
+    torch.distributed the queries of a step are split across ranks, so every query restores on its
+    own and no rank fuses.
+
+    `writes` is the record of the in-place perturbations (seed, scale) the last step's estimate
+    made, in order (SPSA tells the step of each: `on_perturb`): the replay log keeps it, because
+    float addition does not undo exactly and the weights after a step carry those round trips."""
+
+    def __init__(
+        self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig,
+        dist: Dist | None = None, estimator: EstimatorFactory | None = None,
+    ):
+        mask = None
+        if cfg.trainable == TrainableSet.sparse:
+            mask = SparseMask(trainables, cfg.mask.value, cfg.sparsity, cfg.keep_ratio)
+        # Adapter, LoRA and prefix sets (many small tensors: 1,344 for AdaZeta on Llama-2-7B) live in one
+        # flat buffer per (device, dtype, decay) group, so a pass draws z with one RNG call per
+        # group, not one per tensor. Full-parameter sets keep a z per tensor: flattening a model's
+        # weights would copy them, and the in-forward perturbation regenerates one layer's z.
+        group = cfg.trainable in GROUPED_SETS
+        self.writes: list[tuple[int, float]] = []
+        self.recording = False  # True while the estimate runs: its in-place writes go into `writes`
+        self.spsa = SPSA(trainables, cfg.eps, mask=mask, group=group, on_perturb=self.observe)
+        in_forward = functional_perturbation(trainables, cfg)
+        self.mask, self.in_place_masks = mask, mask is not None and not in_forward
+        self.estimator: Estimator = build_estimator(model, self.spsa, cfg, zo, in_forward, dist, estimator)
+        kwargs = {}
+        if cfg.update_rule.value == "momentum":
+            kwargs = {"momentum": cfg.momentum}
+        elif cfg.update_rule.value == "adam":
+            kwargs = {"betas": tuple(cfg.betas), "adam_eps": cfg.adam_eps}
+        self.rule = RULES[cfg.update_rule.value](self.spsa, cfg.lr, cfg.weight_decay, **kwargs)
+        self.update_scale = UPDATE_SCALE[cfg.update_rule.value]
+        self.numel = sum(t.param.numel() for t in trainables)
+        self.norm: float | None = None  # of the trainables, measured at the first guarded step
+        self.seed = seed
+        self.fuse = zo.fused_update and self.rule.fusable and self.estimator.can_defer_restore
+
+    @property
+    def writes_weights(self) -> bool:
+        """Whether the estimate perturbs the weights in place (+eps z, -2 eps z, +eps z). Float
+        addition does not undo exactly, so the weights after a step carry the rounding of the
+        queries it ran: a query-parallel rank replays the others' round trips to round as one
+        process would, and the replay log records them."""
+        return self.estimator.writes_weights
+
+    def observe(self, seed: int, scale: float) -> None:
+        """SPSA's `on_perturb`: record the in-place writes of the estimate (not the update's restores)."""
+        if self.recording:
+            self.writes.append((seed, scale))
+
+    def __call__(self, loss_fn: LossFn, step: int, q: int, guard: Guard | None = None) -> StepResult:
+        """Step `step` (counted from 1) with q queries, seeds query_seed(seed, step, 0..q-1)."""
+        seeds = [query_seed(self.seed, step, i) for i in range(q)]
+        return self.run(self.estimator, loss_fn, step, seeds, guard)
+
+    def run(
+        self, estimate: Estimator, loss_fn: LossFn, step: int, seeds: list[int], guard: Guard | None = None
+    ) -> StepResult:
+        """The step with a given estimate of the seeds' projected gradients: the method's own
+        (`__call__`), or one that repeats a logged step (adazeta-replay)."""
+        q = len(seeds)
+        if self.in_place_masks:
+            self.mask.store(self.spsa.trainables)  # from the unperturbed weights of this step
+        try:
+            self.writes, self.recording = [], True
+            try:
+                results = estimate(loss_fn, seeds, defer_restore=self.fuse).tolist()  # the step's one host sync
+            finally:
+                self.recording = False
+            grads, losses = [g for g, _ in results], [loss for _, loss in results]
+            if guard is not None:
+                guard(step, losses, grads)
+                if self.norm is None:
+                    self.norm = weight_norm(self.spsa.trainables)
+                if self.norm > 0:
+                    ratio = self.rule.lr * self.update_scale(grads) * self.numel**0.5 / self.norm
+                    guard.check_update(step, ratio, self.rule.lr, grads)
+            check_update_fits(step, self.rule.lr, grads)
+            if self.spsa.displaced and self.rule.fusable:  # the weights sit at theta - eps z_last
+                coeffs = self.rule.coefficients(grads)
+                self.spsa.sgd_update(seeds, coeffs, self.rule.lr, self.rule.wd, restore=True)
+                extra = 0
+            else:
+                self.spsa.restore()
+                extra = self.rule.apply(seeds, grads, loss_fn)
+        finally:
+            self.spsa.restore()  # a no-op, unless the step stopped (guard, error) with the weights displaced
+            if self.in_place_masks:
+                self.mask.release()
+        return StepResult(sum(losses) / q, sum(grads) / q, 2 * q + extra, seeds, grads)
+
+
+def functional_perturbation(trainables: list[Trainable], cfg: MethodConfig) -> bool:
+    """Whether the estimate perturbs the weights inside each layer's forward (never writing them)
+    rather than in place: Sparse-MeZO with method.in_forward=true, and any full-parameter method
+    whose weights are bf16/fp16, where an in-place +eps z / -2 eps z / +eps z round trip leaves
+    rounding drift of the order of an ulp per query (scripts/bf16_zo.py), more than the updates move."""
+    low = [t for t in trainables if t.param.dtype in LOW_PRECISION]
+    if cfg.trainable == TrainableSet.sparse and cfg.in_forward:
+        return True
+    if not low:
+        return False
+    if cfg.trainable == TrainableSet.full:
+        return True
+    kind = f"{cfg.trainable.value} (method.in_forward=false)" if cfg.trainable == TrainableSet.sparse else cfg.trainable.value
+    raise ConfigError(
+        f"method={cfg.name} perturbs its trainable set {kind} in place, and {len(low)} of its tensors are "
+        f"{low[0].param.dtype} (e.g. {low[0].name}): a rounded +eps z / -2 eps z / +eps z round trip does not "
+        "restore them. Use method.in_forward=true (perturbation inside the forward), or model.dtype=float32"
+    )
+
+
+SUPPORTS = Supports(
+    trainable=tuple(TrainableSet),
+    update_rules=tuple(Update),
+    parallel_queries=(TrainableSet.tt_adapter, TrainableSet.lora),  # adazeta/zo/parallel.py
+    torchrun=True,  # adazeta/zo/sharded.py
+    low_precision=(TrainableSet.full, TrainableSet.sparse),  # perturbed inside the forward
+    replay_log=True,
+    estimator_factory=True,
+)
+register_step("spsa", ZOStep, SUPPORTS)
