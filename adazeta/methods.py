@@ -23,12 +23,12 @@ import adazeta.zo.fzoo  # noqa: F401
 import adazeta.zo.hizoo  # noqa: F401
 import adazeta.zo.lozo  # noqa: F401
 import adazeta.zo.spsa_step  # noqa: F401
-from adazeta.config import AdapterConfig, Head, MethodConfig, Optimizer, TrainableSet, ZOConfig
-from adazeta.errors import ConfigError
+from adazeta.config import AdapterConfig, Head, MethodConfig, ZOConfig
 from adazeta.params import Trainable
-from adazeta.step import Step, registered
+from adazeta.step import Step, check_supports
 from adazeta.trainable.sets import make_trainable
 from adazeta.zo.estimators import EstimatorFactory
+from adazeta.zo.sharded import launched
 
 
 @dataclass
@@ -45,30 +45,14 @@ def build_method(
     """The method of `cfg` on `model`. `zo` (default: ZOConfig()) configures the ZO estimator;
     `dist` (an adazeta.zo.sharded.Dist; None or a world of 1: one process) shares its queries
     across torchrun ranks; `estimator` (a factory (model, spsa) -> estimator, adazeta/zo/estimators.py)
-    replaces the configured one of a step that takes one (MeZO's). First-order methods have no
+    replaces the configured one of a step that takes one (MeZO's). What the step does not support
+    (its registered `Supports`: trainable set, update rule, zo.parallel_queries, torchrun, bf16/fp16
+    trainables, a factory) is refused by key before it is built. First-order methods have no
     queries: they ignore zo.fused_update and zo.max_replicas, and refuse zo.parallel_queries=true
     rather than silently run sequentially."""
     zo = zo if zo is not None else ZOConfig()
-    entry = registered(cfg)
-    if cfg.optimizer == Optimizer.fo and cfg.trainable == TrainableSet.sparse:
-        raise ConfigError(
-            "method.trainable=sparse is Sparse-MeZO's perturbation mask and needs method.optimizer=zo; "
-            "for first-order training use trainable=full, lora, tt_adapter or prefix"
-        )
     model, trainables = make_trainable(model, cfg, adapter, head)
-    if cfg.optimizer == Optimizer.fo and zo.parallel_queries:
-        raise ConfigError(
-            f"zo.parallel_queries=true runs the perturbed forwards of ZO queries side by side; "
-            f"method={cfg.name} is first-order (one forward and backward per step, no queries). "
-            "Use a ZO method (adazeta, mezo_lora) or set zo.parallel_queries=false"
-        )
-    extra = {}
-    if estimator is not None:
-        if not entry.supports.estimator_factory:
-            raise ConfigError(
-                f"an estimator factory replaces two-sided SPSA's estimate; method.estimator={cfg.estimator.value} "
-                "is a step of its own. Use method.estimator=spsa with a factory"
-            )
-        extra["estimator"] = estimator
+    entry = check_supports(cfg, zo, trainables, torchrun=launched(), estimator_factory=estimator is not None)
+    extra = {} if estimator is None else {"estimator": estimator}
     step: Step = entry.cls(model, trainables, cfg, seed, zo, dist=dist, **extra)
     return Method(model=model, trainables=trainables, step=step)

@@ -23,9 +23,9 @@ from typing import Protocol
 
 import torch
 
-from adazeta.config import MethodConfig, Optimizer, TrainableSet, Update
+from adazeta.config import MethodConfig, Optimizer, TrainableSet, Update, ZOConfig
 from adazeta.errors import ConfigError, DivergenceError
-from adazeta.params import Trainable
+from adazeta.params import LOW_PRECISION, Trainable
 
 LossFn = Callable[[], torch.Tensor]
 # Sets of many small tensors (adapters, LoRA factors, prefixes): a ZO step keeps them in one flat
@@ -50,7 +50,7 @@ Guard = Callable[[int, list[float], list[float]], None]
 class Step(Protocol):
     """What the loop, the checkpoint, the guard's rollback and the library API use of a method's
     step: call it, read and set its learning rate, and save and load its state (tensors, saved as
-    safetensors, and JSON scalars; never a pickle). `ZOStep` and `FOStep` are the two kinds."""
+    safetensors, and JSON scalars; never a pickle). Every registered step (`register_step`) is one."""
 
     lr: float
 
@@ -153,7 +153,7 @@ class RegisteredStep:
     @property
     def selected_by(self) -> str:
         """The config assignment that selects this step, as messages name it."""
-        return "method.optimizer=fo" if self.optimizer == Optimizer.fo else f"method.estimator={self.name}"
+        return "method.optimizer=fo (first-order)" if self.optimizer == Optimizer.fo else f"method.estimator={self.name}"
 
 
 STEPS: dict[str, RegisteredStep] = {}
@@ -180,3 +180,83 @@ def registered(cfg: MethodConfig) -> RegisteredStep:
         valid = ", ".join(sorted(n for n in STEPS if n != Optimizer.fo.value))
         raise ConfigError(f"method.estimator={name} has no registered step; valid: {valid}")
     return STEPS[name]
+
+
+def _names(values) -> str:
+    return ", ".join(v.value for v in values)
+
+
+def _others(entry: RegisteredStep, ok: Callable[[Supports], bool]) -> str:
+    """The other registered steps that support what `entry` does not ('' if none): by their
+    selection when they share its optimizer, else as the ZO or the first-order methods."""
+    found = []
+    for other in STEPS.values():
+        if other is entry or not ok(other.supports):
+            continue
+        same = other.optimizer == entry.optimizer
+        name = other.selected_by if same else f"the {'ZO' if other.optimizer == Optimizer.zo else 'first-order'} methods"
+        if name not in found:
+            found.append(name)
+    return ", ".join(found)
+
+
+def check_supports(
+    cfg: MethodConfig, zo: ZOConfig | None = None, trainables: list[Trainable] | None = None, *,
+    torchrun: bool = False, replay_log: bool = False, estimator_factory: bool = False,
+) -> RegisteredStep:
+    """Refuse what the step `cfg` selects does not support (its registered `Supports`), naming the
+    key, its value, the valid choices and the fix; return the step's registry entry. The config's
+    keys always; `zo`'s (zo.parallel_queries) when given; the trainables' dtypes when given (after
+    the trainable set is built); `torchrun`: this process is one of several (WORLD_SIZE > 1);
+    `replay_log`: the run keeps a replay log; `estimator_factory`: a caller's estimator is to
+    replace the step's."""
+    entry = registered(cfg)
+    s, by, t = entry.supports, entry.selected_by, cfg.trainable
+    if t not in s.trainable:
+        alts = _others(entry, lambda o: t in o.trainable)
+        raise ConfigError(f"method.trainable={t.value} is not supported by {by}; valid: {_names(s.trainable)}"
+                          + (f" (method.trainable={t.value} works with {alts})" if alts else ""))
+    if s.update_rules is not None and cfg.update_rule not in s.update_rules:
+        alts = _others(entry, lambda o: o.update_rules is not None and cfg.update_rule in o.update_rules)
+        raise ConfigError(f"method.update_rule={cfg.update_rule.value} is not supported by {by}; valid: "
+                          f"{_names(s.update_rules)}" + (f" (or use {alts})" if alts else ""))
+    if zo is not None and zo.parallel_queries and t not in s.parallel_queries:
+        if s.parallel_queries:
+            valid = [v.value for v in s.parallel_queries]
+            raise ConfigError(
+                f"zo.parallel_queries=true is not supported by {by} with method.trainable={t.value}: its batched "
+                "forwards hold a copy of the trainable set per replica and batch the linear layers that own it; "
+                f"valid trainable sets: {valid}. Set zo.parallel_queries=false for this method"
+            )
+        alts = _others(entry, lambda o: t in o.parallel_queries)
+        raise ConfigError(f"zo.parallel_queries=true (a step's queries as batched forwards) is not supported by {by}; "
+                          "set zo.parallel_queries=false" + (f", or use {alts}" if alts else ""))
+    if torchrun and not s.torchrun:
+        what = "first-order" if entry.optimizer == Optimizer.fo else f"stepped by {by}"
+        alts = _others(entry, lambda o: o.torchrun)
+        raise ConfigError(f"method={cfg.name} is {what}; torchrun runs {alts or 'no other step'} only (WORLD_SIZE > 1 "
+                          "is not supported): run it without torchrun")
+    if replay_log and not s.replay_log:
+        alts = _others(entry, lambda o: o.replay_log)
+        raise ConfigError(f"train.replay_log=true is not supported by {by}: adazeta-replay rebuilds the steps of "
+                          f"{alts or 'no other step'} only; set train.replay_log=false"
+                          + (f", or use {alts}" if alts else ""))
+    if estimator_factory and not s.estimator_factory:
+        alts = _others(entry, lambda o: o.estimator_factory)
+        raise ConfigError(f"an estimator factory replaces a step's estimate, and {by} takes none (it is a step of its "
+                          "own)" + (f"; use {alts} with a factory" if alts else ""))
+    low = [x for x in trainables or () if x.param.dtype in LOW_PRECISION]
+    # Sparse-MeZO perturbs in place (its masks stored) with method.in_forward=false.
+    in_place = t == TrainableSet.sparse and not cfg.in_forward
+    if low and (t not in s.low_precision or in_place):
+        kind = f"{t.value} (method.in_forward=false)" if t == TrainableSet.sparse else t.value
+        fixes = ["method.in_forward=true (perturbation inside the forward)"] if in_place and t in s.low_precision else []
+        fixes.append("model.dtype=float32")
+        alts = _others(entry, lambda o: t in o.low_precision)
+        fixes += [alts] if alts and not in_place else []
+        raise ConfigError(
+            f"method={cfg.name} ({by}) perturbs its trainable set {kind} in place, and {len(low)} of its tensors are "
+            f"{low[0].param.dtype} (e.g. {low[0].name}): a rounded +eps z / -2 eps z / +eps z round trip does not "
+            f"restore them. Use {', or '.join(fixes)}"
+        )
+    return entry

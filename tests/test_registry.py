@@ -18,8 +18,17 @@ from adazeta.config import (
     Update,
     ZOConfig,
 )
+from adazeta.errors import ConfigError
 from adazeta.methods import build_method  # imports, and so registers, every shipped step
-from adazeta.step import STEPS, RegisteredStep, StepResult, Supports, registered, step_name
+from adazeta.step import (
+    STEPS,
+    RegisteredStep,
+    StepResult,
+    Supports,
+    check_supports,
+    registered,
+    step_name,
+)
 
 
 def mlp() -> nn.Module:
@@ -76,3 +85,60 @@ def test_build_method_builds_the_registered_step_with_the_one_signature(fake):
     assert isinstance(m.step, FakeStep)
     assert fake.built == [(model, 4, "fake", 7, zo, None)]
     assert m.step(lambda: torch.tensor(0.5), 1, 1).loss == 0.5
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"cfg": {"trainable": TrainableSet.sparse}},
+     "method.trainable=sparse is not supported by method.estimator=lozo; valid: full "
+     "(method.trainable=sparse works with method.estimator=spsa)"),
+    ({"cfg": {"update_rule": Update.adam}},
+     "method.update_rule=adam is not supported by method.estimator=lozo; valid: sgd (or use method.estimator=spsa)"),
+    ({"zo": {"parallel_queries": True}},
+     "zo.parallel_queries=true (a step's queries as batched forwards) is not supported by method.estimator=lozo; "
+     "set zo.parallel_queries=false"),
+    ({"env": {"WORLD_SIZE": "2"}},
+     "method=fake is stepped by method.estimator=lozo; torchrun runs method.estimator=spsa only"),
+    ({"dtype": torch.bfloat16},
+     "method=fake (method.estimator=lozo) perturbs its trainable set full in place, and 4 of its tensors are "
+     "torch.bfloat16 (e.g. 0.weight)"),
+    ({"factory": lambda model, spsa: None},
+     "an estimator factory replaces a step's estimate, and method.estimator=lozo takes none"),
+])
+def test_what_a_registered_step_does_not_declare_is_refused_by_key(fake, monkeypatch, change, message):
+    for key, value in change.get("env", {}).items():
+        monkeypatch.setenv(key, value)
+    model = mlp().to(change.get("dtype", torch.float32))
+    with pytest.raises(ConfigError) as err:
+        build_method(model, fake_cfg(**change.get("cfg", {})), AdapterConfig(), Head.causal_lm, seed=0,
+                     zo=ZOConfig(**change.get("zo", {})), estimator=change.get("factory"))
+    assert message in str(err.value)
+    assert fake.built == []  # refused before the step is built
+
+
+def test_what_a_registered_step_declares_is_built(fake, monkeypatch):
+    supports = Supports(trainable=(TrainableSet.full, TrainableSet.sparse), update_rules=tuple(Update),
+                        parallel_queries=(TrainableSet.full,), torchrun=True, low_precision=(TrainableSet.full,))
+    monkeypatch.setitem(STEPS, "lozo", RegisteredStep("lozo", FakeStep, supports))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    build_method(mlp().to(torch.bfloat16), fake_cfg(update_rule=Update.adam), AdapterConfig(), Head.causal_lm,
+                 seed=0, zo=ZOConfig(parallel_queries=True))
+    assert len(fake.built) == 1
+
+
+def test_the_replay_log_is_refused_from_the_declaration(fake):
+    with pytest.raises(ConfigError, match="train.replay_log=true is not supported by method.estimator=lozo: "
+                                          "adazeta-replay rebuilds the steps of method.estimator=spsa only"):
+        check_supports(fake_cfg(), ZOConfig(), replay_log=True)
+    assert check_supports(fake_cfg(estimator=Estimator.spsa), ZOConfig(), replay_log=True).name == "spsa"
+
+
+def test_first_order_refusals_come_from_its_declaration(monkeypatch):
+    fo = fake_cfg(name="ft", optimizer=Optimizer.fo)
+    with pytest.raises(ConfigError, match=r"method.trainable=sparse is not supported by method.optimizer=fo "
+                                          r"\(first-order\); valid: full, tt_adapter, lora, prefix"):
+        check_supports(MethodConfig(**{**fo.__dict__, "trainable": TrainableSet.sparse}))
+    with pytest.raises(ConfigError, match="zo.parallel_queries=true .* method.optimizer=fo \\(first-order\\)"):
+        check_supports(fo, ZOConfig(parallel_queries=True))
+    with pytest.raises(ConfigError, match="method=ft is first-order; torchrun runs the ZO methods only"):
+        check_supports(fo, torchrun=True)
+    check_supports(fo, replay_log=False)  # a first-order run keeps no replay log (engine/replay_log.py kept)

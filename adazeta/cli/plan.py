@@ -493,6 +493,7 @@ def plan(overrides: list[str], fit: tuple[int, ...] = (1, 2), check: tuple[int, 
     at a time) and fit the line. `target_device` (auto, cpu, cuda): the device the prediction is
     for; auto takes model.device's type, and CUDA for model.device=auto."""
     from adazeta.config import Optimizer
+    from adazeta.engine.build import check_config
     from adazeta.errors import ConfigError
     from adazeta.validate import validate
 
@@ -501,6 +502,7 @@ def plan(overrides: list[str], fit: tuple[int, ...] = (1, 2), check: tuple[int, 
 
     cfg = compose_config(overrides)
     validate(cfg)
+    check_config(cfg)  # what the method's step does not support, before any measurement starts
     target_device = target_device_of(target_device, str(cfg.model.device))
     arch = architecture(cfg.model)
     key, depth = layer_key(arch), int(arch[layer_key(arch)])

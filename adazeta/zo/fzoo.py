@@ -31,8 +31,9 @@ Deviations, all for robustness or exactness:
   for SPSA: p <- d (p - eps u_N) - lr sum_i g_i u_i, one pass over the weights fewer.
 - Queries run one after another; the paper's batched forward of the N perturbations (one CUDA
   kernel over N weight copies, ParallelOPTForCausalLM) is not implemented: zo.parallel_queries
-  is refused. So are torch.distributed, the replay log and low-precision trainable weights (an
-  in-place +eps u / -eps u round trip does not restore bf16 weights).
+  is refused (SUPPORTS, checked when the method is built). So are torch.distributed, the replay
+  log and low-precision trainable weights (an in-place +eps u / -eps u round trip does not restore
+  bf16 weights).
 
 Rademacher signs are drawn as random 64-bit words whose bytes are expanded through a 256 x 8 table
 of +-1 (64 signs per random draw): on CPU about a tenth of the time of a normal_ over the same
@@ -61,7 +62,6 @@ from adazeta.step import (
     register_step,
     weight_norm,
 )
-from adazeta.zo.estimators import check_estimator_support
 from adazeta.zo.noise import chunk_bounds, query_seed, tensor_seed
 from adazeta.zo.spsa import group_trainables
 from adazeta.zo.updates import UpdateRule
@@ -161,7 +161,6 @@ class FZOOStep(RuleStep):
     def __init__(
         self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig, dist=None,
     ):
-        check_estimator_support("fzoo", cfg, zo, trainables, FZOO_SETS, ("sgd",))
         if cfg.fzoo_n < 2:
             raise ConfigError(f"method.fzoo_n={cfg.fzoo_n}: FZOO normalises by the std of the N perturbed losses, "
                               "so it needs N >= 2 (the paper uses 8)")

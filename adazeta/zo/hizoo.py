@@ -48,11 +48,11 @@ Deviations from the reference code, all deliberate:
   Sigma is lost only if it is under half an ulp of Sigma.
 - The Hessian smoothing schedule (`--hessian_smooth_type`, constant values only in the code) is a
   constant alpha here; the code's learning-rate schedules are this project's schedules.
-- What is not supported is refused by key (`check_estimator_support`): zo.parallel_queries (the
-  queries run one after another), torchrun, bf16/fp16 trainable weights (an in-place +eps / -2 eps
-  / +eps round trip does not restore them; the code runs HiZOO in fp16 regardless), update rules
-  other than sgd, the sparse trainable set, and the replay log (adazeta-replay rebuilds SPSA steps
-  only: adazeta/validate.py `check_estimator`).
+- What is not supported is declared in SUPPORTS and refused by key when the method is built
+  (adazeta/step.py `check_supports`): zo.parallel_queries (the queries run one after another),
+  torchrun, bf16/fp16 trainable weights (an in-place +eps / -2 eps / +eps round trip does not
+  restore them; the code runs HiZOO in fp16 regardless), update rules other than sgd, the sparse
+  trainable set, and the replay log (adazeta-replay rebuilds SPSA steps only).
 
 Cost per step: the perturbations are in place, a chunk of z at a time as SPSA does (z is drawn in
 the chunks of `chunk_bounds` where `chunks_exact` holds, so z equals SPSA's z bit for bit, and
@@ -80,7 +80,6 @@ from adazeta.step import (
     register_step,
     weight_norm,
 )
-from adazeta.zo.estimators import check_estimator_support
 from adazeta.zo.noise import Stream, query_seed
 from adazeta.zo.spsa import SPSA
 
@@ -97,7 +96,6 @@ class HiZOOStep:
     def __init__(
         self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig, dist=None,
     ):
-        check_estimator_support("hizoo", cfg, zo, trainables, HIZOO_SETS, ("sgd",))
         if not 0 <= cfg.hizoo_alpha < 1:
             raise ConfigError(f"method.hizoo_alpha={cfg.hizoo_alpha!r} is out of range: in [0, 1)")
         # SPSA gives the layout (adapter and LoRA sets grouped into flat buffers, as ZOStep groups

@@ -27,8 +27,8 @@ by pure functions of (seed, step, query, tensor) and (seed, k, tensor), never th
 is regenerated rather than stored and a resumed run draws exactly the same noise; the update folds
 in the last query's restore (W <- d (W + eps U V^T) - lr D V^T in one addmm) when zo.fused_update is
 on. A tensor with more than two dimensions gets a Gaussian z (the reference would fail on it).
-Not supported, and refused by name: zo.parallel_queries, torch.distributed, the replay log,
-bf16/fp16 trainable weights, and trainable sets other than full.
+Not supported (SUPPORTS, refused by key when the method is built): zo.parallel_queries,
+torch.distributed, the replay log, bf16/fp16 trainable weights, and trainable sets other than full.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from adazeta.step import (
     register_step,
     weight_norm,
 )
-from adazeta.zo.estimators import check_estimator_support
 from adazeta.zo.noise import query_seed, splitmix64, tensor_seed
 from adazeta.zo.updates import UpdateRule
 
@@ -162,7 +161,6 @@ class LOZOStep(RuleStep):
     def __init__(
         self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig, dist=None,
     ):
-        check_estimator_support("lozo", cfg, zo, trainables, (TrainableSet.full,), ("sgd", "momentum"))
         if cfg.lozo_rank < 1 or cfg.lozo_interval < 1:
             raise ConfigError(f"method.lozo_rank={cfg.lozo_rank}, method.lozo_interval={cfg.lozo_interval}: both "
                               "must be >= 1")

@@ -6,7 +6,6 @@ method.estimator=spsa: every method of conf/method/ whose estimator is not FZOO,
 from __future__ import annotations
 
 from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
-from adazeta.errors import ConfigError
 from adazeta.params import LOW_PRECISION, Trainable
 from adazeta.step import (
     GROUPED_SETS,
@@ -67,7 +66,7 @@ class ZOStep(RuleStep):
         self.spsa = SPSA(trainables, cfg.eps, mask=mask, group=group, on_perturb=self.observe)
         in_forward = functional_perturbation(trainables, cfg)
         self.mask, self.in_place_masks = mask, mask is not None and not in_forward
-        self.estimator: Estimator = build_estimator(model, self.spsa, cfg, zo, in_forward, dist, estimator)
+        self.estimator: Estimator = build_estimator(model, self.spsa, zo, in_forward, dist, estimator)
         kwargs = {}
         if cfg.update_rule.value == "momentum":
             kwargs = {"momentum": cfg.momentum}
@@ -139,20 +138,11 @@ def functional_perturbation(trainables: list[Trainable], cfg: MethodConfig) -> b
     """Whether the estimate perturbs the weights inside each layer's forward (never writing them)
     rather than in place: Sparse-MeZO with method.in_forward=true, and any full-parameter method
     whose weights are bf16/fp16, where an in-place +eps z / -2 eps z / +eps z round trip leaves
-    rounding drift of the order of an ulp per query (scripts/bf16_zo.py), more than the updates move."""
-    low = [t for t in trainables if t.param.dtype in LOW_PRECISION]
-    if cfg.trainable == TrainableSet.sparse and cfg.in_forward:
-        return True
-    if not low:
-        return False
-    if cfg.trainable == TrainableSet.full:
-        return True
-    kind = f"{cfg.trainable.value} (method.in_forward=false)" if cfg.trainable == TrainableSet.sparse else cfg.trainable.value
-    raise ConfigError(
-        f"method={cfg.name} perturbs its trainable set {kind} in place, and {len(low)} of its tensors are "
-        f"{low[0].param.dtype} (e.g. {low[0].name}): a rounded +eps z / -2 eps z / +eps z round trip does not "
-        "restore them. Use method.in_forward=true (perturbation inside the forward), or model.dtype=float32"
-    )
+    rounding drift of the order of an ulp per query (scripts/bf16_zo.py), more than the updates move.
+    Low-precision tensors of the other sets are refused before the step is built (SUPPORTS)."""
+    if cfg.trainable == TrainableSet.sparse:
+        return cfg.in_forward
+    return cfg.trainable == TrainableSet.full and any(t.param.dtype in LOW_PRECISION for t in trainables)
 
 
 SUPPORTS = Supports(
