@@ -8,7 +8,7 @@ import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
 from adazeta.params import Trainable
-from adazeta.step import Guard, LossFn, StepResult, Supports, register_step
+from adazeta.step import CudaBuffer, Guard, LossFn, StepResult, Supports, register_step
 
 
 class FOStep:
@@ -57,6 +57,11 @@ class FOStep:
             state.setdefault(int(i), {}).update(st)
         groups = [{**g, "betas": tuple(g["betas"])} for g in scalars["param_groups"]]
         self.opt.load_state_dict({"state": state, "param_groups": groups})
+
+    def cuda_buffers(self, target_dtype: str, kept: set[int]) -> list[CudaBuffer]:
+        """None: backprop's gradients, activations and AdamW's moments are allocated alike on both
+        devices, so a CPU measurement holds them."""
+        return []
 
     def __call__(self, loss_fn: LossFn, step: int, q: int, guard: Guard | None = None) -> StepResult:
         """One forward and backward; `guard` sees the loss before backward: a bad loss moves no weight."""

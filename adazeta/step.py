@@ -47,10 +47,31 @@ class StepResult:
 Guard = Callable[[int, list[float], list[float]], None]
 
 
+GIB = 1024**3
+
+
+@dataclass
+class CudaBuffer:
+    """A buffer a CUDA run of a step allocates beyond the weights, at a size a CPU run does not
+    show (on CPU its draws go a chunk at a time where CUDA's go a whole tensor at a time): what the
+    memory planner adds to a CPU measurement (adazeta/cli/plan.py)."""
+
+    name: str  # what it is, with the tensor that sizes it
+    source: str  # where the code allocates it
+    cuda_gib: float  # its size on CUDA, in the target dtype
+    cpu_gib: float  # what this CPU process held of it, in the measured dtype
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per value of a dtype named as model.dtype names it (float32, bfloat16, float16)."""
+    return getattr(torch, name).itemsize
+
+
 class Step(Protocol):
-    """What the loop, the checkpoint, the guard's rollback and the library API use of a method's
-    step: call it, read and set its learning rate, and save and load its state (tensors, saved as
-    safetensors, and JSON scalars; never a pickle). Every registered step (`register_step`) is one."""
+    """What the loop, the checkpoint, the guard's rollback, the library API and the memory planner
+    use of a method's step: call it, read and set its learning rate, save and load its state
+    (tensors, saved as safetensors, and JSON scalars; never a pickle), and list its CUDA buffers.
+    Every registered step (`register_step`) is one."""
 
     lr: float
 
@@ -59,6 +80,12 @@ class Step(Protocol):
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]: ...
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None: ...
+
+    def cuda_buffers(self, target_dtype: str, kept: set[int]) -> list[CudaBuffer]:
+        """After a step has run on CPU: what a CUDA run of this step allocates that the CPU run
+        did not, at `target_dtype`'s bytes per value (parameters whose id is in `kept` stay
+        float32 in a low-precision run); [] when the CPU run held the same buffers."""
+        ...
 
 
 class RuleStep:

@@ -54,6 +54,9 @@ class FakeStep:
     def load_state_dict(self, tensors, scalars):
         self.lr = scalars["lr"]
 
+    def cuda_buffers(self, target_dtype, kept):
+        return []
+
 
 @pytest.fixture
 def fake(monkeypatch):
@@ -76,6 +79,8 @@ def test_every_estimator_of_the_config_has_a_registered_step():
     fo = registered(fake_cfg(optimizer=Optimizer.fo))
     assert fo.name == step_name(fake_cfg(optimizer=Optimizer.fo)) == "fo" and fo.optimizer == Optimizer.fo
     assert set(STEPS) == {e.value for e in Estimator} | {"fo"}
+    for entry in STEPS.values():  # the Step protocol, the planner's part included
+        assert all(callable(getattr(entry.cls, name, None)) for name in ("state_dict", "load_state_dict", "cuda_buffers"))
 
 
 def test_build_method_builds_the_registered_step_with_the_one_signature(fake):

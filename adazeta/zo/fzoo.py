@@ -53,6 +53,7 @@ from adazeta.errors import ConfigError
 from adazeta.params import Trainable
 from adazeta.step import (
     GROUPED_SETS,
+    CudaBuffer,
     Guard,
     LossFn,
     RuleStep,
@@ -182,6 +183,11 @@ class FZOOStep(RuleStep):
         if sigma == 0.0:
             return [0.0] * n
         return [(v - l0) / (n * sigma) for v in losses]
+
+    def cuda_buffers(self, target_dtype: str, kept: set[int]) -> list[CudaBuffer]:
+        """None: Rademacher draws each unit's u in the fixed chunks of `chunk_bounds` on every device, into
+        the same buffers: a CPU measurement holds what CUDA allocates."""
+        return []
 
     @torch.no_grad()
     def __call__(self, loss_fn: LossFn, step: int, q: int, guard: Guard | None = None) -> StepResult:

@@ -73,10 +73,13 @@ from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.params import Trainable
 from adazeta.step import (
+    GIB,
     GROUPED_SETS,
+    CudaBuffer,
     StepResult,
     Supports,
     check_update_fits,
+    dtype_bytes,
     register_step,
     weight_norm,
 )
@@ -139,6 +142,18 @@ class HiZOOStep:
                 raise KeyError(f"HiZOO state {name!r} missing or of the wrong shape")
             view.copy_(tensors[name])
         self.inverse_sum = sum(float(s.double().reciprocal().sum()) for s in self.sigma)
+
+    def cuda_buffers(self, target_dtype: str, kept: set[int]) -> list[CudaBuffer]:
+        """On CUDA (no `chunks_exact`) `add` reads every unit's z whole, into a scratch of Q + 1 rows
+        (each query's z and Sigma^(-1/2)) the size of the largest trainable tensor, Q = 1 as the
+        planner measures; on CPU the rows are chunks. Sigma itself, one copy of the trainable set,
+        is allocated alike on both devices."""
+        largest = max(self.units, key=lambda u: u.param.numel())
+        cpu = sum(b.numel() * b.element_size() for b in self.buffers.values()) / GIB
+        return [CudaBuffer(
+            f"z and Sigma^(-1/2) scratch: 2 rows of the largest trainable tensor, {largest.name} "
+            f"({largest.param.numel():,} {target_dtype})", "zo/hizoo.py HiZOOStep.add (whole tensors)",
+            2 * largest.param.numel() * dtype_bytes(target_dtype) / GIB, cpu)]
 
     # -- the noise -----------------------------------------------------------------------------
     def z(self, unit: int, seed: int) -> torch.Tensor:

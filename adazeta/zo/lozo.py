@@ -41,6 +41,7 @@ from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.params import Trainable
 from adazeta.step import (
+    CudaBuffer,
     Guard,
     LossFn,
     RuleStep,
@@ -174,6 +175,10 @@ class LOZOStep(RuleStep):
         # |U V^T|_F^2 ~ r m n: an update moves the weights by about lr |g| sqrt(r n_values)
         self.numel = sum(t.param.numel() * (cfg.lozo_rank if t.param.dim() == 2 else 1) for t in trainables)
         self.norm: float | None = None
+
+    def cuda_buffers(self, target_dtype: str, kept: set[int]) -> list[CudaBuffer]:
+        """None: U, V and z are drawn whole per tensor on every device, and V cached: a CPU measurement holds what CUDA allocates."""
+        return []
 
     @torch.no_grad()
     def __call__(self, loss_fn: LossFn, step: int, q: int, guard: Guard | None = None) -> StepResult:

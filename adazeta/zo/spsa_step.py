@@ -5,24 +5,29 @@ method.estimator=spsa: every method of conf/method/ whose estimator is not FZOO,
 
 from __future__ import annotations
 
+import torch
+
 from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
 from adazeta.params import LOW_PRECISION, Trainable
 from adazeta.step import (
+    GIB,
     GROUPED_SETS,
     UPDATE_SCALE,
+    CudaBuffer,
     Guard,
     LossFn,
     RuleStep,
     StepResult,
     Supports,
     check_update_fits,
+    dtype_bytes,
     register_step,
     weight_norm,
 )
 from adazeta.zo.estimators import Estimator, EstimatorFactory, build_estimator
-from adazeta.zo.noise import query_seed
+from adazeta.zo.noise import CHUNK, query_seed
 from adazeta.zo.sharded import Dist
-from adazeta.zo.sparse import SparseMask
+from adazeta.zo.sparse import InForwardPerturbation, SparseMask
 from adazeta.zo.spsa import SPSA
 from adazeta.zo.updates import RULES
 
@@ -61,6 +66,7 @@ class ZOStep(RuleStep):
         # group, not one per tensor. Full-parameter sets keep a z per tensor: flattening a model's
         # weights would copy them, and the in-forward perturbation regenerates one layer's z.
         group = cfg.trainable in GROUPED_SETS
+        self.model = model  # the module tree the in-forward perturbation hooks (`cuda_buffers`)
         self.writes: list[tuple[int, float]] = []
         self.recording = False  # True while the estimate runs: its in-place writes go into `writes`
         self.spsa = SPSA(trainables, cfg.eps, mask=mask, group=group, on_perturb=self.observe)
@@ -132,6 +138,70 @@ class ZOStep(RuleStep):
             if self.in_place_masks:
                 self.mask.release()
         return StepResult(sum(losses) / q, sum(grads) / q, 2 * q + extra, seeds, grads)
+
+    def cuda_buffers(self, target_dtype: str, kept: set[int]) -> list[CudaBuffer]:
+        """On CUDA `chunks_exact` is False (adazeta/zo/noise.py), so every pass draws each tensor's z
+        whole: a z scratch of the largest trainable tensor per dtype, a magnitude mask's two bools
+        per value of it, and for the in-forward perturbation a copy of the largest module's
+        trainables (with its two bool masks). Sized at `target_dtype` (`kept` tensors: float32),
+        beside what this CPU process's buffers reached."""
+        spsa, mask = self.spsa, self.mask
+        magnitude = mask is not None and getattr(mask, "chunked", False)
+
+        def dtype_of(p) -> str:
+            return "float32" if id(p) in kept else target_dtype
+
+        def held(buffers, kind=None) -> float:  # GiB of the CPU buffers (of a kind: "float", "bool")
+            bufs = [b for b in buffers if kind is None or (b.dtype == torch.bool) == (kind == "bool")]
+            return sum(b.numel() * b.element_size() for b in bufs) / GIB
+
+        # Per dtype, the largest trainable tensor: SPSA.bounds are all None on CUDA, and run_lane
+        # draws every tensor's z whole through SPSA.z into `SPSA.scratch`, one buffer per (device,
+        # dtype) grown to the largest tensor drawn.
+        largest: dict[str, tuple[int, str]] = {}
+        for t in spsa.trainables:
+            d = dtype_of(t.param)
+            largest[d] = max(largest.get(d, (0, "")), (t.param.numel(), t.name))
+        lanes = [b for lane in spsa.lanes for b in lane.buffers.values()]
+        names = ", ".join(f"{n} ({numel:,} {d})" for d, (numel, n) in largest.items())
+        out = [CudaBuffer(
+            f"z scratch: the largest trainable tensor per dtype, {names}", "zo/spsa.py SPSA.z (run_lane, whole tensors)",
+            sum(numel * dtype_bytes(d) for d, (numel, _) in largest.items()) / GIB,
+            held(spsa.scratch.values()) + held(lanes, "float"))]
+        top = max(numel for numel, _ in largest.values())
+        if magnitude:
+            # run_lane's whole-tensor branch computes the magnitude mask into lane.buffer(p, 2n, bool).
+            out.append(CudaBuffer(
+                "update mask: 2 bools per value of the largest tensor", "zo/spsa.py run_lane (mask.chunk into lane.buffer)",
+                max(2 * top, 2 * CHUNK) / GIB, held(lanes, "bool")))
+        if isinstance(self.estimator, InForwardPerturbation):
+            # No module is `blockable` on CUDA (it needs chunks_exact): pre_hook -> perturbed_copy
+            # takes each module's own trainables whole from the work buffer, stacked over the
+            # enclosing modules that own trainables too (`take`).
+            index_of = {id(t.param) for t in spsa.trainables}
+            stacked: dict[str, int] = {}
+
+            def walk(module, above: dict[str, int]) -> None:
+                here = dict(above)
+                for p in module.parameters(recurse=False):
+                    if id(p) in index_of:
+                        here[dtype_of(p)] = here.get(dtype_of(p), 0) + p.numel()
+                for d, n in here.items():
+                    stacked[d] = max(stacked.get(d, 0), n)
+                for child in module.children():
+                    walk(child, here)
+
+            walk(self.model, {})
+            out.append(CudaBuffer(
+                "perturbed copy: the largest module's trainable weights", "zo/sparse.py InForwardPerturbation.perturbed_copy",
+                sum(n * dtype_bytes(d) for d, n in stacked.items()) / GIB, held(self.estimator.work.values())))
+            if magnitude:
+                # SPSA.z -> SparseMask.__call__ -> compute(out=scratch(w, 1)) -> within(..., scratch(w)):
+                # two bool buffers per device, grown to the largest tensor.
+                out.append(CudaBuffer(
+                    "forward masks: 2 bools per value of the largest tensor", "zo/sparse.py SparseMask.scratch (slots 0, 1)",
+                    2 * top / GIB, held(mask.buffers.values())))
+        return out
 
 
 def functional_perturbation(trainables: list[Trainable], cfg: MethodConfig) -> bool:
