@@ -131,15 +131,10 @@ READ_BY: list[tuple[str, Callable[[DictConfig], bool], str]] = [
 def shipped_methods_reading(prefix: str, reads: Callable[[DictConfig], bool]) -> list[str]:
     """The methods of conf/method/ that read a key, judged on their own files (schema defaults
     filling in what a file leaves out)."""
-    from adazeta.config import MethodConfig
+    from adazeta.config import method_presets
 
-    conf = Path(__file__).resolve().parent / "conf" / "method"
-    names = []
-    for path in sorted(conf.glob("*.yaml")):
-        method = OmegaConf.merge(OmegaConf.structured(MethodConfig), OmegaConf.load(path).get("method", {}))
-        if reads(OmegaConf.create({"method": OmegaConf.to_container(method, enum_to_str=True)})):
-            names.append(path.stem)
-    return names
+    return [name for name, method in method_presets().items()
+            if reads(OmegaConf.create({"method": OmegaConf.to_container(method, enum_to_str=True)}))]
 
 
 def check_ignored(cfg: DictConfig, overrides: list[str]) -> None:
