@@ -32,8 +32,9 @@ from omegaconf.errors import OmegaConfBaseException
 from adazeta.config import CONF_DIR, GuardConfig, Head, Optimizer, compose_config
 from adazeta.engine.guard import Guard, check_precision
 from adazeta.errors import ConfigError
-from adazeta.methods import StepResult, build_method
+from adazeta.methods import build_method
 from adazeta.models.load import MeanPoolClassifier
+from adazeta.step import StepResult
 from adazeta.validate import check_ignored, validate
 
 __all__ = ["ZOFineTuner", "StepResult", "method_names", "compose_method"]

@@ -466,6 +466,15 @@ class Config:
     null), e.g. `label=adazeta-paper-init` to compare two settings of one method in one figure."""
 
 
+def method_presets() -> dict[str, DictConfig]:
+    """The method presets of conf/method/ by name, in name order: each file's `method` node over
+    the schema's defaults (what `method=<name>` composes, before any override)."""
+    from omegaconf import OmegaConf
+
+    return {path.stem: OmegaConf.merge(OmegaConf.structured(MethodConfig), OmegaConf.load(path).get("method", {}))
+            for path in sorted((Path(CONF_DIR) / "method").glob("*.yaml"))}
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)

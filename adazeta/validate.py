@@ -132,15 +132,10 @@ READ_BY: list[tuple[str, Callable[[DictConfig], bool], str]] = [
 def shipped_methods_reading(prefix: str, reads: Callable[[DictConfig], bool]) -> list[str]:
     """The methods of conf/method/ that read a key, judged on their own files (schema defaults
     filling in what a file leaves out)."""
-    from adazeta.config import MethodConfig
+    from adazeta.config import method_presets
 
-    conf = Path(__file__).resolve().parent / "conf" / "method"
-    names = []
-    for path in sorted(conf.glob("*.yaml")):
-        method = OmegaConf.merge(OmegaConf.structured(MethodConfig), OmegaConf.load(path).get("method", {}))
-        if reads(OmegaConf.create({"method": OmegaConf.to_container(method, enum_to_str=True)})):
-            names.append(path.stem)
-    return names
+    return [name for name, method in method_presets().items()
+            if reads(OmegaConf.create({"method": OmegaConf.to_container(method, enum_to_str=True)}))]
 
 
 def check_ignored(cfg: DictConfig, overrides: list[str]) -> None:
@@ -209,7 +204,6 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     if betas is not None and lr is not None and _method(cfg, "optimizer") == "fo" and lr / (1 - betas[0]) > FLOAT32_MAX:
         raise ConfigError(f"method.lr={lr!r} is out of range: AdamW's first step is lr / (1 - betas[0]) = "
                           f"{lr / (1 - betas[0]):.3g}, beyond float32; use a value of a sensible size")
-    check_estimator(cfg)
     if overrides is None:
         overrides = list(lookup(cfg, "hydra.overrides.task") or [])
     check_ignored(cfg, [o for o in overrides if "=" in o and not o.startswith(("hydra.", "+hydra."))])
@@ -249,17 +243,3 @@ def check_64_bits(cfg: DictConfig) -> None:
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra", None)
     walk(plain, "")
-
-
-def check_estimator(cfg: DictConfig) -> None:
-    """The estimators beyond SPSA (fzoo, lozo, hizoo) keep no replay log: adazeta-replay rebuilds
-    SPSA steps only. (Their other limits are checked when the step is built: adazeta/zo/fzoo.py.)"""
-    estimator = lookup(cfg, "method.estimator")
-    if estimator is None or _value(estimator) == "spsa" or not _zo(cfg):
-        return
-    if lookup(cfg, "train.replay_log"):
-        raise ConfigError(
-            f"train.replay_log=true is not supported by method.estimator={_value(estimator)}: adazeta-replay "
-            "rebuilds two-sided Gaussian SPSA steps only; set train.replay_log=false (method=fzoo, lozo, "
-            "lozo_m and hizoo do), or use method.estimator=spsa"
-        )

@@ -146,3 +146,16 @@ def test_peer_table_times_ours_against_the_reference(bench):
     for key in ("bare 2 forwards s", "ours s", "reference s", "ours / reference", "ours / bare", "reference / bare"):
         finite(row[key])
     assert int(row["trainable"].replace(",", "")) > 10_000  # every weight of the model: full-parameter MeZO
+
+
+def test_default_methods_are_the_shipped_presets_zo_first(bench):
+    """--methods defaults to every conf/method/ preset, read from the files (a new preset is
+    benchmarked without touching bench.py): the ZO ones, then the first-order ones."""
+    from adazeta.api import method_names
+    from adazeta.config import Optimizer, method_presets
+
+    names = bench.parse_args([]).methods
+    assert sorted(names) == method_names()
+    kinds = [method_presets()[n].optimizer for n in names]
+    assert kinds == sorted(kinds, key=lambda k: k != Optimizer.zo) and Optimizer.fo in kinds
+    assert {"mezo", "fzoo", "lozo", "hizoo", "ft"} <= set(names)

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from adazeta.config import DistMode, MethodConfig, TrainableSet, ZOConfig
 from adazeta.engine.distributed import check_drift, checksum
-from adazeta.methods import ZOStep
 from adazeta.trainable.sets import collect
 from adazeta.zo.sharded import Dist
+from adazeta.zo.spsa_step import ZOStep
 
 STEPS, Q, BATCH = 3, 3, 8  # Q = 3 does not divide across 2 ranks: one rank runs 2 queries, the other 1
 

@@ -1,4 +1,4 @@
-"""The composition of a ZO step (adazeta/zo/estimators.py, adazeta/methods.py): the estimator is chosen
+"""The composition of a ZO step (adazeta/zo/estimators.py, adazeta/zo/spsa_step.py): the estimator is chosen
 when the step is built, a caller's own estimator plugs in through a factory, and the step records the
 in-place writes its estimate made (what the replay log keeps)."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from adazeta.config import MethodConfig, TrainableSet, ZOConfig
-from adazeta.methods import ZOStep
 from adazeta.trainable.sets import collect
 from adazeta.zo.estimators import Sequential
 from adazeta.zo.noise import Stream, query_seed, tensor_seed
+from adazeta.zo.spsa_step import ZOStep
 
 
 def toy(fused: bool = False, estimator=None):

@@ -13,11 +13,11 @@ from conftest import build_method_on
 from torch import nn
 
 from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
-from adazeta.methods import ZOStep
 from adazeta.params import Trainable
 from adazeta.trainable.sets import collect
 from adazeta.zo.sparse import InForwardPerturbation, SparseMask
 from adazeta.zo.spsa import CHUNK, SPSA, chunk_bounds, tensor_seed
+from adazeta.zo.spsa_step import ZOStep
 
 
 def setup(method: str, *extra: str, model: str = "tiny-llama"):

@@ -258,7 +258,7 @@ def test_a_huge_lr_is_stopped_before_its_first_step(tmp_path, batch):
 def test_the_update_size_is_known_before_the_update(rule):
     """The ratio the guard checks equals the size of the update the step then applies,
     ||theta' - theta|| / ||theta||, measured with the check off (z over ~4M values: within 2%)."""
-    from adazeta.methods import weight_norm
+    from adazeta.step import weight_norm
 
     cfg, b, loss_fn, guard = built("model=tiny-llama", "method=mezo", "method.lr=1e-3", f"method.update_rule={rule}",
                             "guard.max_update=null", "schedule=constant", "schedule.q=2")

@@ -15,14 +15,23 @@ from safetensors.torch import load_file
 from test_zo import mlp_loss
 from torch import nn
 
-from adazeta.config import Estimator, MethodConfig, Optimizer, TrainableSet, ZOConfig
+from adazeta.config import (
+    AdapterConfig,
+    Estimator,
+    Head,
+    MethodConfig,
+    Optimizer,
+    TrainableSet,
+    ZOConfig,
+)
 from adazeta.errors import ConfigError
-from adazeta.methods import ZOStep
+from adazeta.methods import build_method
 from adazeta.params import Trainable
 from adazeta.trainable.sets import collect
 from adazeta.validate import validate
 from adazeta.zo.hizoo import HiZOOStep
 from adazeta.zo.spsa import query_seed
+from adazeta.zo.spsa_step import ZOStep
 
 
 def mlp(dtype=torch.float64, seed=0) -> nn.Module:
@@ -192,6 +201,7 @@ def test_lora_state_is_named_per_tensor_and_one_copy_of_the_trainable_set():
     (["method.update_rule=momentum"], "method.update_rule=momentum"),
     (["zo.parallel_queries=true", "method.trainable=lora"], "zo.parallel_queries=true"),
     (["model.dtype=bfloat16"], "model.dtype=float32"),
+    (["train.replay_log=true"], "train.replay_log=true"),  # before the model loads (engine/build.py check_config)
 ])
 def test_unsupported_combinations_are_refused_by_name(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -200,15 +210,13 @@ def test_unsupported_combinations_are_refused_by_name(overrides, key):
 
 def test_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    model = mlp()
-    with pytest.raises(ConfigError, match="torchrun"):
-        HiZOOStep(model, collect(model), hizoo_cfg(), seed=0, zo=ZOConfig())
+    with pytest.raises(ConfigError, match="torchrun runs method.estimator=spsa only"):
+        build_method(mlp(), hizoo_cfg(), AdapterConfig(), Head.causal_lm, seed=0)
 
 
 @pytest.mark.parametrize(("overrides", "key"), [
     (["method.hizoo_alpha=1.0"], "method.hizoo_alpha"),
     (["method.hizoo_alpha=-0.1"], "method.hizoo_alpha"),
-    (["train.replay_log=true"], "train.replay_log"),
     (["method=mezo", "method.hizoo_alpha=0.1"], "method.hizoo_alpha"),  # a key the method does not read
     (["method=ft", "method.estimator=hizoo"], "method.estimator"),
 ])

@@ -28,7 +28,7 @@ from adazeta.cli import compare
 from adazeta.cli import plan as planner
 from adazeta.engine.interrupt import interruption
 from adazeta.errors import AdazetaError, DivergenceError, Interrupted, environment_error
-from adazeta.methods import check_update_fits
+from adazeta.step import check_update_fits
 from adazeta.tasks import loading
 from adazeta.validate import validate
 

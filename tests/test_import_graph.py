@@ -23,11 +23,11 @@ Layers = tuple[dict[str, tuple[str, ...]], ...]
 LAYERS: Layers = (
     {"commands": ("adazeta.cli",), "library API": ("adazeta", "adazeta.api", "adazeta.hf_trainer")},
     {"engine": ("adazeta.engine",)},
-    {"methods": ("adazeta.methods", "adazeta.objectives")},
+    {"methods": ("adazeta.methods", "adazeta.first_order", "adazeta.objectives")},
     {"zo": ("adazeta.zo",), "trainable": ("adazeta.trainable",)},
     {"models and tasks": ("adazeta.models", "adazeta.tasks")},
-    # step.py is the contract that the steps of methods.py and of zo/ (FZOO, LOZO, HiZOO) implement:
-    # it sits below both, beside the types and the config it is written in.
+    # step.py is the contract (and the registry) of the steps of zo/ (MeZO's, FZOO, LOZO, HiZOO) and
+    # first_order.py: it sits below both, beside the types and the config it is written in.
     {"base": ("adazeta.config", "adazeta.errors", "adazeta.validate", "adazeta.params", "adazeta.step")},
 )
 

@@ -66,13 +66,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from adazeta.cli import plan as planner  # noqa: E402
-from adazeta.config import Optimizer, compose_config  # noqa: E402
+from adazeta.config import Optimizer, compose_config, method_presets  # noqa: E402
 from adazeta.engine.build import build_run  # noqa: E402
 from adazeta.objectives import Objective  # noqa: E402
 from adazeta.tasks import Example  # noqa: E402
 
-ZO_METHODS = ["adazeta", "mezo", "mezo_lora", "mezo_prefix", "sparse_mezo", "fzoo", "lozo", "lozo_m", "hizoo"]
-FO_METHODS = ["ft", "lora_fo", "prefix_fo"]
 TABLES = ["speed", "memory", "scaling", "parallel", "planner", "peer"]
 # Random-weight Llama architectures for the model-size axis: (hidden, layers).
 SIZES = [(256, 4), (512, 4), (1024, 4), (512, 2), (512, 8)]
@@ -481,11 +479,18 @@ def csv(text: str, cast=str) -> list:
     return [cast(x) for x in text.split(",") if x]
 
 
+def default_methods() -> list[str]:
+    """Every method preset of conf/method/: the ZO ones, then the first-order ones, each in name order."""
+    presets = method_presets()
+    return [name for optimizer in (Optimizer.zo, Optimizer.fo) for name, m in presets.items() if m.optimizer == optimizer]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="adazeta-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm", help="conf/model/<name>.yaml (minilm, smollm2-135m, tiny-llama, ...)")
     p.add_argument("--tables", default=None, help=f"comma-separated, from {','.join(TABLES)} (default: all)")
-    p.add_argument("--methods", default=",".join(ZO_METHODS + FO_METHODS))
+    p.add_argument("--methods", default=",".join(default_methods()),
+                   help="conf/method/<name>.yaml presets (default: every one, the ZO methods first)")
     p.add_argument("--qs", default="1,4,16", help="queries per step (speed and scaling tables)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)

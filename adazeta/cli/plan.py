@@ -285,91 +285,11 @@ def param_gib(params) -> float:
 
 def cuda_terms(method, target_dtype: str, kept: set[int]) -> list[CudaTerm]:
     """What a CUDA run of `method` allocates that this CPU process did not, after a step has run
-    here: each buffer's CUDA size (values of the largest tensor or module, at the target dtype's
-    bytes; `kept` parameters stay float32) beside the size this process's buffers reached.
-    Empty for first-order methods: backprop allocates alike on both devices."""
-    import torch
-
-    from adazeta.methods import ZOStep
-    from adazeta.zo.hizoo import HiZOOStep
-    from adazeta.zo.sparse import InForwardPerturbation
-    from adazeta.zo.spsa import CHUNK
-
-    step = method.step
-    if isinstance(step, HiZOOStep):
-        return hizoo_cuda_terms(step, target_dtype)
-    if not isinstance(step, ZOStep):
-        return []
-    spsa, mask = step.spsa, step.mask
-    magnitude = mask is not None and getattr(mask, "chunked", False)
-
-    def dtype_of(p) -> str:
-        return "float32" if id(p) in kept else target_dtype
-
-    def held(buffers, kind=None) -> float:  # GiB of the CPU buffers (of a kind: "float", "bool")
-        bufs = [b for b in buffers if kind is None or (b.dtype == torch.bool) == (kind == "bool")]
-        return sum(b.numel() * b.element_size() for b in bufs) / GIB
-
-    # Per dtype, the largest trainable tensor: on CUDA chunks_exact is False (zo/spsa.py), so SPSA.bounds
-    # are all None and run_lane draws every tensor's z whole through SPSA.z into `SPSA.scratch`,
-    # one buffer per (device, dtype) grown to the largest tensor drawn.
-    largest: dict[str, tuple[int, str]] = {}
-    for t in spsa.trainables:
-        d = dtype_of(t.param)
-        largest[d] = max(largest.get(d, (0, "")), (t.param.numel(), t.name))
-    lanes = [b for lane in spsa.lanes for b in lane.buffers.values()]
-    names = ", ".join(f"{n} ({numel:,} {d})" for d, (numel, n) in largest.items())
-    terms = [CudaTerm(
-        f"z scratch: the largest trainable tensor per dtype, {names}", "zo/spsa.py SPSA.z (run_lane, whole tensors)",
-        sum(numel * DTYPE_BYTES[d] for d, (numel, _) in largest.items()) / GIB,
-        held(spsa.scratch.values()) + held(lanes, "float"))]
-    top = max(numel for numel, _ in largest.values())
-    if magnitude:
-        # run_lane's whole-tensor branch computes the magnitude mask into lane.buffer(p, 2n, bool).
-        terms.append(CudaTerm(
-            "update mask: 2 bools per value of the largest tensor", "zo/spsa.py run_lane (mask.chunk into lane.buffer)",
-            max(2 * top, 2 * CHUNK) / GIB, held(lanes, "bool")))
-    if isinstance(step.estimator, InForwardPerturbation):
-        # No module is `blockable` on CUDA (it needs chunks_exact): pre_hook -> perturbed_copy
-        # takes each module's own trainables whole from the work buffer, stacked over the
-        # enclosing modules that own trainables too (`take`).
-        index_of = {id(t.param) for t in spsa.trainables}
-        stacked: dict[str, int] = {}
-
-        def walk(module, above: dict[str, int]) -> None:
-            here = dict(above)
-            for p in module.parameters(recurse=False):
-                if id(p) in index_of:
-                    here[dtype_of(p)] = here.get(dtype_of(p), 0) + p.numel()
-            for d, n in here.items():
-                stacked[d] = max(stacked.get(d, 0), n)
-            for child in module.children():
-                walk(child, here)
-
-        walk(method.model, {})
-        terms.append(CudaTerm(
-            "perturbed copy: the largest module's trainable weights", "zo/sparse.py InForwardPerturbation.perturbed_copy",
-            sum(n * DTYPE_BYTES[d] for d, n in stacked.items()) / GIB, held(step.estimator.work.values())))
-        if magnitude:
-            # SPSA.z -> SparseMask.__call__ -> compute(out=scratch(w, 1)) -> within(..., scratch(w)):
-            # two bool buffers per device, grown to the largest tensor.
-            terms.append(CudaTerm(
-                "forward masks: 2 bools per value of the largest tensor", "zo/sparse.py SparseMask.scratch (slots 0, 1)",
-                2 * top / GIB, held(mask.buffers.values())))
-    return terms
-
-
-def hizoo_cuda_terms(step, target_dtype: str) -> list[CudaTerm]:
-    """HiZOO on CUDA (adazeta/zo/hizoo.py `HiZOOStep.add`): without `chunks_exact` every unit's z is
-    read whole, into a scratch of Q + 1 rows (each query's z and Sigma^(-1/2)) the size of the
-    largest trainable tensor, Q = 1 as the planner measures; on CPU the rows are chunks. Sigma
-    itself, one copy of the trainable set, is allocated alike on both devices and measured."""
-    largest = max(step.units, key=lambda u: u.param.numel())
-    cpu = sum(b.numel() * b.element_size() for b in step.buffers.values()) / GIB
-    return [CudaTerm(
-        f"z and Sigma^(-1/2) scratch: 2 rows of the largest trainable tensor, {largest.name} "
-        f"({largest.param.numel():,} {target_dtype})", "zo/hizoo.py HiZOOStep.add (whole tensors)",
-        2 * largest.param.numel() * DTYPE_BYTES[target_dtype] / GIB, cpu)]
+    here, as its step reports it (`Step.cuda_buffers`, adazeta/step.py): each buffer's CUDA size
+    (values of the largest tensor or module, at the target dtype's bytes; `kept` parameters stay
+    float32) beside the size this process's buffers reached. Empty for first-order methods:
+    backprop allocates alike on both devices."""
+    return [CudaTerm(b.name, b.source, b.cuda_gib, b.cpu_gib) for b in method.step.cuda_buffers(target_dtype, kept)]
 
 
 def measure_here(spec: dict) -> dict:
@@ -493,6 +413,7 @@ def plan(overrides: list[str], fit: tuple[int, ...] = (1, 2), check: tuple[int, 
     at a time) and fit the line. `target_device` (auto, cpu, cuda): the device the prediction is
     for; auto takes model.device's type, and CUDA for model.device=auto."""
     from adazeta.config import Optimizer
+    from adazeta.engine.build import check_config
     from adazeta.errors import ConfigError
     from adazeta.validate import validate
 
@@ -501,6 +422,7 @@ def plan(overrides: list[str], fit: tuple[int, ...] = (1, 2), check: tuple[int, 
 
     cfg = compose_config(overrides)
     validate(cfg)
+    check_config(cfg)  # what the method's step does not support, before any measurement starts
     target_device = target_device_of(target_device, str(cfg.model.device))
     arch = architecture(cfg.model)
     key, depth = layer_key(arch), int(arch[layer_key(arch)])

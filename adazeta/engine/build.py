@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from adazeta.config import Head, HeadInit
+from adazeta.engine import replay_log
 from adazeta.engine.memory import (
     device_peaks_gib,
     in_use_gib,
@@ -33,9 +34,10 @@ from adazeta.engine.memory import (
 from adazeta.methods import Method, build_method
 from adazeta.models.load import classification_head, load_model, prompt_init_head, resolve_device
 from adazeta.objectives import Objective
+from adazeta.step import check_supports
 from adazeta.tasks import Example, Splits, Task, build_task
 from adazeta.zo.schedules import QuerySchedule
-from adazeta.zo.sharded import Dist
+from adazeta.zo.sharded import Dist, launched
 
 log = logging.getLogger("adazeta")
 
@@ -68,13 +70,23 @@ class Run:
         return sum(t.param.numel() for t in self.method.trainables)
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, by key, what the step of `cfg`'s method does not support (adazeta/step.py
+    `check_supports`, from the step's registered declaration): its trainable set, update rule,
+    zo.parallel_queries, torchrun (WORLD_SIZE > 1) and the replay log. Cheap, and needs no model:
+    the loop calls it before it joins a process group, `build_run` before it loads anything."""
+    check_supports(cfg.method, cfg.zo, torchrun=launched(), replay_log=replay_log.kept(cfg))
+
+
 def build_run(cfg: DictConfig, dist: Dist | None = None,
               inference_batch: dict[str, torch.Tensor] | None = None) -> Run:
     """Data, model, objective, method and query schedule of `cfg`, built in the order that fixes the
     global RNG's draws (random-init weights, new heads, adapters): `adazeta-replay` rebuilds a
     run's starting weights exactly by calling it again. `dist` spreads the method over torchrun's
     ranks (no-op without torchrun). The inference peak is measured on `inference_batch` (encoded,
-    on the model's device) if given, else on the first `train.batch_size` training examples."""
+    on the model's device) if given, else on the first `train.batch_size` training examples.
+    `check_config` runs first: nothing loads for a config the method's step does not support."""
+    check_config(cfg)
     torch.manual_seed(cfg.seed)  # random-init models, new heads and adapters draw from the global RNG
     task = build_task(cfg.task)
     splits = task.load()

@@ -228,7 +228,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict) -> None:
 
 def optimizer_state(stepper) -> tuple[dict[str, torch.Tensor], dict]:
     """The update rule's state (ZO) or AdamW's (first order), as tensors + JSON scalars: the step's
-    own `state_dict()` (adazeta.methods.Step)."""
+    own `state_dict()` (adazeta.step.Step)."""
     return stepper.state_dict()
 
 

@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as td
 
-from adazeta.config import DistConfig, DistMode, MethodConfig, ModelConfig, Optimizer
+from adazeta.config import DistConfig, DistMode, ModelConfig
 from adazeta.errors import ConfigError
 from adazeta.params import Trainable
 from adazeta.zo.sharded import Dist, launched
@@ -67,15 +67,13 @@ def rank_device(device: str, local_rank: int, gpus: int) -> str:
     return f"cuda:{local_rank}"
 
 
-def setup(cfg: DistConfig, model: ModelConfig, method: MethodConfig, batch_size: int) -> Dist:
+def setup(cfg: DistConfig, model: ModelConfig, batch_size: int) -> Dist:
     """Join the process group torchrun set up the environment for (no-op in a single process).
     On CUDA each rank takes the GPU of its LOCAL_RANK, so `model.device=auto|cuda` is that GPU."""
     if not launched():
         return Dist()
     from adazeta.models.load import resolve_device
 
-    if method.optimizer != Optimizer.zo:
-        raise ConfigError(f"method={method.name} is first-order; torchrun runs the ZO methods only")
     if model.device_map is not None:
         raise ConfigError(
             f"model.device_map={model.device_map} spreads one model over the node's GPUs; under torchrun each "

@@ -16,7 +16,7 @@ Also here: the precision note of the trainable set. The in-place +eps z / -2 eps
 trip of two-sided SPSA restores fp32 weights to within one rounding, but bf16/fp16 weights drift
 by about an ulp per query (docs/design.md, section 4.1; scripts/bf16_zo.py); adapters, LoRA and new heads are kept
 in fp32, and a full-parameter ZO method on a low-precision model perturbs inside the forward and
-rounds its updates stochastically (adazeta/zo/spsa.py, adazeta/methods.py); the run says so.
+rounds its updates stochastically (adazeta/zo/spsa.py, adazeta/zo/spsa_step.py); the run says so.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from adazeta.config import GuardAction, Optimizer, ZOObjective
-from adazeta.engine import checkpoint, distributed, resume, run_folder
-from adazeta.engine.build import Run, build_run, to_device
+from adazeta.engine import checkpoint, distributed, replay_log, resume, run_folder
+from adazeta.engine.build import Run, build_run, check_config, to_device
 from adazeta.engine.guard import Guard, check_precision, get_lr, set_lr
 from adazeta.engine.interrupt import interruption, resume_command
 from adazeta.engine.loggers import JsonlLogger, Loggers, MetricLogger, WandbLogger
@@ -167,7 +167,8 @@ def start(cfg: DictConfig, run_dir: Path) -> Iterator[Training]:
     t_start = time.perf_counter()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    dist = distributed.setup(cfg.dist, cfg.model, cfg.method, cfg.train.batch_size)  # no-op without torchrun
+    check_config(cfg)  # what the method's step does not support: before any process group is joined
+    dist = distributed.setup(cfg.dist, cfg.model, cfg.train.batch_size)  # no-op without torchrun
     # Fails before anything loads; under torchrun rank 0 holds the folder and finds the checkpoint.
     resume_from = dist.from_main(claim(cfg, run_dir) if dist.is_main else None)
     if dist.enabled and cfg.guard.action == GuardAction.rollback:
@@ -197,7 +198,7 @@ def start(cfg: DictConfig, run_dir: Path) -> Iterator[Training]:
             rows, records = resume.carry_over(resume_from, run_dir)
     with contextlib.ExitStack() as opened:
         replay = None
-        if cfg.train.replay_log and cfg.method.optimizer == Optimizer.zo and dist.is_main:
+        if replay_log.kept(cfg) and dist.is_main:
             replay = opened.enter_context(contextlib.closing(ReplayLog(run_dir / "replay.jsonl", method.step, records)))
         ckpt.replay = replay  # its position goes into each checkpoint; a rollback rewinds it
         loggers = build_loggers(cfg, run_dir) if dist.is_main else Loggers([])  # only rank 0 writes

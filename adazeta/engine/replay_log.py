@@ -30,8 +30,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from omegaconf import DictConfig
+
+from adazeta.config import Optimizer
+
 # The in-place writes of one query's round trip: +eps z, -2 eps z, +eps z.
 ROUND_TRIP = (1.0, -2.0, 1.0)
+
+
+def kept(cfg: DictConfig) -> bool:
+    """Whether a run of `cfg` keeps a replay log: train.replay_log=true with a ZO method (a
+    first-order run keeps none, whatever the key says)."""
+    return bool(cfg.train.replay_log) and cfg.method.optimizer == Optimizer.zo
 
 
 class ReplayLog:

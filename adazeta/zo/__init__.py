@@ -1,1 +1,1 @@
-"""The zeroth-order parts: the noise stream, SPSA, estimators, parallel queries, the estimator shared across torchrun ranks, Sparse-MeZO, update rules, query schedules, and the estimators since MeZO (FZOO, LOZO, HiZOO)."""
+"""The zeroth-order parts: the noise stream, SPSA, estimators, parallel queries, the estimator shared across torchrun ranks, Sparse-MeZO, update rules, query schedules, and the ZO steps: MeZO's (spsa_step) and the estimators since MeZO (FZOO, LOZO, HiZOO)."""

@@ -23,11 +23,12 @@ log records) and `can_defer_restore` (with defer_restore=True it may leave the l
 at theta - eps z for a fused SGD update to restore: `zo.fused_update`).
 
 A new estimator is a class with these two attributes and that call; pass a factory
-`(model, spsa) -> estimator` to `build_method(..., estimator=...)` (or `ZOStep(..., estimator=...)`)
+`(model, spsa) -> estimator` to `build_method(..., estimator=...)` (or `ZOStep(..., estimator=...)`, adazeta/zo/spsa_step.py)
 and it takes the place of the default one, wrapped by `Sharded` under torchrun.
 
 The estimators beyond SPSA are steps of their own (FZOO, LOZO, HiZOO: adazeta/zo/fzoo.py, lozo.py,
-hizoo.py); `check_estimator_support` refuses what they do not support, naming the key.
+hizoo.py). What each step supports (parallel queries for which trainable sets, torchrun, ...) is
+declared beside it and checked when the method is built (adazeta/step.py `check_supports`).
 """
 
 from __future__ import annotations
@@ -37,11 +38,9 @@ from typing import Protocol
 
 import torch
 
-from adazeta.config import MethodConfig, ZOConfig
-from adazeta.errors import ConfigError
-from adazeta.params import LOW_PRECISION, Trainable
-from adazeta.zo.parallel import ParallelQueries, check_parallel
-from adazeta.zo.sharded import Dist, Sharded, launched
+from adazeta.config import ZOConfig
+from adazeta.zo.parallel import ParallelQueries
+from adazeta.zo.sharded import Dist, Sharded
 from adazeta.zo.sparse import InForwardPerturbation
 from adazeta.zo.spsa import SPSA
 
@@ -77,17 +76,17 @@ class Sequential:
 
 
 def build_estimator(
-    model: torch.nn.Module, spsa: SPSA, cfg: MethodConfig, zo: ZOConfig, in_forward: bool, dist: Dist | None = None,
+    model: torch.nn.Module, spsa: SPSA, zo: ZOConfig, in_forward: bool, dist: Dist | None = None,
     factory: EstimatorFactory | None = None,
 ) -> Estimator:
     """The estimator of a method, chosen once: `factory`'s if given, else parallel replicas
     (zo.parallel_queries), the in-forward perturbation (`in_forward`, see
-    `methods.functional_perturbation`) or the sequential in-place one; shared across ranks when
-    `dist` spans more than one process."""
+    `spsa_step.functional_perturbation`) or the sequential in-place one; shared across ranks when
+    `dist` spans more than one process. The trainable set's fit for parallel replicas is the
+    step's declaration (adazeta/zo/spsa_step.py SUPPORTS), checked before it is built."""
     if factory is not None:
         estimator = factory(model, spsa)
     elif zo.parallel_queries:
-        check_parallel(cfg.trainable.value)
         estimator = ParallelQueries(model, spsa, zo.max_replicas)
     elif in_forward:
         estimator = InForwardPerturbation(model, spsa)
@@ -96,36 +95,3 @@ def build_estimator(
     if dist is not None and dist.enabled:
         estimator = Sharded(estimator, dist, spsa)
     return estimator
-
-
-def check_estimator_support(
-    estimator: str, cfg: MethodConfig, zo: ZOConfig, trainables: list[Trainable], sets: tuple, rules: tuple[str, ...],
-) -> None:
-    """Refuse, naming the key and the valid choices, what an estimator beyond SPSA does not do."""
-    if cfg.trainable not in sets:
-        raise ConfigError(
-            f"method.trainable={cfg.trainable.value} is not supported by method.estimator={estimator}; valid: "
-            + ", ".join(s.value for s in sets)
-        )
-    if cfg.update_rule.value not in rules:
-        raise ConfigError(
-            f"method.update_rule={cfg.update_rule.value} is not supported by method.estimator={estimator}; valid: "
-            + ", ".join(rules)
-        )
-    if zo.parallel_queries:
-        raise ConfigError(
-            f"zo.parallel_queries=true is not supported by method.estimator={estimator} (its queries run one after "
-            "another); set zo.parallel_queries=false"
-        )
-    if launched():
-        raise ConfigError(
-            f"method.estimator={estimator} runs in one process: torchrun (WORLD_SIZE > 1) is not supported; "
-            "run it without torchrun, or use method.estimator=spsa"
-        )
-    low = [t for t in trainables if t.param.dtype in LOW_PRECISION]
-    if low:
-        raise ConfigError(
-            f"method.estimator={estimator} perturbs its trainable weights in place, and {len(low)} of them are "
-            f"{low[0].param.dtype} (e.g. {low[0].name}): a rounded round trip does not restore them. "
-            "Use model.dtype=float32, or method.estimator=spsa"
-        )

@@ -31,8 +31,9 @@ Deviations, all for robustness or exactness:
   for SPSA: p <- d (p - eps u_N) - lr sum_i g_i u_i, one pass over the weights fewer.
 - Queries run one after another; the paper's batched forward of the N perturbations (one CUDA
   kernel over N weight copies, ParallelOPTForCausalLM) is not implemented: zo.parallel_queries
-  is refused. So are torch.distributed, the replay log and low-precision trainable weights (an
-  in-place +eps u / -eps u round trip does not restore bf16 weights).
+  is refused (SUPPORTS, checked when the method is built). So are torch.distributed, the replay
+  log and low-precision trainable weights (an in-place +eps u / -eps u round trip does not restore
+  bf16 weights).
 
 Rademacher signs are drawn as random 64-bit words whose bytes are expanded through a 256 x 8 table
 of +-1 (64 signs per random draw): on CPU about a tenth of the time of a normal_ over the same
@@ -47,19 +48,21 @@ import math
 
 import torch
 
-from adazeta.config import MethodConfig, TrainableSet, ZOConfig
+from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.params import Trainable
 from adazeta.step import (
     GROUPED_SETS,
+    CudaBuffer,
     Guard,
     LossFn,
     RuleStep,
     StepResult,
+    Supports,
     check_update_fits,
+    register_step,
     weight_norm,
 )
-from adazeta.zo.estimators import check_estimator_support
 from adazeta.zo.noise import chunk_bounds, query_seed, tensor_seed
 from adazeta.zo.spsa import group_trainables
 from adazeta.zo.updates import UpdateRule
@@ -156,8 +159,9 @@ class FZOOStep(RuleStep):
     guard, then the normalised update in one pass over the weights. A `Step` (adazeta/step.py): `rule`
     holds lr and weight decay."""
 
-    def __init__(self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig):
-        check_estimator_support("fzoo", cfg, zo, trainables, FZOO_SETS, ("sgd",))
+    def __init__(
+        self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig, dist=None,
+    ):
         if cfg.fzoo_n < 2:
             raise ConfigError(f"method.fzoo_n={cfg.fzoo_n}: FZOO normalises by the std of the N perturbed losses, "
                               "so it needs N >= 2 (the paper uses 8)")
@@ -179,6 +183,11 @@ class FZOOStep(RuleStep):
         if sigma == 0.0:
             return [0.0] * n
         return [(v - l0) / (n * sigma) for v in losses]
+
+    def cuda_buffers(self, target_dtype: str, kept: set[int]) -> list[CudaBuffer]:
+        """None: Rademacher draws each unit's u in the fixed chunks of `chunk_bounds` on every device, into
+        the same buffers: a CPU measurement holds what CUDA allocates."""
+        return []
 
     @torch.no_grad()
     def __call__(self, loss_fn: LossFn, step: int, q: int, guard: Guard | None = None) -> StepResult:
@@ -218,3 +227,8 @@ class FZOOStep(RuleStep):
             if displaced is not None:  # the step stopped (guard, error) with the weights displaced
                 self.noise.add([displaced], [-eps])
         return StepResult(l0, sum(grads) / n, n + 1, seeds, grads)
+
+
+# One process, queries one after another, weights perturbed in place (float32 only), no replay log.
+SUPPORTS = Supports(trainable=FZOO_SETS, update_rules=(Update.sgd,))
+register_step("fzoo", FZOOStep, SUPPORTS)

@@ -48,11 +48,11 @@ Deviations from the reference code, all deliberate:
   Sigma is lost only if it is under half an ulp of Sigma.
 - The Hessian smoothing schedule (`--hessian_smooth_type`, constant values only in the code) is a
   constant alpha here; the code's learning-rate schedules are this project's schedules.
-- What is not supported is refused by key (`check_estimator_support`): zo.parallel_queries (the
-  queries run one after another), torchrun, bf16/fp16 trainable weights (an in-place +eps / -2 eps
-  / +eps round trip does not restore them; the code runs HiZOO in fp16 regardless), update rules
-  other than sgd, the sparse trainable set, and the replay log (adazeta-replay rebuilds SPSA steps
-  only: adazeta/validate.py `check_estimator`).
+- What is not supported is declared in SUPPORTS and refused by key when the method is built
+  (adazeta/step.py `check_supports`): zo.parallel_queries (the queries run one after another),
+  torchrun, bf16/fp16 trainable weights (an in-place +eps / -2 eps / +eps round trip does not
+  restore them; the code runs HiZOO in fp16 regardless), update rules other than sgd, the sparse
+  trainable set, and the replay log (adazeta-replay rebuilds SPSA steps only).
 
 Cost per step: the perturbations are in place, a chunk of z at a time as SPSA does (z is drawn in
 the chunks of `chunk_bounds` where `chunks_exact` holds, so z equals SPSA's z bit for bit, and
@@ -69,16 +69,20 @@ from collections.abc import Callable
 
 import torch
 
-from adazeta.config import MethodConfig, TrainableSet, ZOConfig
+from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.params import Trainable
 from adazeta.step import (
+    GIB,
     GROUPED_SETS,
+    CudaBuffer,
     StepResult,
+    Supports,
     check_update_fits,
+    dtype_bytes,
+    register_step,
     weight_norm,
 )
-from adazeta.zo.estimators import check_estimator_support
 from adazeta.zo.noise import Stream, query_seed
 from adazeta.zo.spsa import SPSA
 
@@ -92,8 +96,9 @@ class HiZOOStep:
     another, the guard, then Sigma and theta in one pass over the weights. A `Step` (adazeta/step.py): call
     it, read and set `lr`, save and load `state_dict` (Sigma and lr)."""
 
-    def __init__(self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig):
-        check_estimator_support("hizoo", cfg, zo, trainables, HIZOO_SETS, ("sgd",))
+    def __init__(
+        self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig, dist=None,
+    ):
         if not 0 <= cfg.hizoo_alpha < 1:
             raise ConfigError(f"method.hizoo_alpha={cfg.hizoo_alpha!r} is out of range: in [0, 1)")
         # SPSA gives the layout (adapter and LoRA sets grouped into flat buffers, as ZOStep groups
@@ -137,6 +142,18 @@ class HiZOOStep:
                 raise KeyError(f"HiZOO state {name!r} missing or of the wrong shape")
             view.copy_(tensors[name])
         self.inverse_sum = sum(float(s.double().reciprocal().sum()) for s in self.sigma)
+
+    def cuda_buffers(self, target_dtype: str, kept: set[int]) -> list[CudaBuffer]:
+        """On CUDA (no `chunks_exact`) `add` reads every unit's z whole, into a scratch of Q + 1 rows
+        (each query's z and Sigma^(-1/2)) the size of the largest trainable tensor, Q = 1 as the
+        planner measures; on CPU the rows are chunks. Sigma itself, one copy of the trainable set,
+        is allocated alike on both devices."""
+        largest = max(self.units, key=lambda u: u.param.numel())
+        cpu = sum(b.numel() * b.element_size() for b in self.buffers.values()) / GIB
+        return [CudaBuffer(
+            f"z and Sigma^(-1/2) scratch: 2 rows of the largest trainable tensor, {largest.name} "
+            f"({largest.param.numel():,} {target_dtype})", "zo/hizoo.py HiZOOStep.add (whole tensors)",
+            2 * largest.param.numel() * dtype_bytes(target_dtype) / GIB, cpu)]
 
     # -- the noise -----------------------------------------------------------------------------
     def z(self, unit: int, seed: int) -> torch.Tensor:
@@ -236,3 +253,8 @@ class HiZOOStep:
         finally:
             self.restore()  # a no-op, unless the step stopped (an error) with the weights displaced
         return StepResult(l0, sum(grads) / q, 2 * q + 1, seeds, grads)
+
+
+# One process, queries one after another, weights perturbed in place (float32 only), no replay log.
+SUPPORTS = Supports(trainable=HIZOO_SETS, update_rules=(Update.sgd,))
+register_step("hizoo", HiZOOStep, SUPPORTS)

@@ -27,8 +27,8 @@ by pure functions of (seed, step, query, tensor) and (seed, k, tensor), never th
 is regenerated rather than stored and a resumed run draws exactly the same noise; the update folds
 in the last query's restore (W <- d (W + eps U V^T) - lr D V^T in one addmm) when zo.fused_update is
 on. A tensor with more than two dimensions gets a Gaussian z (the reference would fail on it).
-Not supported, and refused by name: zo.parallel_queries, torch.distributed, the replay log,
-bf16/fp16 trainable weights, and trainable sets other than full.
+Not supported (SUPPORTS, refused by key when the method is built): zo.parallel_queries,
+torch.distributed, the replay log, bf16/fp16 trainable weights, and trainable sets other than full.
 """
 
 from __future__ import annotations
@@ -37,18 +37,20 @@ import math
 
 import torch
 
-from adazeta.config import MethodConfig, TrainableSet, ZOConfig
+from adazeta.config import MethodConfig, TrainableSet, Update, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.params import Trainable
 from adazeta.step import (
+    CudaBuffer,
     Guard,
     LossFn,
     RuleStep,
     StepResult,
+    Supports,
     check_update_fits,
+    register_step,
     weight_norm,
 )
-from adazeta.zo.estimators import check_estimator_support
 from adazeta.zo.noise import query_seed, splitmix64, tensor_seed
 from adazeta.zo.updates import UpdateRule
 
@@ -157,8 +159,9 @@ class LOZOStep(RuleStep):
     """One LOZO(-M) step (module docstring): Q two-sided queries with U V_k^T, guard, then the
     update. A `Step` (adazeta/step.py): `rule` holds lr, wd and LOZO-M's momentum."""
 
-    def __init__(self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig):
-        check_estimator_support("lozo", cfg, zo, trainables, (TrainableSet.full,), ("sgd", "momentum"))
+    def __init__(
+        self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig, dist=None,
+    ):
         if cfg.lozo_rank < 1 or cfg.lozo_interval < 1:
             raise ConfigError(f"method.lozo_rank={cfg.lozo_rank}, method.lozo_interval={cfg.lozo_interval}: both "
                               "must be >= 1")
@@ -172,6 +175,10 @@ class LOZOStep(RuleStep):
         # |U V^T|_F^2 ~ r m n: an update moves the weights by about lr |g| sqrt(r n_values)
         self.numel = sum(t.param.numel() * (cfg.lozo_rank if t.param.dim() == 2 else 1) for t in trainables)
         self.norm: float | None = None
+
+    def cuda_buffers(self, target_dtype: str, kept: set[int]) -> list[CudaBuffer]:
+        """None: U, V and z are drawn whole per tensor on every device, and V cached: a CPU measurement holds what CUDA allocates."""
+        return []
 
     @torch.no_grad()
     def __call__(self, loss_fn: LossFn, step: int, q: int, guard: Guard | None = None) -> StepResult:
@@ -233,3 +240,8 @@ class LOZOStep(RuleStep):
                 p.add_(step.to(p.dtype))
         if momentum:
             self.rule.t, self.rule.block = self.rule.t + 1, block
+
+
+# One process, queries one after another, weights perturbed in place (float32 only), no replay log.
+SUPPORTS = Supports(trainable=(TrainableSet.full,), update_rules=(Update.sgd, Update.momentum))
+register_step("lozo", LOZOStep, SUPPORTS)

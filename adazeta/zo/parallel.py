@@ -291,20 +291,3 @@ def _blocks(x: torch.Tensor, n: int, module: nn.Module, device: torch.device) ->
             f"of the {n} replicas; its input is not batch-first"
         )
     return x.reshape(n, -1, x.shape[-1])
-
-
-def check_parallel(trainable: str) -> None:
-    """Parallel queries hold R copies of the trainable set and batch the layers that own it:
-    adapters and LoRA only."""
-    valid = ["tt_adapter", "lora"]
-    if trainable in valid:
-        return
-    if trainable == "prefix":
-        why = (f"method.trainable={trainable} (key/value prefixes that enter the attention through its cache, "
-               "not through a linear layer the replicas batch) cannot take")
-    else:
-        why = f"method.trainable={trainable} (every weight of the model) cannot afford"
-    raise ConfigError(
-        f"zo.parallel_queries=true needs per-replica copies of the trainable set, which {why}; valid "
-        f"trainable sets: {valid}. Set zo.parallel_queries=false for this method"
-    )
