@@ -40,7 +40,7 @@ def test_metric_loss_is_minus_the_accuracy_of_hand_scored_candidates(tmp_path, l
     assert isinstance(loss, MetricLoss)
     right = 0
     for ex in exs:  # argmax of each candidate's mean log-prob, one unpadded sequence at a time
-        scores = hand_causal_scores(loaded.model, loaded.tokenizer, obj.prefix, task.causal_prompt(ex),
+        scores = hand_causal_scores(loaded.model, loaded.tokenizer, obj.encoder.prefix, task.causal_prompt(ex),
                                     task.causal_candidates(ex))
         right += int(scores.argmax()) == ex.label
     assert float(loss()) == pytest.approx(-right / len(exs))
@@ -56,7 +56,7 @@ def test_metric_loss_of_squad_is_minus_the_f1_of_greedy_generations(tmp_path, ll
     obj = Objective(task, tok, Head.causal_lm, 128)
     f1 = []
     for ex in exs:  # greedy by hand, no cache, up to the task's cap
-        ids, new = obj.prefix + tok(task.causal_prompt(ex), add_special_tokens=False).input_ids, []
+        ids, new = obj.encoder.prefix + tok(task.causal_prompt(ex), add_special_tokens=False).input_ids, []
         for _ in range(task.max_new_tokens):
             new.append(int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax()))
             if new[-1] == model.generation_config.eos_token_id or "\n" in tok.decode(new):

@@ -735,12 +735,12 @@ def test_causal_loss_matches_hand_computation(name, tmp_path, models):
         prompt = task.causal_prompt(ex)
         if task.loss == "lm":  # minus the mean log-prob of the gold continuation
             gold = hand_causal_scores(
-                loaded.model, loaded.tokenizer, obj.prefix, prompt, (task.gold_continuation(ex),)
+                loaded.model, loaded.tokenizer, obj.encoder.prefix, prompt, (task.gold_continuation(ex),)
             )
             expected = -gold[0]
         else:
             scores = hand_causal_scores(
-                loaded.model, loaded.tokenizer, obj.prefix, prompt, task.causal_candidates(ex)
+                loaded.model, loaded.tokenizer, obj.encoder.prefix, prompt, task.causal_candidates(ex)
             )
             expected = F.cross_entropy(scores, torch.tensor(ex.label))
             assert preds[i] == scores.argmax()
@@ -842,7 +842,7 @@ def test_accuracy_is_argmax_of_candidate_scores(tmp_path, models):
     result = obj.evaluate(loaded.model, obj.eval_batches(exs, 2), "cpu")
     hand = [
         hand_causal_scores(
-            loaded.model, loaded.tokenizer, obj.prefix, task.causal_prompt(e), task.candidates
+            loaded.model, loaded.tokenizer, obj.encoder.prefix, task.causal_prompt(e), task.candidates
         )
         for e in exs
     ]
@@ -868,7 +868,7 @@ def test_record_accuracy_counts_any_gold_entity(tmp_path, models):
     scores = hand_causal_scores(
         loaded.model,
         loaded.tokenizer,
-        obj.prefix,
+        obj.encoder.prefix,
         task.causal_prompt(ex),
         task.causal_candidates(ex),
     )
@@ -888,7 +888,7 @@ def test_generation_is_greedy_and_capped(tmp_path, models):
     obj = Objective(task, tok, Head.causal_lm, 128)
     batch = obj.encode([ex])
     [text] = obj.generate(model, batch)
-    ids = obj.prefix + tok(task.causal_prompt(ex), add_special_tokens=False).input_ids
+    ids = obj.encoder.prefix + tok(task.causal_prompt(ex), add_special_tokens=False).input_ids
     new = []
     for _ in range(task.max_new_tokens):  # greedy by hand, no cache
         nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())

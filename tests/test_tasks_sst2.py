@@ -190,7 +190,7 @@ def causal_scores_by_hand(lm, obj: Objective, sentence: str) -> torch.Tensor:
     scores = []
     for cand in (" terrible", " great"):
         cand_ids = tok(cand, add_special_tokens=False).input_ids
-        seq = obj.prefix + prompt + cand_ids
+        seq = obj.encoder.prefix + prompt + cand_ids
         assert tok(f"{sentence} It was{cand}", add_special_tokens=False).input_ids == prompt + cand_ids
         logp = torch.log_softmax(lm.model(input_ids=torch.tensor([seq])).logits[0].float(), -1)
         start = len(seq) - len(cand_ids)
@@ -218,9 +218,9 @@ def test_left_padding_does_not_change_candidate_scores(loaded, name):
     lm = loaded(name)
     assert lm.head == Head.causal_lm
     obj = objective_for(lm)
-    alone = obj.candidate_scores(lm.model, obj.encode([ex(SHORT, 1)]))
+    alone = obj.encoder.candidate_scores(lm.model, obj.encode([ex(SHORT, 1)]))
     batch = obj.encode([ex(SHORT, 1), ex(LONG, 0)])
     assert int(batch["attention_mask"][:2].sum(-1).min()) < batch["input_ids"].shape[1]  # SHORT is padded
-    padded = obj.candidate_scores(lm.model, batch)
+    padded = obj.encoder.candidate_scores(lm.model, batch)
     torch.testing.assert_close(padded[0], alone[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(padded[0], causal_scores_by_hand(lm, obj, SHORT), rtol=0, atol=1e-5)
