@@ -54,7 +54,7 @@ GIB = 1024**3
 class CudaBuffer:
     """A buffer a CUDA run of a step allocates beyond the weights, at a size a CPU run does not
     show (on CPU its draws go a chunk at a time where CUDA's go a whole tensor at a time): what the
-    memory planner adds to a CPU measurement (adazeta/cli/plan.py)."""
+    memory planner adds to a CPU measurement (adazeta/engine/plan/measure.py)."""
 
     name: str  # what it is, with the tensor that sizes it
     source: str  # where the code allocates it

@@ -278,7 +278,7 @@ def test_study_budget_counts_2q_plus_1_passes_per_step():
 def test_planner_adds_the_cuda_only_scratch_of_whole_tensor_z():
     """On CUDA (no exact chunks) HiZOO reads each unit's z whole: the plan adds 2 rows (z and
     Sigma^(-1/2), Q = 1) of the largest trainable tensor, here tiny-llama's embedding."""
-    from adazeta.cli.plan import cuda_terms
+    from adazeta.engine.plan.measure import cuda_terms
 
     m, obj, task = build_method_on(["model=tiny-llama", "method=hizoo", "task.num_train=16"])
     m.step(obj.batch_loss(m.model, obj.encode(task.load().train[:4], train=True)), 1, 1)

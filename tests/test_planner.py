@@ -1,4 +1,4 @@
-"""The memory planner (adazeta/cli/plan.py): the line fit, the dtype conversion, and a real plan of
+"""The memory planner (adazeta/engine/plan/, adazeta/cli/plan.py): the line fit, the dtype conversion, and a real plan of
 a small Llama whose extrapolation is checked against a measured deeper run."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from adazeta.cli import plan as planner
-from adazeta.cli.plan import Measurement, fit_line
+from adazeta.engine.plan.line import fit_line
+from adazeta.engine.plan.measure import Measurement
 from adazeta.errors import ConfigError
 
 # A small Llama whose weights are large enough for the resident set to measure them well (about

@@ -1,4 +1,4 @@
-"""The planner's CUDA terms (adazeta/cli/plan.py `cuda_terms`): buffers a CUDA run allocates that a
+"""The planner's CUDA terms (adazeta/engine/plan/measure.py `cuda_terms`): buffers a CUDA run allocates that a
 CPU measurement does not see, sized here from the model's config by hand (vocabulary x hidden
 values x bytes), not from the code under test."""
 
@@ -8,7 +8,8 @@ import pytest
 from conftest import build_method_on
 
 from adazeta.cli import plan as planner
-from adazeta.cli.plan import GIB, CudaTerm, Measurement
+from adazeta.engine.plan import line, measure
+from adazeta.engine.plan.measure import GIB, CudaTerm, Measurement
 from adazeta.errors import ConfigError
 from adazeta.zo.spsa import CHUNK
 
@@ -29,7 +30,7 @@ def by_name(terms: list[CudaTerm]) -> dict[str, CudaTerm]:
 
 
 def test_mezo_on_cuda_needs_a_z_scratch_of_the_embedding_in_the_base_dtype():
-    terms = by_name(planner.cuda_terms(stepped("method=mezo"), "bfloat16", kept=set()))
+    terms = by_name(measure.cuda_terms(stepped("method=mezo"), "bfloat16", kept=set()))
     assert list(terms) == ["z scratch"]
     assert terms["z scratch"].cuda_gib == EMBEDDING * 2 / GIB
     assert "model.embed_tokens.weight" in terms["z scratch"].name or "lm_head.weight" in terms["z scratch"].name
@@ -39,7 +40,7 @@ def test_mezo_on_cuda_needs_a_z_scratch_of_the_embedding_in_the_base_dtype():
 
 
 def test_in_forward_sparse_mezo_on_cuda_adds_a_perturbed_copy_and_bool_masks():
-    terms = by_name(planner.cuda_terms(stepped("method=sparse_mezo"), "bfloat16", kept=set()))
+    terms = by_name(measure.cuda_terms(stepped("method=sparse_mezo"), "bfloat16", kept=set()))
     assert list(terms) == ["z scratch", "update mask", "perturbed copy", "forward masks"]
     assert terms["z scratch"].cuda_gib == EMBEDDING * 2 / GIB
     assert terms["perturbed copy"].cuda_gib == EMBEDDING * 2 / GIB  # the embedding module owns one weight
@@ -50,7 +51,7 @@ def test_in_forward_sparse_mezo_on_cuda_adds_a_perturbed_copy_and_bool_masks():
 
 
 def test_in_place_sparse_mezo_has_no_forward_buffers():
-    terms = by_name(planner.cuda_terms(stepped("method=sparse_mezo", "method.in_forward=false"), "float32", kept=set()))
+    terms = by_name(measure.cuda_terms(stepped("method=sparse_mezo", "method.in_forward=false"), "float32", kept=set()))
     assert list(terms) == ["z scratch", "update mask"]
     assert terms["z scratch"].cuda_gib == EMBEDDING * 4 / GIB
 
@@ -60,14 +61,14 @@ def test_fp32_parameters_of_a_bf16_run_count_four_bytes():
     r x hidden = 8 x 64 values."""
     method = stepped("method=mezo_lora")
     kept = {id(t.param) for t in method.trainables}
-    (term,) = planner.cuda_terms(method, "bfloat16", kept=kept)
+    (term,) = measure.cuda_terms(method, "bfloat16", kept=kept)
     assert term.cuda_gib == 8 * HIDDEN * 4 / GIB
-    (term,) = planner.cuda_terms(method, "bfloat16", kept=set())  # were they bf16: half
+    (term,) = measure.cuda_terms(method, "bfloat16", kept=set())  # were they bf16: half
     assert term.cuda_gib == 8 * HIDDEN * 2 / GIB
 
 
 def test_first_order_methods_have_no_cuda_terms():
-    assert planner.cuda_terms(stepped("method=ft"), "bfloat16", kept=set()) == []
+    assert measure.cuda_terms(stepped("method=ft"), "bfloat16", kept=set()) == []
 
 
 def test_prediction_adds_the_terms_beside_the_converted_line():
@@ -93,14 +94,14 @@ def test_prediction_adds_the_terms_beside_the_converted_line():
     ("auto", "auto", "cuda"), ("auto", "cpu", "cpu"), ("auto", "cuda:1", "cuda"), ("cuda", "cpu", "cuda"),
 ])
 def test_target_device(target, device, expected):
-    assert planner.target_device_of(target, device) == expected
+    assert line.target_device_of(target, device) == expected
 
 
 def test_bad_target_device_names_the_choices():
     with pytest.raises(ConfigError, match="'tpu' is not a device type; choose one of auto, cpu, cuda"):
-        planner.target_device_of("tpu", "cpu")
+        line.target_device_of("tpu", "cpu")
     with pytest.raises(ConfigError, match="set model.device=cpu"):
-        planner.target_device_of("cpu", "cuda:0")
+        line.target_device_of("cpu", "cuda:0")
 
 
 @pytest.mark.slow  # the planner's child processes

@@ -21,7 +21,7 @@ Tables (`--tables`, comma-separated; default: all of them):
 - memory: per method, in fresh processes: (1) the real entrypoint, `adazeta-train`, on a batch
   of exactly batch x seq-len tokens, its summary.json's training peak over inference peak (CPU:
   the process's resident set, Python and libraries included); (2) the same step measured as the
-  planner does (adazeta/cli/plan.py): peaks above the resident set before the model was built.
+  planner does (adazeta/engine/plan/measure.py): peaks above the resident set before the model was built.
 - scaling: step time of adazeta and mezo against batch size, sequence length, Q and model size
   (random-weight Llama architectures of growing width and depth).
 - parallel: `zo.parallel_queries=true` (batched replicas, adazeta/zo/parallel.py) against sequential
@@ -68,6 +68,8 @@ import transformers  # noqa: E402
 from adazeta.cli import plan as planner  # noqa: E402
 from adazeta.config import Optimizer, compose_config, method_presets  # noqa: E402
 from adazeta.engine.build import build_run  # noqa: E402
+from adazeta.engine.plan import arch as plan_arch  # noqa: E402
+from adazeta.engine.plan import measure as plan_measure  # noqa: E402
 from adazeta.objectives import Objective  # noqa: E402
 from adazeta.tasks import Example  # noqa: E402
 
@@ -299,11 +301,11 @@ def trainer_run(method: str, args, tmp: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def net_run(method: str, args, batch_path: str) -> planner.Measurement:
+def net_run(method: str, args, batch_path: str) -> plan_measure.Measurement:
     """The planner's measurement of the real model: peaks above the pre-model resident set."""
     spec = {"overrides": [f"method={method}", f"model={args.model}", *args.overrides], "arch": None,
             "dtype": None, "batch": batch_path, "q": 1, "steps": 2, "warmup": True}
-    return planner.measure(spec)
+    return plan_measure.measure(spec)
 
 
 def memory_table(args) -> str:
@@ -421,8 +423,8 @@ def parallel_table(args) -> str:
 
 def planner_table(args) -> str:
     cfg = compose_config([f"model={args.model}"])
-    arch = planner.architecture(cfg.model)
-    depth = int(arch[planner.layer_key(arch)])
+    arch = plan_arch.architecture(cfg.model)
+    depth = int(arch[plan_arch.layer_key(arch)])
     check = sorted({d for d in (4, depth // 4, depth) if 2 < d <= depth})
     p = planner.plan([f"model={args.model}", "method=adazeta", f"train.batch_size={args.batch_size}", *args.overrides],
                      fit=(1, 2), check=tuple(check), seq_len=args.seq_len,

@@ -7,7 +7,7 @@
 
 Everything that needs a run's objects builds them here, and nowhere else: the training loop
 (adazeta/engine/loop.py), `adazeta-replay` (which must rebuild a run's starting weights bit for bit), the
-memory planner (adazeta/cli/plan.py), adazeta/cli/bench.py and the tests. The order of the calls is
+memory planner (adazeta/engine/plan/), adazeta/cli/bench.py and the tests. The order of the calls is
 part of the contract: random-init weights, a new head and adapters draw from the global RNG, which
 is seeded with `cfg.seed` first.
 """

@@ -92,7 +92,7 @@ def _peak_gib(device: torch.device) -> float:
 def in_use_gib(device: torch.device) -> float | None:
     """Memory in use on `device` now: torch.cuda.memory_allocated on CUDA, the process's resident
     set (VmRSS) on the CPU; None where the system does not tell (no /proc). Taken before a model is
-    built, it is what a later peak subtracts to count the model's memory only (adazeta/cli/plan.py)."""
+    built, it is what a later peak subtracts to count the model's memory only (adazeta/engine/plan/measure.py)."""
     device = _devices(device)[0]
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / GIB

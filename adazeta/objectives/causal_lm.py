@@ -21,9 +21,14 @@ class CausalLMEncoder:
     """Examples -> candidate rows after the task's prompt; a batch -> candidate scores."""
 
     def __init__(self, objective):
-        self.task, self.tok, self.max_length = objective.task, objective.tok, objective.max_length
+        self.objective, self.task, self.tok = objective, objective.task, objective.tok
         self.fit, self.ids = objective.fit, objective.ids
         self.prefix = self.bos_prefix()
+
+    @property
+    def max_length(self) -> int:
+        """The objective's: a caller may change it after the encoder is built (adazeta-bench does)."""
+        return self.objective.max_length
 
     def bos_prefix(self) -> list[int]:
         """BOS only if the tokenizer adds one by itself (Llama, OPT); never a trailing EOS/SEP."""

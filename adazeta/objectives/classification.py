@@ -12,8 +12,13 @@ class ClassificationEncoder:
     """Examples -> tokenised text pairs and labels; a batch -> the head's logits."""
 
     def __init__(self, objective):
-        self.task, self.tok, self.max_length = objective.task, objective.tok, objective.max_length
+        self.objective, self.task, self.tok = objective, objective.task, objective.tok
         self.note_truncated = objective.note_truncated
+
+    @property
+    def max_length(self) -> int:
+        """The objective's: a caller may change it after the encoder is built (adazeta-bench does)."""
+        return self.objective.max_length
 
     def encode(self, examples: list[Example], train: bool = False) -> dict[str, torch.Tensor]:
         labels = torch.tensor([ex.label for ex in examples])

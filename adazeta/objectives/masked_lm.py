@@ -14,8 +14,13 @@ class MaskedLMEncoder:
     """Examples -> templates with the mask token; a batch -> logits at the mask over the label words."""
 
     def __init__(self, objective):
-        self.task, self.tok, self.max_length, self.fit = objective.task, objective.tok, objective.max_length, objective.fit
+        self.objective, self.task, self.tok, self.fit = objective, objective.task, objective.tok, objective.fit
         self.label_ids = [self.single_token(" " + w, w) for w in self.task.label_words]
+
+    @property
+    def max_length(self) -> int:
+        """The objective's: a caller may change it after the encoder is built (adazeta-bench does)."""
+        return self.objective.max_length
 
     def single_token(self, spaced: str, word: str) -> int:
         """The vocabulary id of a label word (RoBERTa BPE wants the leading space)."""
