@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from adazeta.params import LOW_PRECISION, Trainable
-from adazeta.zo.noise import (  # noqa: F401  (query_seed, tensor_seed: re-exported, the seeds' old home)
+from adazeta.zo.noise import (  # noqa: F401  (query_seed, tensor_seed: the seeds SPSA draws its z from, importable here too)
     CHUNK,
     Stream,
     chunk_bounds,
