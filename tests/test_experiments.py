@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import CONF_DIR, REPO, compose_config, config_options, job_config, subprocess_env
 from omegaconf import OmegaConf
-from test_tasks import mnli_files, squad_files, write_csv, write_jsonl, write_tsv
+from task_files import mnli_files, squad_files, write_csv, write_jsonl, write_tsv
 
 from adazeta import config as schema
 from adazeta.engine.loop import run

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_method_on
-from test_tasks import copa_files
+from task_files import copa_files
 
 import adazeta
 from adazeta.engine.build import to_device

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_RUN, compose_config, output, subprocess_env
+from run_files import write_run
 from test_bad_inputs import SOURCE, copy_checkpoint, error_of, runs  # noqa: F401  (runs: the fixture)
-from test_compare import write_run
 
 from adazeta.cli import compare
 from adazeta.cli import plan as planner

@@ -10,7 +10,8 @@ import re
 import pytest
 import torch
 from conftest import REPO, build_method_on, output, read_jsonl, tiny_model
-from test_tasks import hand_causal_scores, make_task, task_cfg
+from task_files import make_task, task_cfg
+from test_tasks import hand_causal_scores
 
 from adazeta.config import Head, ZOObjective
 from adazeta.objectives import BatchLoss, MetricLoss, Objective, first_line

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_method_on
-from test_tasks import copa_files
+from task_files import copa_files
 
 from adazeta.errors import ConfigError
 from adazeta.objectives import Objective

@@ -109,7 +109,7 @@ def test_a_finished_run_of_other_settings_is_never_reused(tmp_path):
 
 # ------------------------------------------------------------------------------ the leaderboard
 # A leaderboard of three ZO methods (and one never run) on two settings, written as finished run
-# folders the way adazeta/engine/loop.py writes them (tests/test_compare.py's write_run), with
+# folders the way adazeta/engine/loop.py writes them (tests/run_files.py's write_run), with
 # numbers chosen so that the ranks, means and stds below can be computed by hand.
 BOARD = {
     "name": "board", "report": "leaderboard", "seeds": [0, 1, 2],

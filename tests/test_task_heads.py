@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_run_on, run_entrypoint
-from test_tasks import REAL, SHARED_DATA, WRITERS, task_cfg
+from task_files import WRITERS, task_cfg
+from test_tasks import REAL, SHARED_DATA
 
 from adazeta.config import Head
 from adazeta.errors import ConfigError
