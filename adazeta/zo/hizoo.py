@@ -26,7 +26,7 @@ What Sigma converges to. On a quadratic 0.5 x^T H x with H = diag(H_i) over d va
 L+ + L- - 2 L0 = eps^2 sum_j (H_j / Sigma_j) z_j^2 exactly, and E[z_j^2 z_i^2] = 1 + 2 [i = j], so
 the mean of the moving average has one fixed point, Sigma_i = (d + 2) / 2 * H_i: proportional to
 the Hessian's diagonal (which is what the preconditioner needs) but (d + 2) / 2 times it, because
-the estimate keeps z z^T where an unbiased one would use z z^T - I (tests/test_hizoo.py checks this
+the estimate keeps z z^T where an unbiased one would use z z^T - I (tests/zo/test_hizoo.py checks this
 fixed point). The factor only rescales lr and eps; at the reference's alpha (1e-8) Sigma moves by
 about alpha h per step and stays near its initial ones for a run's length.
 

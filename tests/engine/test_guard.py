@@ -197,7 +197,7 @@ def test_trainables_stay_fp32_on_a_bf16_base_and_full_methods_are_told(caplog):
     assert any(p.dtype == torch.bfloat16 for p in b.method.model.parameters())  # the frozen base
     assert check_precision(b.method.trainables, zo=True) == []
     # MeZO over every weight of a bf16 model moves the bf16 weights themselves (load_model and
-    # make_trainable keep them in the base dtype): the run says how (tests/test_low_precision.py).
+    # make_trainable keep them in the base dtype): the run says how (tests/zo/test_low_precision.py).
     _, b, _, _ = built("model=tiny-bert", "method=mezo", "model.dtype=bfloat16")
     caplog.set_level("INFO", logger="adazeta")
     low = check_precision(b.method.trainables, zo=True)

@@ -37,7 +37,7 @@ def start(tmp_path: Path, run_dir: Path) -> subprocess.Popen:
     )
 
 
-@pytest.mark.slow  # 15-30 s: three CLI processes (tests/test_resume.py signals a run in process, fast)
+@pytest.mark.slow  # 15-30 s: three CLI processes (tests/engine/test_resume.py signals a run in process, fast)
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path):
     killed = tmp_path / "killed"
     proc, full = start(tmp_path, killed), start(tmp_path, tmp_path / "full")  # one per core

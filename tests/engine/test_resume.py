@@ -1,7 +1,7 @@
 """Checkpoints and resume, in process on two-layer models: a run continued from a checkpoint (one
 that falls mid log window and between evaluations) writes exactly the uninterrupted run's metrics,
 update-rule state, RNG states and data position included; an interrupted run resumes with
-`train.resume=auto`. (tests/test_interrupt.py does the same through the real CLI and SIGTERM.)
+`train.resume=auto`. (tests/engine/test_interrupt.py does the same through the real CLI and SIGTERM.)
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from adazeta.errors import DataError
 from adazeta.tasks import TASKS, build_task
 from adazeta.tasks.loading import Rows
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 STR, I32, I64 = Value("string"), Value("int32"), Value("int64")
 FALSE_TRUE = ClassLabel(names=["False", "True"])
