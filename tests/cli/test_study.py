@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO, subprocess_env
 
 from adazeta.cli.compare import read_run
-from adazeta.cli.study import STUDY_DIR, load_plan, main, seed_runs, steps_for_budget
+from adazeta.cli.study import main
+from adazeta.cli.study_plan import STUDY_DIR, load_plan, seed_runs, steps_for_budget
 
 TINY = ["model=tiny-llama", "train.batch_size=4", "task.num_train=16", "task.num_dev=8", "task.num_test=8"]
 
@@ -92,7 +93,7 @@ def test_makefile_and_readme_name_the_study():
 
 
 def test_a_finished_run_of_other_settings_is_never_reused(tmp_path):
-    from adazeta.cli.study import RunSpec
+    from adazeta.cli.study_plan import RunSpec
     from adazeta.errors import ConfigError
 
     spec = RunSpec("s", "adazeta", "search", {"method.lr": 0.01}, 0, ["method.lr=0.01", "train.max_steps=150"],
@@ -165,7 +166,7 @@ def finish(spec, test: float, dev: list[float], step_s: float, ratio: float, bes
 @pytest.fixture
 def board(tmp_path: Path):
     """The BOARD plan with its runs finished (hizoo's search failed on t1, not run on t2)."""
-    from adazeta.cli.study import seed_runs
+    from adazeta.cli.study_plan import seed_runs
 
     plan_file = tmp_path / "board.yaml"
     plan_file.write_text(json.dumps({**BOARD, "out": str(tmp_path / "board")}))
@@ -187,7 +188,7 @@ def board(tmp_path: Path):
 
 
 def test_leaderboard_ranks_by_mean_test_gain_over_seeds(board):
-    from adazeta.cli.study import leaderboard, task_board
+    from adazeta.cli.leaderboard import leaderboard, task_board
 
     plan_file, plan = board
     b1, b2 = task_board(plan, "t1"), task_board(plan, "t2")
@@ -250,7 +251,7 @@ def test_leaderboard_header_records_commit_torch_machine_and_each_part_time(boar
 
 
 def test_ranks_shared_where_the_table_shows_equal_gains():
-    from adazeta.cli.study import Entry, rank_entries
+    from adazeta.cli.leaderboard import Entry, rank_entries
 
     entries = [Entry(name, "", [], {}, gains, False) for name, gains in
                (("a", [1.04]), ("b", [0.96]), ("c", [0.5]), ("d", [2.0, 0.0]))]
@@ -263,7 +264,7 @@ def test_leaderboard_runs_every_zo_method_or_says_why_not(tmp_path):
     `absent:` with a reason: a new ZO method cannot be left off the board by omission."""
     from omegaconf import OmegaConf
 
-    from adazeta.cli.study import conf_methods, unplanned_zo_methods
+    from adazeta.cli.study_plan import conf_methods, unplanned_zo_methods
 
     assert {"adazeta", "mezo", "mezo_lora", "hizoo_lora"} <= set(conf_methods("zo"))
     assert "lora_fo" not in conf_methods("zo")

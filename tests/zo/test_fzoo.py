@@ -197,7 +197,7 @@ def test_fzoo_entrypoint_trains_and_logs(tmp_path):
 def test_study_budget_counts_n_plus_one_passes_per_step():
     """adazeta-study sizes a run by forward passes: FZOO's step costs fzoo_n x Q + 1 of them, so a
     budget of 120 at N = 8 is 13 steps (117 passes), where MeZO's 2 per step gives 60."""
-    from adazeta.cli.study import passes_per_step, steps_for_budget
+    from adazeta.cli.study_plan import passes_per_step, steps_for_budget
 
     assert passes_per_step(["method=fzoo"], 3) == [9, 9, 9]
     assert passes_per_step(["method=fzoo", "method.fzoo_n=4", "schedule.q=2"], 2) == [9, 9]

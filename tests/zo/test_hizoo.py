@@ -267,7 +267,7 @@ def test_hizoo_entrypoint_trains_and_logs_2q_plus_1_passes(tmp_path):
 def test_study_budget_counts_2q_plus_1_passes_per_step():
     """adazeta-study sizes a run by forward passes: a HiZOO step costs 2Q + 1 of them, so a budget
     of 120 at Q = 1 is 40 steps, where MeZO's 2 per step gives 60."""
-    from adazeta.cli.study import passes_per_step, steps_for_budget
+    from adazeta.cli.study_plan import passes_per_step, steps_for_budget
 
     assert passes_per_step(["method=hizoo"], 3) == [3, 3, 3]
     assert passes_per_step(["method=hizoo", "schedule.q=2"], 2) == [5, 5]
