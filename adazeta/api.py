@@ -10,8 +10,9 @@
 `ZOFineTuner` is a thin front on what `adazeta-train` runs: the method preset is composed from the
 shipped `conf/method/<name>.yaml` (with `conf/adapter/tt.yaml` and the preset's query schedule),
 exactly as the command composes it, so the defaults are the command's; keyword overrides are the
-config keys of those groups without their prefix (`lr`, `eps`, `update_rule`, `lora_r`, `rank`,
-`q_max`, ...), checked by the same schemas and range checks (adazeta/validate.py). The step itself
+config keys of those groups without their prefix (`lr`, `eps`, `update_rule`, `rank`, `q_max`, ...;
+a method's own node as a dict, `lora={"r": 4}`, whose other keys keep the preset's values), checked
+by the same schemas and range checks (adazeta/validate.py). The step itself
 is `adazeta.methods.build_method`'s, called with the step number and the schedule's Q; the guard is
 adazeta/engine/guard.py's. Nothing here changes what a step does (tests/test_api.py checks that the
 weights come out bit-identical to `build_method`'s).
@@ -21,7 +22,7 @@ For `transformers.Trainer`, see `adazeta.ZOTrainer` (adazeta/hf_trainer.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from adazeta.config import CONF_DIR, GuardConfig, Head, Optimizer, compose_config
 from adazeta.engine.guard import Guard, check_precision
 from adazeta.errors import ConfigError
+from adazeta.legacy_keys import upgrade_keywords
 from adazeta.methods import build_method
 from adazeta.models.load import MeanPoolClassifier
 from adazeta.step import StepResult
@@ -71,7 +73,7 @@ def compose_method(method: str, schedule: str | None = None, **overrides) -> Dic
     cfg, schedule = OmegaConf.masked_copy(full, list(SECTIONS)), full.hydra.runtime.choices.schedule
     sections = {key: section for section in SECTIONS for key in cfg[section] if key not in FIXED}
     as_given = []
-    for key, value in overrides.items():
+    for key, value in upgrade_keywords(overrides).items():
         if key not in sections:
             raise ConfigError(
                 f"{key}={value!r} is not a setting of method={method} with schedule={schedule}; "
@@ -79,25 +81,33 @@ def compose_method(method: str, schedule: str | None = None, **overrides) -> Dic
                 f"chooses: pick another of {method_names()}; schedule= picks another query schedule of "
                 f"{schedule_names()}, with its own keys)"
             )
-        try:
-            cfg[sections[key]][key] = value  # the schema checks the type (and converts enum names)
+        node = cfg[sections[key]]
+        nested = isinstance(value, Mapping) and OmegaConf.is_dict(node[key])
+        try:  # the schema checks the type (and converts enum names); a node keeps the keys not given
+            node[key] = OmegaConf.merge(node[key], value) if nested else value
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{key}={value!r}: {str(e).splitlines()[0]}") from None
-        as_given.append(f"{sections[key]}.{key}={value}")
-    # Ranges (eps > 0, rank >= 1, ...) and keys the method would ignore (lora_r with method=mezo).
+            fields = f" (the keys of {key}: {', '.join(node[key])})" if nested else ""
+            raise ConfigError(f"{key}={value!r}: {str(e).splitlines()[0]}{fields}") from None
+        if nested:
+            as_given += [f"{sections[key]}.{key}.{k}={v}" for k, v in value.items()]
+        else:
+            as_given.append(f"{sections[key]}.{key}={value}")
+    # Ranges (eps > 0, rank >= 1, ...) and keys the method would ignore (lora with method=mezo).
     validate(cfg, as_given)
     return cfg
 
 
 def read_keys(cfg: DictConfig, sections: dict[str, str]) -> list[str]:
-    """The keys this method reads (validate.py refuses the others: lora_r with method=mezo, ...)."""
+    """The keys this method reads (validate.py refuses the others: lora with method=mezo, ...); a
+    node with its keys, as `lora={r, alpha, dropout, targets}`."""
     keys = []
     for key, section in sorted(sections.items()):
         try:
             check_ignored(cfg, [f"{section}.{key}="])
-            keys.append(key)
         except ConfigError:
-            pass
+            continue
+        node = cfg[section][key]
+        keys.append(f"{key}={{{', '.join(node)}}}" if OmegaConf.is_dict(node) and section == "method" else key)
     return keys
 
 
@@ -133,7 +143,9 @@ class ZOFineTuner:
                      or pass q= to step()); ZOTrainer binds them from the Trainer.
     guard:           stop a step whose loss is not finite or explodes before any weight moves
                      (raises adazeta.errors.DivergenceError; GuardConfig for other settings).
-    **overrides:     config keys of the method, adapter, schedule and zo groups, without the prefix.
+    **overrides:     config keys of the method, adapter, schedule and zo groups, without the prefix;
+                     a method node as a dict (lora={"r": 4}, sparse={"sparsity": 0.9}). The flat
+                     keys of earlier releases (lora_r=4) are rewritten to it with a FutureWarning.
     """
 
     def __init__(

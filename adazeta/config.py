@@ -82,7 +82,7 @@ class Estimator(Enum):
 
 class Mask(Enum):
     magnitude = "magnitude"  # Sparse-MeZO: |theta| <= per-tensor threshold
-    random = "random"  # R-MeZO: a random subset with probability keep_ratio, new every step
+    random = "random"  # R-MeZO: a random subset with probability method.sparse.keep_ratio, new every step
 
 
 class WandbMode(Enum):
@@ -234,6 +234,79 @@ class LinearScheduleConfig(ScheduleConfig):
 
 
 @dataclass
+class LoraConfig:
+    """`method.lora`: peft LoRA (trainable=lora)."""
+
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA alpha; the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """LoRA dropout (ZO forwards run in eval mode, so it only acts for fo)."""
+    targets: list[str] | None = None
+    """Module names LoRA wraps; null: query/value projections of the model's family."""
+
+
+@dataclass
+class PrefixConfig:
+    """`method.prefix`: prefix tuning (trainable=prefix, adazeta/trainable/prefix.py)."""
+
+    num: int = 5
+    """Prefix tokens per attention layer (MeZO's 5): each layer learns this many keys and values
+    per key/value head, layers * 2 * num * (k/v projection width) values."""
+    init_by_real_act: bool = True
+    """Start the prefixes from the model's own keys and values of `num` random vocabulary tokens
+    (MeZO's --prefix_init_by_real_act); false: small random values, N(0, 0.02^2)."""
+
+
+@dataclass
+class SparseConfig:
+    """`method.sparse`: Sparse-MeZO and R-MeZO (trainable=sparse, adazeta/zo/sparse.py)."""
+
+    sparsity: float = 0.8
+    """Sparse-MeZO s: the (1 - s) smallest-magnitude weights of each tensor may move."""
+    mask: Mask = Mask.magnitude
+    """Sparse mask: magnitude (Sparse-MeZO) or random (R-MeZO)."""
+    keep_ratio: float = 0.2
+    """Fraction of weights a random mask keeps each step (mask=random)."""
+    in_forward: bool = True
+    """Sparse-MeZO's memory-efficient form: perturb inside each layer's forward, never writing
+    weights or storing a mask; false: perturb in place with the step's masks stored (refused on a
+    bf16/fp16 model, whose in-place round trip does not restore the weights). trainable=full
+    perturbs inside the forward whenever its weights are bf16/fp16, whatever this key says."""
+
+
+@dataclass
+class FZOOConfig:
+    """`method.fzoo`: FZOO (estimator=fzoo, adazeta/zo/fzoo.py)."""
+
+    n: int = 8
+    """FZOO's N: one-sided Rademacher perturbations per step (>= 2, their losses' std normalises
+    the step), times the query schedule's Q; a step costs N + 1 forward passes."""
+
+
+@dataclass
+class LOZOConfig:
+    """`method.lozo`: LOZO (estimator=lozo, adazeta/zo/lozo.py)."""
+
+    rank: int = 2
+    """LOZO's r: rank of the perturbation U V^T of each weight matrix."""
+    interval: int = 50
+    """LOZO's nu: V is resampled every this many steps, U every step."""
+
+
+@dataclass
+class HiZOOConfig:
+    """`method.hizoo`: HiZOO (estimator=hizoo, adazeta/zo/hizoo.py)."""
+
+    alpha: float = 1e-8
+    """HiZOO's alpha, the rate of the diagonal Hessian's moving average
+    Sigma <- (1 - alpha) Sigma + alpha |L+ + L- - 2 L0| / (2 eps^2) Sigma z^2, in [0, 1); 0 keeps
+    Sigma = 1 (MeZO's step plus one forward). 1e-8: the reference's example (README, OPT-13B); its
+    script's default, 0, is that MeZO case."""
+
+
+@dataclass
 class MethodConfig:
     name: str = MISSING
     """Method name, used in run names, logs and tags."""
@@ -258,27 +331,12 @@ class MethodConfig:
     """Adam betas (update_rule=adam, and AdamW for fo methods)."""
     adam_eps: float = 1e-8
     """Adam epsilon (update_rule=adam, and AdamW for fo methods)."""
-    lora_r: int = 8
-    """LoRA rank (trainable=lora)."""
-    lora_alpha: int = 16
-    """LoRA alpha; the update is scaled by alpha / r (trainable=lora)."""
-    lora_dropout: float = 0.0
-    """LoRA dropout (trainable=lora; ZO forwards run in eval mode, so it only acts for fo)."""
-    lora_targets: list[str] | None = None
-    """Module names LoRA wraps; null: query/value projections of the model's family."""
-    num_prefix: int = 5
-    """Prefix tokens per attention layer (trainable=prefix; MeZO's 5): each layer learns this many
-    keys and values per key/value head, layers * 2 * num_prefix * (k/v projection width) values."""
-    prefix_init_by_real_act: bool = True
-    """trainable=prefix: start the prefixes from the model's own keys and values of num_prefix
-    random vocabulary tokens (MeZO's --prefix_init_by_real_act); false: small random values,
-    N(0, 0.02^2)."""
-    sparsity: float = 0.8
-    """Sparse-MeZO s: the (1 - s) smallest-magnitude weights of each tensor may move (trainable=sparse)."""
-    mask: Mask = Mask.magnitude
-    """Sparse mask: magnitude (Sparse-MeZO) or random (R-MeZO) (trainable=sparse)."""
-    keep_ratio: float = 0.2
-    """Fraction of weights a random mask keeps each step (mask=random)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA's settings (trainable=lora)."""
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    """Prefix tuning's settings (trainable=prefix)."""
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    """Sparse-MeZO's settings (trainable=sparse)."""
     objective: ZOObjective = ZOObjective.loss
     """What a ZO step minimises: `loss` (the task's cross-entropy) or `metric` (minus the task metric
     of the training batch: accuracy, or the F1 of greedy generations for SQuAD/DROP; MeZO's
@@ -287,23 +345,12 @@ class MethodConfig:
     estimator: Estimator = Estimator.spsa
     """ZO estimator (optimizer=zo): `spsa` (MeZO's two-sided Gaussian SPSA, every shipped method
     before these), `fzoo` (adazeta/zo/fzoo.py), `lozo` (adazeta/zo/lozo.py), `hizoo` (adazeta/zo/hizoo.py)."""
-    fzoo_n: int = 8
-    """FZOO's N: one-sided Rademacher perturbations per step (>= 2, their losses' std normalises
-    the step), times the query schedule's Q; a step costs N + 1 forward passes (estimator=fzoo)."""
-    lozo_rank: int = 2
-    """LOZO's r: rank of the perturbation U V^T of each weight matrix (estimator=lozo)."""
-    lozo_interval: int = 50
-    """LOZO's nu: V is resampled every this many steps, U every step (estimator=lozo)."""
-    hizoo_alpha: float = 1e-8
-    """HiZOO's alpha, the rate of the diagonal Hessian's moving average
-    Sigma <- (1 - alpha) Sigma + alpha |L+ + L- - 2 L0| / (2 eps^2) Sigma z^2, in [0, 1); 0 keeps
-    Sigma = 1 (MeZO's step plus one forward). 1e-8: the reference's example (README, OPT-13B); its
-    script's default, 0, is that MeZO case (estimator=hizoo)."""
-    in_forward: bool = True
-    """Sparse-MeZO's memory-efficient form: perturb inside each layer's forward, never writing
-    weights or storing a mask; false: perturb in place with the step's masks stored (refused on a
-    bf16/fp16 model, whose in-place round trip does not restore the weights). trainable=full
-    perturbs inside the forward whenever its weights are bf16/fp16, whatever this key says."""
+    fzoo: FZOOConfig = field(default_factory=FZOOConfig)
+    """FZOO's settings (estimator=fzoo)."""
+    lozo: LOZOConfig = field(default_factory=LOZOConfig)
+    """LOZO's settings (estimator=lozo)."""
+    hizoo: HiZOOConfig = field(default_factory=HiZOOConfig)
+    """HiZOO's settings (estimator=hizoo)."""
 
 
 @dataclass
@@ -489,18 +536,30 @@ def compose_config(overrides: Iterable[str] = (), hydra_config: bool = False) ->
     """conf/config.yaml composed with `overrides` by Hydra's compose API, with the schemas of this
     module, as `adazeta-train` composes it: the one way to get a run's config outside its Hydra app
     (replay, planner, study, benchmark, tests). `hydra_config=True` keeps the `hydra` node. A
-    caller's own Hydra state (a script under @hydra.main) is set aside and put back."""
+    caller's own Hydra state (a script under @hydra.main) is set aside and put back. Flat method
+    keys of earlier releases (`method.lora_r`) are rewritten to their nodes with a warning
+    (adazeta/legacy_keys.py)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
+    from adazeta.errors import ConfigError
+    from adazeta.legacy_keys import flat_key_hint, upgrade_overrides
+
     register_configs()
+    overrides = upgrade_overrides(overrides)
     backup = get_gh_backup() if GlobalHydra.instance().is_initialized() else None
     if backup is not None:
         GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_config)
+            try:
+                return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
+            except Exception as e:  # a flat method key in a yaml file: name its new key
+                hint = flat_key_hint(e)
+                if hint is None:
+                    raise
+                raise ConfigError(hint) from None
     finally:
         if backup is not None:
             restore_gh_from_backup(backup)

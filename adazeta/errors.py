@@ -68,5 +68,5 @@ def environment_error(e: BaseException) -> str | None:
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text:
         first = text.splitlines()[0][:300] if text else type(e).__name__
         return (f"out of memory ({first}): lower train.batch_size, train.eval_batch_size, model.max_length or "
-                "the trainable set's size (adapter.rank, adapter.bottleneck, method.lora_r), or use a larger device")
+                "the trainable set's size (adapter.rank, adapter.bottleneck, method.lora.r), or use a larger device")
     return None

@@ -162,7 +162,7 @@ class Supports:
     """It runs under torchrun (WORLD_SIZE > 1)."""
     low_precision: tuple[TrainableSet, ...] = ()
     """The trainable sets whose bf16/fp16 tensors it trains (a ZO step perturbs them inside the
-    forward, never in place; the sparse set only with method.in_forward=true)."""
+    forward, never in place; the sparse set only with method.sparse.in_forward=true)."""
     replay_log: bool = False
     """adazeta-replay rebuilds its steps from the replay log (train.replay_log=true)."""
     estimator_factory: bool = False
@@ -275,11 +275,11 @@ def check_supports(
         raise ConfigError(f"an estimator factory replaces a step's estimate, and {by} takes none (it is a step of its "
                           "own)" + (f"; use {alts} with a factory" if alts else ""))
     low = [x for x in trainables or () if x.param.dtype in LOW_PRECISION]
-    # Sparse-MeZO perturbs in place (its masks stored) with method.in_forward=false.
-    in_place = t == TrainableSet.sparse and not cfg.in_forward
+    # Sparse-MeZO perturbs in place (its masks stored) with method.sparse.in_forward=false.
+    in_place = t == TrainableSet.sparse and not cfg.sparse.in_forward
     if low and (t not in s.low_precision or in_place):
-        kind = f"{t.value} (method.in_forward=false)" if t == TrainableSet.sparse else t.value
-        fixes = ["method.in_forward=true (perturbation inside the forward)"] if in_place and t in s.low_precision else []
+        kind = f"{t.value} (method.sparse.in_forward=false)" if t == TrainableSet.sparse else t.value
+        fixes = ["method.sparse.in_forward=true (perturbation inside the forward)"] if in_place and t in s.low_precision else []
         fixes.append("model.dtype=float32")
         alts = _others(entry, lambda o: t in o.low_precision)
         fixes += [alts] if alts and not in_place else []

@@ -34,11 +34,11 @@ CHECKS: list[Check] = [
     ("method.weight_decay", NON_NEGATIVE, ">= 0"),
     ("method.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("method.adam_eps", POSITIVE, "> 0"),
-    ("method.lora_r", AT_LEAST_1, ">= 1"),
-    ("method.lora_alpha", POSITIVE, "> 0"),
-    ("method.lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("method.sparsity", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("method.keep_ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("method.lora.r", AT_LEAST_1, ">= 1"),
+    ("method.lora.alpha", POSITIVE, "> 0"),
+    ("method.lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("method.sparse.sparsity", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("method.sparse.keep_ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("adapter.rank", AT_LEAST_1, ">= 1"),
     ("adapter.bottleneck", AT_LEAST_1, ">= 1"),
     ("schedule.q", AT_LEAST_1, ">= 1"),
@@ -64,16 +64,16 @@ CHECKS: list[Check] = [
     ("guard.window", AT_LEAST_1, ">= 1"),
     ("guard.lr_factor", lambda v: 0 < v < 1, "in (0, 1)"),
     ("guard.max_rollbacks", AT_LEAST_1, ">= 1"),
-    ("method.fzoo_n", lambda v: v >= 2, ">= 2 (FZOO normalises the step by the std of the N perturbed losses)"),
-    ("method.lozo_rank", AT_LEAST_1, ">= 1"),
-    ("method.lozo_interval", AT_LEAST_1, ">= 1 (steps between two draws of V)"),
-    ("method.hizoo_alpha", lambda v: 0 <= v < 1, "in [0, 1) (the rate of HiZOO's Hessian moving average)"),
+    ("method.fzoo.n", lambda v: v >= 2, ">= 2 (FZOO normalises the step by the std of the N perturbed losses)"),
+    ("method.lozo.rank", AT_LEAST_1, ">= 1"),
+    ("method.lozo.interval", AT_LEAST_1, ">= 1 (steps between two draws of V)"),
+    ("method.hizoo.alpha", lambda v: 0 <= v < 1, "in [0, 1) (the rate of HiZOO's Hessian moving average)"),
 ]
 
 
 # Values torch multiplies into float32 weights (alpha= of add_): above float32's range they fail there.
 FLOAT32_MAX = 3.4028234663852886e38
-TORCH_SCALARS = {"method.lr", "method.eps", "method.weight_decay", "method.adam_eps", "method.lora_alpha",
+TORCH_SCALARS = {"method.lr", "method.eps", "method.weight_decay", "method.adam_eps", "method.lora.alpha",
                  "adapter.scale"}
 
 
@@ -106,14 +106,11 @@ def _adam(cfg) -> bool:
 # A key given on the command line that the chosen method would silently ignore is refused.
 READ_BY: list[tuple[str, Callable[[DictConfig], bool], str]] = [
     ("adapter.", lambda c: _method(c, "trainable") == "tt_adapter", "method.trainable=tt_adapter"),
-    ("method.lora_", lambda c: _method(c, "trainable") == "lora", "method.trainable=lora"),
-    ("method.num_prefix", lambda c: _method(c, "trainable") == "prefix", "method.trainable=prefix"),
-    ("method.prefix_init_by_real_act", lambda c: _method(c, "trainable") == "prefix", "method.trainable=prefix"),
-    ("method.sparsity", lambda c: _method(c, "trainable") == "sparse", "method.trainable=sparse"),
-    ("method.mask", lambda c: _method(c, "trainable") == "sparse", "method.trainable=sparse"),
-    ("method.in_forward", lambda c: _method(c, "trainable") == "sparse", "method.trainable=sparse"),
-    ("method.keep_ratio", lambda c: _method(c, "trainable") == "sparse" and _method(c, "mask") == "random",
-     "method.trainable=sparse with method.mask=random"),
+    ("method.lora.", lambda c: _method(c, "trainable") == "lora", "method.trainable=lora"),
+    ("method.prefix.", lambda c: _method(c, "trainable") == "prefix", "method.trainable=prefix"),
+    ("method.sparse.keep_ratio", lambda c: _method(c, "trainable") == "sparse" and _method(c, "sparse.mask") == "random",
+     "method.trainable=sparse with method.sparse.mask=random"),
+    ("method.sparse.", lambda c: _method(c, "trainable") == "sparse", "method.trainable=sparse"),
     ("method.eps", _zo, "method.optimizer=zo"),
     ("method.update_rule", _zo, "method.optimizer=zo"),
     ("method.objective", _zo, "method.optimizer=zo"),
@@ -123,9 +120,9 @@ READ_BY: list[tuple[str, Callable[[DictConfig], bool], str]] = [
     ("method.betas", _adam, "method.update_rule=adam, sign_adamw or conservative_adamw, or method.optimizer=fo"),
     ("method.adam_eps", _adam, "method.update_rule=adam, sign_adamw or conservative_adamw, or method.optimizer=fo"),
     ("method.estimator", _zo, "method.optimizer=zo"),
-    ("method.fzoo_n", lambda c: _zo(c) and _method(c, "estimator") == "fzoo", "method.estimator=fzoo"),
-    ("method.lozo_", lambda c: _zo(c) and _method(c, "estimator") == "lozo", "method.estimator=lozo"),
-    ("method.hizoo_", lambda c: _zo(c) and _method(c, "estimator") == "hizoo", "method.estimator=hizoo"),
+    ("method.fzoo.", lambda c: _zo(c) and _method(c, "estimator") == "fzoo", "method.estimator=fzoo"),
+    ("method.lozo.", lambda c: _zo(c) and _method(c, "estimator") == "lozo", "method.estimator=lozo"),
+    ("method.hizoo.", lambda c: _zo(c) and _method(c, "estimator") == "hizoo", "method.estimator=hizoo"),
 ]
 
 
@@ -138,13 +135,19 @@ def shipped_methods_reading(prefix: str, reads: Callable[[DictConfig], bool]) ->
             if reads(OmegaConf.create({"method": OmegaConf.to_container(method, enum_to_str=True)}))]
 
 
+def covers(prefix: str, key: str) -> bool:
+    """Whether READ_BY's `prefix` covers `key`: a key under it, or a method node as a whole
+    (`method.lora` for `method.lora.`)."""
+    return key.startswith(prefix) or prefix.startswith("method.") and key + "." == prefix
+
+
 def check_ignored(cfg: DictConfig, overrides: list[str]) -> None:
     """Refuse a command-line override of a key that the chosen method does not read (LoRA keys with
     method=adazeta, ...): it would be accepted and silently change nothing."""
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
         for prefix, reads, who in READ_BY:
-            if key.startswith(prefix) and not reads(cfg):
+            if covers(prefix, key) and not reads(cfg):
                 users = shipped_methods_reading(prefix, reads)
                 raise ConfigError(
                     f"{key} is not read by method={_method(cfg, 'name')} (method.trainable={_method(cfg, 'trainable')}, "

@@ -80,7 +80,7 @@ def test_presets_are_what_adazeta_train_composes(method):
         ("adazeta", {"lr_x": 1.0}, ["lr_x=1.0 is not a setting of method=adazeta", "valid keys:", "rank", "q_max"]),
         ("adazeta", {"q": 4}, ["q=4 is not a setting", "schedule=adaptive", "'constant'"]),
         ("adazeta", {"trainable": "full"}, ["trainable='full' is not a setting", "pick another of"]),
-        ("adazeta", {"lora_r": 4}, ["method.lora_r is not read by method=adazeta", "mezo_lora"]),
+        ("adazeta", {"lora": {"r": 4}}, ["method.lora.r is not read by method=adazeta", "mezo_lora"]),
         ("mezo", {"rank": 4}, ["adapter.rank is not read by method=mezo"]),
         ("mezo", {"lr": -1.0}, ["method.lr=-1.0 is out of range", "> 0"]),
         ("mezo", {"lr": "fast"}, ["lr='fast'", "could not be converted to Float"]),

@@ -125,7 +125,7 @@ CASES: list[tuple[str, Make, list[str]]] = [
     ("eps = 0", lambda r, t: ["method.eps=0"], ["method.eps=0.0 is out of range: it must be > 0"]),
     ("TT rank 0", lambda r, t: ["adapter.rank=0"], ["adapter.rank=0 is out of range: it must be >= 1"]),
     ("Q_max 0", lambda r, t: ["schedule.q_max=0"], ["schedule.q_max=0 is out of range: it must be >= 1"]),
-    ("sparsity 1", lambda r, t: ["method=sparse_mezo", "method.sparsity=1.0"], ["method.sparsity=1.0", "in [0, 1)"]),
+    ("sparsity 1", lambda r, t: ["method=sparse_mezo", "method.sparse.sparsity=1.0"], ["method.sparse.sparsity=1.0", "in [0, 1)"]),
     ("save_total_limit 0", lambda r, t: ["train.save_total_limit=0"],
      ["train.save_total_limit=0 is out of range: it must be >= 1"]),
     ("save_steps < 0", lambda r, t: ["train.save_steps=-5"], ["train.save_steps=-5", ">= 0"]),

@@ -248,7 +248,7 @@ def test_experiment_composes_to_its_paper_values(name, monkeypatch):
             elif want["model"] == "llama2-7b":
                 assert (obj.schedule.q_target, obj.schedule.beta, obj.schedule.q_max) == (None, 0.45, 20)
     if want["method"] == "sparse_mezo":
-        assert obj.method.sparsity == 0.8 and obj.method.in_forward
+        assert obj.method.sparse.sparsity == 0.8 and obj.method.sparse.in_forward
     if name.startswith("cpu_sst2_"):  # the built-in sample unless ADAZETA_SST2_DIR names real files
         assert obj.task.data_dir is None and obj.task.builtin
 

@@ -105,8 +105,8 @@ CASES: list[tuple[str, Make, list[str]]] = [
      ["side='middle' is not one of", "adapter.targets="]),
     ("adapter target that is no regex", lambda r, t: ["adapter.targets=[{pattern: '(', side: input}]"],
      ["missing ), unterminated subpattern", "adapter.targets="]),
-    ("LoRA target that matches no module", lambda r, t: ["method=mezo_lora", "method.lora_targets=[nope]"],
-     ["method.lora_targets=['nope']", "linear layers are named", "'query'"]),
+    ("LoRA target that matches no module", lambda r, t: ["method=mezo_lora", "method.lora.targets=[nope]"],
+     ["method.lora.targets=['nope']", "linear layers are named", "'query'"]),
     ("lr beyond float32", lambda r, t: ["method.lr=1e300"], ["method.lr=1e+300 is out of range", "overflows float32"]),
     ("eps beyond float32", lambda r, t: ["method.eps=1e300"], ["method.eps=1e+300 is out of range", "overflows float32"]),
     ("first-order lr whose first AdamW step overflows", lambda r, t: ["method=ft", "method.lr=3e38"],
@@ -129,21 +129,21 @@ CASES: list[tuple[str, Make, list[str]]] = [
     ("adapter scale beyond float32", lambda r, t: ["adapter.scale=1e300"], ["adapter.scale=1e+300", "overflows float32"]),
     ("adapter scale that is no number", lambda r, t: ["adapter.scale=nan"], ["adapter.scale=nan is out of range"]),
     # -- keys the chosen method would silently ignore --
-    ("LoRA rank with AdaZeta", lambda r, t: ["method=adazeta", "method.lora_r=4"],
-     ["method.lora_r is not read by method=adazeta", "method.trainable=lora", "method=hizoo_lora,lora_fo,mezo_lora",
-      "drop 'method.lora_r=4'"]),
-    ("LoRA targets with MeZO", lambda r, t: ["method=mezo", "method.lora_targets=[query]"],
-     ["method.lora_targets is not read by method=mezo"]),
+    ("LoRA rank with AdaZeta", lambda r, t: ["method=adazeta", "method.lora.r=4"],
+     ["method.lora.r is not read by method=adazeta", "method.trainable=lora", "method=hizoo_lora,lora_fo,mezo_lora",
+      "drop 'method.lora.r=4'"]),
+    ("LoRA targets with MeZO", lambda r, t: ["method=mezo", "method.lora.targets=[query]"],
+     ["method.lora.targets is not read by method=mezo"]),
     ("TT rank with MeZO", lambda r, t: ["method=mezo", "adapter.rank=3"],
      ["adapter.rank is not read by method=mezo", "method=adazeta"]),
     ("eps with first-order fine-tuning", lambda r, t: ["method=ft", "method.eps=1e-2"],
      ["method.eps is not read by method=ft", "method.optimizer=zo"]),
     ("momentum without the momentum rule", lambda r, t: ["method=mezo", "method.momentum=0.5"],
      ["method.momentum is not read by method=mezo", "method.update_rule=momentum"]),
-    ("keep_ratio with the magnitude mask", lambda r, t: ["method=sparse_mezo", "method.keep_ratio=0.3"],
-     ["method.keep_ratio is not read", "method.mask=random"]),
-    ("sparsity without a sparse method", lambda r, t: ["method=mezo", "method.sparsity=0.5"],
-     ["method.sparsity is not read by method=mezo", "method=sparse_mezo"]),
+    ("keep_ratio with the magnitude mask", lambda r, t: ["method=sparse_mezo", "method.sparse.keep_ratio=0.3"],
+     ["method.sparse.keep_ratio is not read", "method.sparse.mask=random"]),
+    ("sparsity without a sparse method", lambda r, t: ["method=mezo", "method.sparse.sparsity=0.5"],
+     ["method.sparse.sparsity is not read by method=mezo", "method=sparse_mezo"]),
     ("Adam betas with the SGD rule", lambda r, t: ["method=mezo", "method.betas=[0.8,0.9]"],
      ["method.betas is not read by method=mezo", "method.update_rule=adam"]),
     ("ZO keys with a first-order method", lambda r, t: ["method=lora_fo", "zo.fused_update=false"],
@@ -260,8 +260,8 @@ def test_an_update_that_overflows_float32_stops_the_step():
     check_update_fits(7, 1e38, [2.0])  # 2e38 fits
 
 
-@pytest.mark.parametrize("overrides", [["method=adazeta", "adapter.rank=3"], ["method=mezo_lora", "method.lora_r=4"],
-                                       ["method=ft", "method.betas=[0.9,0.99]"], ["method=sparse_mezo", "method.sparsity=0.5"],
+@pytest.mark.parametrize("overrides", [["method=adazeta", "adapter.rank=3"], ["method=mezo_lora", "method.lora.r=4"],
+                                       ["method=ft", "method.betas=[0.9,0.99]"], ["method=sparse_mezo", "method.sparse.sparsity=0.5"],
                                        ["method=mezo", "method.update_rule=momentum", "method.momentum=0.5"]])
 def test_keys_the_method_reads_are_accepted(overrides):
     validate(compose_config(["model=tiny-bert", *overrides]))

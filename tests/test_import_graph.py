@@ -28,7 +28,8 @@ LAYERS: Layers = (
     {"models and tasks": ("adazeta.models", "adazeta.tasks")},
     # step.py is the contract (and the registry) of the steps of zo/ (MeZO's, FZOO, LOZO, HiZOO) and
     # first_order.py: it sits below both, beside the types and the config it is written in.
-    {"base": ("adazeta.config", "adazeta.errors", "adazeta.validate", "adazeta.params", "adazeta.step")},
+    {"base": ("adazeta.config", "adazeta.errors", "adazeta.legacy_keys", "adazeta.validate", "adazeta.params",
+              "adazeta.step")},
 )
 
 

@@ -82,7 +82,7 @@ def test_classification_head_is_trainable_for_encoders():
 
 
 def test_sparse_mezo_never_moves_weights_above_threshold():
-    _, m, obj, batch, before = setup("sparse_mezo", "tiny-llama", "method.lr=1e-1", "method.sparsity=0.5")
+    _, m, obj, batch, before = setup("sparse_mezo", "tiny-llama", "method.lr=1e-1", "method.sparse.sparsity=0.5")
     h = m.step.mask.h
     params = [t.param.detach().clone() for t in m.trainables]
     for step in range(1, 4):
@@ -103,7 +103,7 @@ def test_sparse_thresholds_keep_the_requested_fraction():
 
 @pytest.mark.parametrize("mask", ["magnitude", "random"])
 def test_in_forward_perturbation_equals_in_place(mask):
-    _, m, obj, batch, before = setup("sparse_mezo", "tiny-llama", f"method.mask={mask}", "method.eps=1e-2")
+    _, m, obj, batch, before = setup("sparse_mezo", "tiny-llama", f"method.sparse.mask={mask}", "method.eps=1e-2")
     spsa = m.step.spsa
     loss_fn = lambda: obj.forward(m.model, batch)[0].mean()  # noqa: E731
     seed = query_seed(0, 1, 0)

@@ -15,7 +15,7 @@ Tables (`--tables`, comma-separated; default: all of them):
   ratio is what the method adds. `z draws / step` counts the normal values a step draws over the
   trainable size, and `z floor s` is the time spent drawing them (every `normal_` of the last timed
   step counted and timed, per thread): what a seed-trick step spends besides forwards, at least.
-  fzoo's bare passes are its fzoo_n x Q + 1 forwards; its Rademacher signs (random_) and lozo's
+  fzoo's bare passes are its method.fzoo.n x Q + 1 forwards; its Rademacher signs (random_) and lozo's
   low-rank U, V (randn) are not `normal_` calls, so their z columns read 0.
   First-order rows (ft, lora_fo) compare one forward+backward+AdamW step with one forward.
 - memory: per method, in fresh processes: (1) the real entrypoint, `adazeta-train`, on a batch
@@ -166,10 +166,10 @@ class Bench:
         return self.cfg.method.optimizer == Optimizer.zo
 
     def passes(self, q: int) -> int:
-        """Forward passes of one ZO step with Q queries: 2Q, fzoo_n x Q + 1 for FZOO, 2Q + 1 for HiZOO."""
+        """Forward passes of one ZO step with Q queries: 2Q, method.fzoo.n x Q + 1 for FZOO, 2Q + 1 for HiZOO."""
         m = self.cfg.method
         if m.estimator.value == "fzoo":
-            return m.fzoo_n * q + 1
+            return m.fzoo.n * q + 1
         return 2 * q + 1 if m.estimator.value == "hizoo" else 2 * q
 
 

@@ -94,6 +94,7 @@ def run_config(run_dir: Path):
     from omegaconf import OmegaConf, open_dict
 
     from adazeta.config import compose_config
+    from adazeta.legacy_keys import upgrade_config
 
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -102,7 +103,7 @@ def run_config(run_dir: Path):
     from yaml import YAMLError
 
     try:
-        saved = OmegaConf.load(path)
+        saved = upgrade_config(OmegaConf.load(path))  # runs of earlier releases: flat method keys
         schedule = saved.schedule._target_.rsplit(".", 1)[-1].removesuffix("Schedule").lower()
         cfg = compose_config([f"schedule={schedule}", f"logger={saved.logger.name}"])
         with open_dict(cfg):  # open: free-form nodes (model.arch, adapter.modes) take the run's keys

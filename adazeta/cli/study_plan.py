@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from adazeta.cli.compare import Run, read_run
 from adazeta.config import CONF_DIR
 from adazeta.errors import ConfigError
+from adazeta.legacy_keys import NESTED_KEYS, upgrade_overrides
 
 STUDY_DIR = (Path(CONF_DIR) / "study").resolve()  # shipped with the package
 
@@ -55,6 +57,10 @@ class RunSpec:
             return False
         record = self.folder / "study.json"
         ran = json.loads(record.read_text())["overrides"] if record.is_file() else None
+        if ran is not None:  # a run of an earlier release, with flat method keys
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                ran = upgrade_overrides(ran)
         if ran != self.overrides:
             changed = sorted(set(ran or []) ^ set(self.overrides))
             raise ConfigError(
@@ -94,8 +100,10 @@ def _fmt_value(v: object) -> str:
 
 
 def point_name(point: dict[str, object]) -> str:
-    """`method.lr=0.001,method.eps=0.01` -> `lr0.001_eps0.01` (a folder name)."""
-    return "_".join(f"{k.rsplit('.', 1)[-1]}{_fmt_value(v)}" for k, v in point.items()) or "default"
+    """`method.lr=0.001,method.eps=0.01` -> `lr0.001_eps0.01` (a folder name). A key of a method's
+    node is named by its flat name (`method.hizoo.alpha` -> `hizoo_alpha1e-08`), which the run
+    folders of earlier plans carry."""
+    return "_".join(f"{NESTED_KEYS.get(k, k).rsplit('.', 1)[-1]}{_fmt_value(v)}" for k, v in point.items()) or "default"
 
 
 def grid_points(grid: DictConfig | None) -> list[dict[str, object]]:
@@ -108,7 +116,7 @@ def grid_points(grid: DictConfig | None) -> list[dict[str, object]]:
 
 def passes_per_step(overrides: list[str], max_steps: int) -> list[int]:
     """Forward passes at each step of a run composed from `overrides`: 2Q from its own query
-    schedule for a ZO method (method.fzoo_n x Q + 1 for FZOO, 2Q + 1 for HiZOO: L(theta) as well),
+    schedule for a ZO method (method.fzoo.n x Q + 1 for FZOO, 2Q + 1 for HiZOO: L(theta) as well),
     1 (a forward and a backward) for a first-order one, as the loop counts."""
     from hydra.utils import instantiate
 
@@ -120,8 +128,8 @@ def passes_per_step(overrides: list[str], max_steps: int) -> list[int]:
     num_train = cfg.task.num_train or cfg.train.batch_size
     schedule = instantiate(cfg.schedule)
     schedule.bind(steps_per_epoch=max(num_train // cfg.train.batch_size, 1), max_steps=max_steps)
-    if cfg.method.estimator.value == "fzoo":  # N = fzoo_n x Q one-sided queries and l_0
-        return [cfg.method.fzoo_n * schedule(s) + 1 for s in range(max_steps)]
+    if cfg.method.estimator.value == "fzoo":  # N = method.fzoo.n x Q one-sided queries and l_0
+        return [cfg.method.fzoo.n * schedule(s) + 1 for s in range(max_steps)]
     if cfg.method.estimator.value == "hizoo":  # Q pairs of perturbed losses and L(theta)
         return [2 * schedule(s) + 1 for s in range(max_steps)]
     return [2 * schedule(s) for s in range(max_steps)]
@@ -226,7 +234,7 @@ def run_spec(setting: str, s: DictConfig, label: str, role: str, point: dict, se
         eval_steps = max(1, steps // 4)
     else:
         eval_steps = max(1, round(steps * s.get("eval_every", s.budget // 4) / max(s.budget, 1)))
-    full = [*overrides, f"train.max_steps={steps}", f"train.eval_steps={eval_steps}", f"seed={seed}", f"label={label}"]
+    full = [*upgrade_overrides(overrides), f"train.max_steps={steps}", f"train.eval_steps={eval_steps}", f"seed={seed}", f"label={label}"]
     return RunSpec(setting, label, role, point, seed, full, folder, steps, passes, eval_steps)
 
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from adazeta.config import CONF_DIR, register_configs
 from adazeta.errors import AdazetaError, Interrupted, RunFolderError, environment_error
+from adazeta.legacy_keys import flat_key_hint, upgrade_argv
 from adazeta.validate import validate
 
 log = logging.getLogger("adazeta")
@@ -37,8 +38,26 @@ register_configs()
 FAILED: list[str] = []
 
 
+class ComposeErrors:
+    """sys.stderr while Hydra composes the config: passes everything on and keeps the last
+    characters, so that a compose error caused by a flat method key in a yaml file can be followed
+    by the key's new name (adazeta/legacy_keys.py)."""
+
+    def __init__(self, stream):
+        self.stream, self.text = stream, ""
+
+    def write(self, text: str) -> int:
+        self.text = (self.text + text)[-4000:]
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
+    if isinstance(sys.stderr, ComposeErrors):  # composed: the run writes to the real stderr
+        sys.stderr = sys.stderr.stream
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -94,16 +113,27 @@ def main() -> None:
                      "(e.g. with hydra/launcher=slurm), not inside it")
         if int(os.environ.get("RANK", "0")) > 0:
             sys.argv += NON_MAIN_RANK_OVERRIDES
+    # Flat method keys of earlier releases (method.lora_r=4) -> their nodes (method.lora.r=4), with a warning.
+    sys.argv[1:] = upgrade_argv(sys.argv[1:])
     if int(os.environ.get("RANK", "0")) == 0:
         # Before the first override, not at the end: argparse takes the overrides as one run of
         # positionals, so `adazeta-train model=x --cfg job` would refuse an override after --cfg.
         first = next((i for i, a in enumerate(sys.argv[1:], 1) if "=" in a and not a.startswith("-")), len(sys.argv))
         sys.argv.insert(first, RUN_FOLDER_CHECK)
+    sys.stderr = recorder = ComposeErrors(sys.stderr)
     try:
         hydra_main()
     except KeyboardInterrupt:  # Ctrl-C while Hydra composes or sets up, before the run's own handling
         print("interrupted by SIGINT before the run started: nothing was trained; start it again", file=sys.stderr)
         sys.exit(130)  # the shell's convention for SIGINT, as Interrupted.exit_code
+    except SystemExit as e:  # Hydra reports a compose error and exits 1
+        hint = flat_key_hint(recorder.text) if sys.stderr is recorder and e.code == 1 else None
+        if hint is not None:
+            sys.exit(f"error: {hint}")
+        raise
+    finally:
+        if sys.stderr is recorder:
+            sys.stderr = recorder.stream
     if FAILED:
         sys.exit(f"error: {len(FAILED)} job(s) of the sweep failed, each with its error in error.txt: "
                  + ", ".join(FAILED))

@@ -22,6 +22,7 @@ Schedules and query seeds are pure functions of the step and the data order a pu
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from adazeta.engine.guard import Guard, get_lr, set_lr
 from adazeta.engine.tensor_files import fsync, read_tensors, tensor_specs, write_tensors
 from adazeta.errors import CheckpointError
+from adazeta.legacy_keys import upgrade_config
 from adazeta.params import Trainable
 
 log = logging.getLogger("adazeta")
@@ -171,7 +173,10 @@ def flatten(tree, prefix: str = "") -> dict:
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
-    old, new = flatten(saved), flatten(current)
+    """The keys whose values differ between a checkpoint's config and this run's, as
+    `key: old -> new`; a checkpoint of an earlier release is read with its flat method keys moved
+    into their nodes (adazeta/legacy_keys.py)."""
+    old, new = flatten(upgrade_config(copy.deepcopy(saved))), flatten(current)
     keys = sorted((old.keys() | new.keys()) - set(FREE_KEYS))
     return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys if old.get(k) != new.get(k)]
 

@@ -29,16 +29,16 @@ def inject_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targ
     if not targets:
         raise ConfigError(
             f"no default LoRA targets for model_type {model_type!r} (known: {sorted(FAMILY_TARGETS)}); "
-            "set method.lora_targets, e.g. [q_proj, v_proj]"
+            "set method.lora.targets, e.g. [q_proj, v_proj]"
         )
     if r < 1:
-        raise ConfigError(f"method.lora_r must be >= 1, got {r}")
+        raise ConfigError(f"method.lora.r must be >= 1, got {r}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # peft: no module matches, or a match is a layer type LoRA cannot wrap
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(
-            f"method.lora_targets={targets}: {str(e).splitlines()[0]} This {model_type} model's linear layers "
-            f"are named {linear}; set method.lora_targets to some of them, or null for {FAMILY_TARGETS.get(model_type)}"
+            f"method.lora.targets={targets}: {str(e).splitlines()[0]} This {model_type} model's linear layers "
+            f"are named {linear}; set method.lora.targets to some of them, or null for {FAMILY_TARGETS.get(model_type)}"
         ) from None

@@ -26,7 +26,7 @@ where rotary families rotate keys, as in MeZO, whose Llama/OPT hook passes the p
 `past_key_value`, concatenated after RoPE (and with learned absolute positions, as in OPT, GPT-2
 and BERT, positions only enter through the embeddings, which the prefix bypasses anyway).
 
-Initialisation (`method.prefix_init_by_real_act`, MeZO's default): run the frozen model once on P
+Initialisation (`method.prefix.init_by_real_act`, MeZO's default): run the frozen model once on P
 token ids drawn uniformly from the vocabulary and take each layer's keys and values of them, as
 they would be cached (for rotary families: rotated at positions 0..P-1, exactly MeZO's
 `past_key_values` of those tokens). Otherwise a small random init, N(0, 0.02^2) (MeZO without
@@ -197,7 +197,7 @@ def inject_prefix(model: nn.Module, num_prefix: int, init_by_real_act: bool = Tr
     """Give every self-attention layer of `model` a trainable prefix of `num_prefix` keys and values
     (frozen nothing: the caller picks the trainable set). Returns {attention module name: Prefix}."""
     if num_prefix < 1:
-        raise ConfigError(f"method.num_prefix must be >= 1, got {num_prefix}")
+        raise ConfigError(f"method.prefix.num must be >= 1, got {num_prefix}")
     found = attention_modules(model)
     args = [cache_arg(m) for _, m in found]
     prefixes: dict[str, Prefix] = {}

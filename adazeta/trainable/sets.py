@@ -64,12 +64,12 @@ def make_trainable(model, cfg: MethodConfig, adapter: AdapterConfig, head: Head)
             if ".adapter." in name:
                 p.requires_grad_(True)
     elif kind == TrainableSet.prefix:
-        inject_prefix(model, cfg.num_prefix, cfg.prefix_init_by_real_act)
+        inject_prefix(model, cfg.prefix.num, cfg.prefix.init_by_real_act)
         for name, p in model.named_parameters():
             if PREFIX_MARKER in name:
                 p.requires_grad_(True)
     elif kind == TrainableSet.lora:
-        model = inject_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        model = inject_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
     if head == Head.classification:  # a new head must learn; an LM/MLM head stays frozen
         for p in classification_head(model.get_base_model() if kind == TrainableSet.lora else model).parameters():
             p.requires_grad_(True)

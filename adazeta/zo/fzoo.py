@@ -2,7 +2,7 @@
 
 Dang, Guo, Zhao, Ye, Zheng, Dai, Tsang, "FZOO: Fast Zeroth-Order Optimizer for Fine-Tuning Large
 Language Models towards Adam-Scale Speed" (arXiv 2506.09034, ICLR 2026); public code DKmiyan/FZOO
-(trainer.py, `zo_step` / `zo_update`). Per step, on one batch B, with N = method.fzoo_n x the query
+(trainer.py, `zo_step` / `zo_update`). Per step, on one batch B, with N = method.fzoo.n x the query
 schedule's Q perturbations u_i whose entries are independent +-1 (Rademacher):
 
     l_0 = L(theta; B),   l_i = L(theta + eps u_i; B)                 (N + 1 forward passes)
@@ -162,10 +162,10 @@ class FZOOStep(RuleStep):
     def __init__(
         self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig, dist=None,
     ):
-        if cfg.fzoo_n < 2:
-            raise ConfigError(f"method.fzoo_n={cfg.fzoo_n}: FZOO normalises by the std of the N perturbed losses, "
+        if cfg.fzoo.n < 2:
+            raise ConfigError(f"method.fzoo.n={cfg.fzoo.n}: FZOO normalises by the std of the N perturbed losses, "
                               "so it needs N >= 2 (the paper uses 8)")
-        self.trainables, self.n, self.eps, self.seed = trainables, cfg.fzoo_n, cfg.eps, seed
+        self.trainables, self.n, self.eps, self.seed = trainables, cfg.fzoo.n, cfg.eps, seed
         self.noise = Rademacher(trainables, group=cfg.trainable in GROUPED_SETS)
         self.rule = UpdateRule(None, cfg.lr, cfg.weight_decay)  # lr and wd; no state tensors
         self.fuse = zo.fused_update

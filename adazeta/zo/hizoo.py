@@ -10,7 +10,7 @@ noise stream (adazeta/zo/noise.py) for query seed s_q, and D = Sigma^(-1/2) elem
     L+_q = L(theta + eps D z_q),   L-_q = L(theta - eps D z_q)            (2 forwards per query)
     g_q  = (L+_q - L-_q) / (2 eps)                the derivative along D z_q
     h_q  = |L+_q + L-_q - 2 L0| / (2 eps^2)       the curvature along D z_q, over 2 (as the code)
-    Sigma <- (1 - alpha) Sigma + alpha (1/Q) sum_q h_q Sigma z_q^2       (alpha = method.hizoo_alpha)
+    Sigma <- (1 - alpha) Sigma + alpha (1/Q) sum_q h_q Sigma z_q^2       (alpha = method.hizoo.alpha)
     theta <- (1 - lr wd) theta - lr (1/Q) sum_q g_q Sigma^(-1/2) z_q      (the updated Sigma)
 
 Sigma z_q^2 is the diagonal of Sigma^(1/2) z z^T Sigma^(1/2) (the form the brief and the paper's
@@ -99,14 +99,14 @@ class HiZOOStep:
     def __init__(
         self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig, dist=None,
     ):
-        if not 0 <= cfg.hizoo_alpha < 1:
-            raise ConfigError(f"method.hizoo_alpha={cfg.hizoo_alpha!r} is out of range: in [0, 1)")
+        if not 0 <= cfg.hizoo.alpha < 1:
+            raise ConfigError(f"method.hizoo.alpha={cfg.hizoo.alpha!r} is out of range: in [0, 1)")
         # SPSA gives the layout (adapter and LoRA sets grouped into flat buffers, as ZOStep groups
         # them) and each unit's key and chunks in the noise stream; its own passes are not used.
         group = cfg.trainable in GROUPED_SETS
         self.spsa = SPSA(trainables, cfg.eps, group=group, workers=1)
         self.trainables, self.units = trainables, self.spsa.units
-        self.eps, self.alpha, self.seed = cfg.eps, cfg.hizoo_alpha, seed
+        self.eps, self.alpha, self.seed = cfg.eps, cfg.hizoo.alpha, seed
         self._lr, self.wd = cfg.lr, cfg.weight_decay
         self.sigma = [torch.ones_like(u.param) for u in self.units]  # the code's Hessian_matrix
         self.numel = sum(t.param.numel() for t in trainables)

@@ -162,18 +162,18 @@ class LOZOStep(RuleStep):
     def __init__(
         self, model, trainables: list[Trainable], cfg: MethodConfig, seed: int, zo: ZOConfig, dist=None,
     ):
-        if cfg.lozo_rank < 1 or cfg.lozo_interval < 1:
-            raise ConfigError(f"method.lozo_rank={cfg.lozo_rank}, method.lozo_interval={cfg.lozo_interval}: both "
+        if cfg.lozo.rank < 1 or cfg.lozo.interval < 1:
+            raise ConfigError(f"method.lozo.rank={cfg.lozo.rank}, method.lozo.interval={cfg.lozo.interval}: both "
                               "must be >= 1")
-        self.trainables, self.eps, self.seed, self.interval = trainables, cfg.eps, seed, cfg.lozo_interval
-        self.low = LowRank(trainables, cfg.lozo_rank, seed)
+        self.trainables, self.eps, self.seed, self.interval = trainables, cfg.eps, seed, cfg.lozo.interval
+        self.low = LowRank(trainables, cfg.lozo.rank, seed)
         if cfg.update_rule.value == "momentum":
             self.rule = LOZOMomentum(self.low, cfg.lr, cfg.weight_decay, cfg.momentum)
         else:
             self.rule = UpdateRule(None, cfg.lr, cfg.weight_decay)
         self.fuse = zo.fused_update
         # |U V^T|_F^2 ~ r m n: an update moves the weights by about lr |g| sqrt(r n_values)
-        self.numel = sum(t.param.numel() * (cfg.lozo_rank if t.param.dim() == 2 else 1) for t in trainables)
+        self.numel = sum(t.param.numel() * (cfg.lozo.rank if t.param.dim() == 2 else 1) for t in trainables)
         self.norm: float | None = None
 
     def cuda_buffers(self, target_dtype: str, kept: set[int]) -> list[CudaBuffer]:

@@ -6,7 +6,7 @@ m = [|theta| <= h] is recomputed from the unperturbed weights and z_hat = m * z.
 
 Two ways to apply the perturbation:
 - in place, with the masks of the step stored (one bool per weight: 1/4 of an fp32 model);
-- in forward (`in_forward=true`, the memory-efficient form): a pre-hook on each module replaces its
+- in forward (`method.sparse.in_forward=true`, the memory-efficient form): a pre-hook on each module replaces its
   weight by theta + eps * m(theta) * z for the duration of that module's forward only, so the
   weights are never written during the two loss evaluations and no model-sized mask exists. This
   is an estimator of its own (`InForwardPerturbation`, chosen when the method is built).
@@ -20,8 +20,9 @@ Torch has no hook that replaces a forward, so such a module's pre-hook hands its
 empty batch (no work) and its forward hook returns the output computed block by block: the
 module keeps its class and its forward, and removing the hooks leaves it as it was.
 
-`mask=random` (R-MeZO) draws a random mask per step and tensor with keep probability `keep_ratio`,
-from a generator seeded by the query seed, so it is reproducible and never stored either.
+`method.sparse.mask=random` (R-MeZO) draws a random mask per step and tensor with keep probability
+`method.sparse.keep_ratio`, from a generator seeded by the query seed, so it is reproducible and
+never stored either.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ BLOCK = 1 << 20
 def thresholds(trainables: list[Trainable], sparsity: float) -> list[float]:
     """h_i: the (1 - s) quantile of |theta_i|, computed once before training."""
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"method.sparsity must be in [0, 1), got {sparsity}")
+        raise ValueError(f"method.sparse.sparsity must be in [0, 1), got {sparsity}")
     out = []
     for t in trainables:
         flat = t.param.detach().abs().flatten().float()
@@ -79,9 +80,9 @@ class SparseMask:
 
     def __init__(self, trainables: list[Trainable], kind: str, sparsity: float, keep_ratio: float):
         if kind not in ("magnitude", "random"):
-            raise ValueError(f"method.mask={kind!r}; choose magnitude or random")
+            raise ValueError(f"method.sparse.mask={kind!r}; choose magnitude or random")
         if not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"method.keep_ratio must be in (0, 1], got {keep_ratio}")
+            raise ValueError(f"method.sparse.keep_ratio must be in (0, 1], got {keep_ratio}")
         self.kind, self.keep_ratio = kind, keep_ratio
         # A magnitude mask is elementwise in the weights, so SPSA's passes can compute it chunk by
         # chunk (`chunk`); a random mask is one draw over the whole tensor.

@@ -60,7 +60,7 @@ class ZOStep(RuleStep):
     ):
         mask = None
         if cfg.trainable == TrainableSet.sparse:
-            mask = SparseMask(trainables, cfg.mask.value, cfg.sparsity, cfg.keep_ratio)
+            mask = SparseMask(trainables, cfg.sparse.mask.value, cfg.sparse.sparsity, cfg.sparse.keep_ratio)
         # Adapter, LoRA and prefix sets (many small tensors: 1,344 for AdaZeta on Llama-2-7B) live in one
         # flat buffer per (device, dtype, decay) group, so a pass draws z with one RNG call per
         # group, not one per tensor. Full-parameter sets keep a z per tensor: flattening a model's
@@ -206,12 +206,12 @@ class ZOStep(RuleStep):
 
 def functional_perturbation(trainables: list[Trainable], cfg: MethodConfig) -> bool:
     """Whether the estimate perturbs the weights inside each layer's forward (never writing them)
-    rather than in place: Sparse-MeZO with method.in_forward=true, and any full-parameter method
+    rather than in place: Sparse-MeZO with method.sparse.in_forward=true, and any full-parameter method
     whose weights are bf16/fp16, where an in-place +eps z / -2 eps z / +eps z round trip leaves
     rounding drift of the order of an ulp per query (scripts/bf16_zo.py), more than the updates move.
     Low-precision tensors of the other sets are refused before the step is built (SUPPORTS)."""
     if cfg.trainable == TrainableSet.sparse:
-        return cfg.in_forward
+        return cfg.sparse.in_forward
     return cfg.trainable == TrainableSet.full and any(t.param.dtype in LOW_PRECISION for t in trainables)
 
 

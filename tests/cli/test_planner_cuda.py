@@ -51,7 +51,7 @@ def test_in_forward_sparse_mezo_on_cuda_adds_a_perturbed_copy_and_bool_masks():
 
 
 def test_in_place_sparse_mezo_has_no_forward_buffers():
-    terms = by_name(measure.cuda_terms(stepped("method=sparse_mezo", "method.in_forward=false"), "float32", kept=set()))
+    terms = by_name(measure.cuda_terms(stepped("method=sparse_mezo", "method.sparse.in_forward=false"), "float32", kept=set()))
     assert list(terms) == ["z scratch", "update mask"]
     assert terms["z scratch"].cuda_gib == EMBEDDING * 4 / GIB
 

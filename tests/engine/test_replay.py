@@ -23,7 +23,7 @@ RUNS = {
                          "schedule.q=2"], "round_trip"),
     "sparse_mezo-in-forward": (["model=tiny-llama", "method=sparse_mezo", "method.lr=1e-3"], "none"),
     "sparse_mezo-in-place-momentum": (["model=tiny-llama", "method=sparse_mezo", "method.lr=1e-3",
-                                       "method.in_forward=false", "method.update_rule=momentum"], "round_trip"),
+                                       "method.sparse.in_forward=false", "method.update_rule=momentum"], "round_trip"),
     "adazeta-conservative": (["model=tiny-bert", "method=adazeta", "method.lr=1e-2",
                               "method.update_rule=conservative"], "round_trip"),
     "mezo_lora-adam-q3": (["model=tiny-llama", "method=mezo_lora", "method.lr=1e-3", "method.update_rule=adam",

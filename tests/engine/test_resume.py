@@ -37,10 +37,10 @@ METHODS = {
     "ft": ["model=tiny-bert", "method=ft", "method.lr=1e-3"],
     # FZOO (stateless, Rademacher noise from seeds) and LOZO-M (low-rank momentum; with
     # nu = 4 the checkpoint at step 6 falls inside the second V, which the resumed run regenerates).
-    "fzoo": ["model=tiny-llama", "method=fzoo", "method.fzoo_n=2", "method.lr=1e-3"],
-    "lozo-m": ["model=tiny-llama", "method=lozo_m", "method.lozo_interval=4", "method.lr=1e-3"],
+    "fzoo": ["model=tiny-llama", "method=fzoo", "method.fzoo.n=2", "method.lr=1e-3"],
+    "lozo-m": ["model=tiny-llama", "method=lozo_m", "method.lozo.interval=4", "method.lr=1e-3"],
     # HiZOO's Hessian estimate Sigma (alpha large enough that it moves every step).
-    "hizoo": ["model=tiny-llama", "method=hizoo", "method.hizoo_alpha=1e-2", "method.lr=1e-3"],
+    "hizoo": ["model=tiny-llama", "method=hizoo", "method.hizoo.alpha=1e-2", "method.lr=1e-3"],
 }
 VARYING = ("time/", "mem/")  # wall-clock and memory differ between processes; everything else may not
 

@@ -42,7 +42,7 @@ def test_trainable_set_is_the_prefixes_of_every_layer(model):
     prefix = {n for n in names if PREFIX_MARKER in n}
     assert names - prefix <= {n for n in names if n.startswith("classifier.")}  # tiny-bert: its new head
     layers = m.model.config.num_hidden_layers
-    expected = layers * 2 * cfg.method.num_prefix * kv_width(m.model)  # llama: GQA, 2 kv heads of 4
+    expected = layers * 2 * cfg.method.prefix.num * kv_width(m.model)  # llama: GQA, 2 kv heads of 4
     assert sum(t.param.numel() for t in m.trainables if t.name in prefix) == expected
     assert len(prefix) == 2 * layers
     assert not any(p.requires_grad for n, p in m.model.named_parameters() if n not in names)
@@ -208,13 +208,13 @@ def test_prefix_keys_are_refused_on_other_methods():
     from adazeta.validate import check_ignored
 
     cfg = compose_config(["method=mezo_lora"], hydra_config=False)
-    with pytest.raises(ConfigError, match="method.num_prefix is not read by method=mezo_lora.*mezo_prefix"):
-        check_ignored(cfg, ["method.num_prefix=3"])
+    with pytest.raises(ConfigError, match="method.prefix.num is not read by method=mezo_lora.*mezo_prefix"):
+        check_ignored(cfg, ["method.prefix.num=3"])
 
 
 @pytest.mark.slow  # the entrypoint in a child process
 def test_mezo_prefix_trains_through_the_entrypoint(entrypoint, tmp_path):
-    proc = entrypoint("method=mezo_prefix", "model=tiny-llama", "method.num_prefix=3", *TINY_RUN)
+    proc = entrypoint("method=mezo_prefix", "model=tiny-llama", "method.prefix.num=3", *TINY_RUN)
     assert proc.returncode == 0, output(proc)[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())

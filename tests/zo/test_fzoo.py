@@ -13,7 +13,7 @@ from conftest import build_method_on, compose_config, job_config, output, read_j
 from test_zo import mlp, mlp_loss
 from torch import nn
 
-from adazeta.config import MethodConfig, Optimizer, TrainableSet, ZOConfig
+from adazeta.config import FZOOConfig, MethodConfig, Optimizer, TrainableSet, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.params import Trainable
 from adazeta.trainable.sets import collect
@@ -24,7 +24,7 @@ from adazeta.zo.spsa import query_seed
 
 def fzoo_cfg(**kw) -> MethodConfig:
     base = {"name": "fzoo", "trainable": TrainableSet.full, "optimizer": Optimizer.zo, "lr": 1.0, "eps": 1e-6,
-            "fzoo_n": 8}
+            "fzoo": FZOOConfig(n=8)}
     return MethodConfig(**{**base, **kw})
 
 
@@ -86,7 +86,7 @@ def test_update_with_weight_decay_matches_the_formula_by_hand(fused):
     model = mlp()
     loss_fn = mlp_loss(model)
     lr, wd = 1e-2, 0.5
-    step = FZOOStep(model, collect(model), fzoo_cfg(lr=lr, weight_decay=wd, eps=1e-3, fzoo_n=4), seed=0,
+    step = FZOOStep(model, collect(model), fzoo_cfg(lr=lr, weight_decay=wd, eps=1e-3, fzoo=FZOOConfig(n=4)), seed=0,
                     zo=ZOConfig(fused_update=fused))
     before = [p.detach().clone() for p in model.parameters()]
     result = step(loss_fn, 5, 2)  # Q = 2 doubles N
@@ -113,7 +113,7 @@ def test_fzoo_estimate_points_along_the_gradient_on_a_model_from_config():
     cosine with the autograd gradient of the LoRA parameters (about 1 / sqrt(1 + d / (K N)) for d
     trainable values; about 1 / sqrt(d) = 0.02 for an estimate unrelated to the gradient)."""
     m, obj, task = build_method_on(["model=tiny-llama", "method=fzoo", "method.trainable=lora", "method.lr=1.0",
-                                    "method.fzoo_n=8", "task.num_train=16"])
+                                    "method.fzoo.n=8", "task.num_train=16"])
     batch = obj.encode(task.load().train[:4], train=True)
     loss_fn = obj.batch_loss(m.model, batch)
     params = [t.param for t in m.trainables]
@@ -152,8 +152,8 @@ def test_unsupported_combinations_are_refused_by_name(overrides, key):
 
 
 @pytest.mark.parametrize(("overrides", "key"), [
-    (["method.fzoo_n=1"], "method.fzoo_n"),
-    (["method=mezo", "method.fzoo_n=4"], "method.fzoo_n"),  # a key the method does not read
+    (["method.fzoo.n=1"], "method.fzoo.n"),
+    (["method=mezo", "method.fzoo.n=4"], "method.fzoo.n"),  # a key the method does not read
 ])
 def test_config_refusals_name_the_key(overrides, key):
     cfg = compose_config(["method=fzoo", *overrides])
@@ -172,7 +172,7 @@ def test_fzoo_step_stays_near_inference_memory():
 
     wide = ["model=tiny-llama", "model.arch.hidden_size=1024", "model.arch.intermediate_size=1024",
             "model.arch.num_attention_heads=16", "model.device=cpu", "train.batch_size=8", "method=fzoo",
-            "method.fzoo_n=2"]
+            "method.fzoo.n=2"]
     plan = planner.plan(wide, fit=(1, 2), seq_len=32, threads=1, jobs=2, log=lambda s: None)
     embedding_gib = 30522 * 1024 * 4 / 1024**3
     for m in plan.measurements:
@@ -183,7 +183,7 @@ def test_fzoo_step_stays_near_inference_memory():
 def test_fzoo_entrypoint_trains_and_logs(tmp_path):
     """`adazeta-train method=fzoo` on the two-layer Llama: N + 1 forward passes per step, the usual
     metrics, no replay log, and the train loss (l_0, at theta) lower after the steps than before."""
-    proc = run_entrypoint(["method=fzoo", "model=tiny-llama", "method.fzoo_n=4", "method.lr=3e-3",
+    proc = run_entrypoint(["method=fzoo", "model=tiny-llama", "method.fzoo.n=4", "method.lr=3e-3",
                            "train.max_steps=12", "train.eval_steps=12", "train.log_steps=4", "train.batch_size=4",
                            "task.num_train=4", "task.num_dev=8", "task.num_test=8", "train.progress=false"], tmp_path)
     assert proc.returncode == 0, output(proc)[-3000:]
@@ -195,11 +195,11 @@ def test_fzoo_entrypoint_trains_and_logs(tmp_path):
 
 
 def test_study_budget_counts_n_plus_one_passes_per_step():
-    """adazeta-study sizes a run by forward passes: FZOO's step costs fzoo_n x Q + 1 of them, so a
+    """adazeta-study sizes a run by forward passes: FZOO's step costs method.fzoo.n x Q + 1 of them, so a
     budget of 120 at N = 8 is 13 steps (117 passes), where MeZO's 2 per step gives 60."""
     from adazeta.cli.study_plan import passes_per_step, steps_for_budget
 
     assert passes_per_step(["method=fzoo"], 3) == [9, 9, 9]
-    assert passes_per_step(["method=fzoo", "method.fzoo_n=4", "schedule.q=2"], 2) == [9, 9]
+    assert passes_per_step(["method=fzoo", "method.fzoo.n=4", "schedule.q=2"], 2) == [9, 9]
     assert steps_for_budget(["method=fzoo"], 120) == 13
     assert steps_for_budget(["method=mezo"], 120) == 60

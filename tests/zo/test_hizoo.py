@@ -19,6 +19,7 @@ from adazeta.config import (
     AdapterConfig,
     Estimator,
     Head,
+    HiZOOConfig,
     MethodConfig,
     Optimizer,
     TrainableSet,
@@ -41,7 +42,7 @@ def mlp(dtype=torch.float64, seed=0) -> nn.Module:
 
 def hizoo_cfg(**kw) -> MethodConfig:
     base = {"name": "hizoo", "trainable": TrainableSet.full, "optimizer": Optimizer.zo, "estimator": Estimator.hizoo,
-            "lr": 1e-2, "eps": 1e-3, "hizoo_alpha": 0.0}
+            "lr": 1e-2, "eps": 1e-3, "hizoo": HiZOOConfig(alpha=0.0)}
     return MethodConfig(**{**base, **kw})
 
 
@@ -89,7 +90,7 @@ def test_with_sigma_one_a_step_is_mezos_step_plus_one_forward(weight_decay):
 def test_the_update_uses_the_updated_sigma_as_the_reference_code_does():
     """With alpha > 0 the perturbations still use the step's old Sigma (= 1: g is MeZO's g), and the
     update divides by the square root of the new one: theta - lr g z / sqrt(Sigma_new)."""
-    cfg = hizoo_cfg(hizoo_alpha=0.3)
+    cfg = hizoo_cfg(hizoo=HiZOOConfig(alpha=0.3))
     a, b = mlp(), mlp()
     mezo = ZOStep(a, collect(a), MethodConfig(**{**cfg.__dict__, "estimator": Estimator.spsa}), seed=4,
                   zo=ZOConfig(fused_update=False))(lambda: mlp_loss(a)().float(), 1, 1)
@@ -115,7 +116,7 @@ def test_g_and_the_curvature_are_autograds_derivatives_along_sigma_minus_half_z(
     params = list(model.parameters())
     alpha = 1e-3
     # eps 1e-4: |v| ~ 25 here, so the central differences' next terms (eps |v|)^2 stay ~1e-5
-    step = HiZOOStep(model, collect(model), hizoo_cfg(lr=0.0, eps=1e-4, hizoo_alpha=alpha), seed=9, zo=ZOConfig())
+    step = HiZOOStep(model, collect(model), hizoo_cfg(lr=0.0, eps=1e-4, hizoo=HiZOOConfig(alpha=alpha)), seed=9, zo=ZOConfig())
     random_sigma(step)
     for k in (1, 2, 3):
         sigma = flat(step.sigma)
@@ -144,7 +145,7 @@ def test_on_a_quadratic_sigma_converges_to_d_plus_2_over_2_times_the_hessian_dia
     the estimate, fails."""
     hess = torch.tensor([0.5, 1, 2, 4, 8, 16, 0.25, 3.0], dtype=torch.float64)
     x = nn.Parameter(torch.linspace(-1, 1, 8, dtype=torch.float64))
-    step = HiZOOStep(None, [Trainable("x", x, True)], hizoo_cfg(lr=0.0, hizoo_alpha=0.005), seed=0, zo=ZOConfig())
+    step = HiZOOStep(None, [Trainable("x", x, True)], hizoo_cfg(lr=0.0, hizoo=HiZOOConfig(alpha=0.005)), seed=0, zo=ZOConfig())
     loss_fn = lambda: 0.5 * (hess * x * x).sum()  # noqa: E731
     log_sum, n = torch.zeros(8, dtype=torch.float64), 0
     for k in range(1, 8001):
@@ -163,16 +164,16 @@ def test_state_dict_round_trip_gives_a_bit_identical_next_step():
     loaded with the state_dict after 3 steps, takes the 4th step bit for bit as the original
     (a fresh Sigma = 1 would not)."""
     model = mlp(torch.float32)
-    step = HiZOOStep(model, collect(model), hizoo_cfg(hizoo_alpha=0.05, lr=1e-3), seed=2, zo=ZOConfig())
+    step = HiZOOStep(model, collect(model), hizoo_cfg(hizoo=HiZOOConfig(alpha=0.05), lr=1e-3), seed=2, zo=ZOConfig())
     loss_fn = mlp_loss(model)
     for k in (1, 2, 3):
         step(loss_fn, k, 2)
     tensors, scalars = step.state_dict()
     saved = {k: v.clone() for k, v in tensors.items()}
     twin = copy.deepcopy(model)
-    fresh = HiZOOStep(twin, collect(twin), hizoo_cfg(hizoo_alpha=0.05, lr=1.0), seed=2, zo=ZOConfig())
+    fresh = HiZOOStep(twin, collect(twin), hizoo_cfg(hizoo=HiZOOConfig(alpha=0.05), lr=1.0), seed=2, zo=ZOConfig())
     untouched = copy.deepcopy(twin)
-    plain = HiZOOStep(untouched, collect(untouched), hizoo_cfg(hizoo_alpha=0.05, lr=1e-3), seed=2, zo=ZOConfig())
+    plain = HiZOOStep(untouched, collect(untouched), hizoo_cfg(hizoo=HiZOOConfig(alpha=0.05), lr=1e-3), seed=2, zo=ZOConfig())
     fresh.load_state_dict(saved, scalars)
     assert fresh.lr == 1e-3
     a, b, c = step(loss_fn, 4, 2), fresh(mlp_loss(twin), 4, 2), plain(mlp_loss(untouched), 4, 2)
@@ -215,9 +216,9 @@ def test_torchrun_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize(("overrides", "key"), [
-    (["method.hizoo_alpha=1.0"], "method.hizoo_alpha"),
-    (["method.hizoo_alpha=-0.1"], "method.hizoo_alpha"),
-    (["method=mezo", "method.hizoo_alpha=0.1"], "method.hizoo_alpha"),  # a key the method does not read
+    (["method.hizoo.alpha=1.0"], "method.hizoo.alpha"),
+    (["method.hizoo.alpha=-0.1"], "method.hizoo.alpha"),
+    (["method=mezo", "method.hizoo.alpha=0.1"], "method.hizoo.alpha"),  # a key the method does not read
     (["method=ft", "method.estimator=hizoo"], "method.estimator"),
 ])
 def test_config_refusals_name_the_key(overrides, key):
@@ -250,7 +251,7 @@ def test_hizoo_step_costs_one_copy_of_the_trainable_set_over_inference():
 def test_hizoo_entrypoint_trains_and_logs_2q_plus_1_passes(tmp_path):
     """`adazeta-train method=hizoo` on the two-layer Llama with Q = 2: 5 forward passes per step
     in the logged count, the usual metrics, no replay log, and Sigma in the checkpoint's state."""
-    proc = run_entrypoint(["method=hizoo", "model=tiny-llama", "method.lr=1e-3", "method.hizoo_alpha=1e-4",
+    proc = run_entrypoint(["method=hizoo", "model=tiny-llama", "method.lr=1e-3", "method.hizoo.alpha=1e-4",
                            "schedule.q=2", "train.max_steps=8", "train.eval_steps=8", "train.log_steps=4",
                            "train.batch_size=4", "task.num_train=4", "task.num_dev=8", "task.num_test=8",
                            "train.progress=false"], tmp_path)

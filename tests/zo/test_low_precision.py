@@ -83,8 +83,8 @@ def test_a_bf16_full_parameter_step_leaves_no_drift_and_moves_by_its_update():
 
 
 def test_in_place_sparse_perturbation_of_bf16_weights_is_refused():
-    with pytest.raises(ConfigError, match=r"method.in_forward=true.*model.dtype=float32"):
-        built_step("model=tiny-llama", "model.dtype=bfloat16", "method=sparse_mezo", "method.in_forward=false")
+    with pytest.raises(ConfigError, match=r"method.sparse.in_forward=true.*model.dtype=float32"):
+        built_step("model=tiny-llama", "model.dtype=bfloat16", "method=sparse_mezo", "method.sparse.in_forward=false")
 
 
 @pytest.mark.parametrize("rule", [Adam, Momentum])

@@ -13,7 +13,7 @@ from conftest import build_method_on, output, read_jsonl, run_entrypoint
 from test_zo import mlp_loss
 from torch import nn
 
-from adazeta.config import MethodConfig, Optimizer, TrainableSet, Update, ZOConfig
+from adazeta.config import LOZOConfig, MethodConfig, Optimizer, TrainableSet, Update, ZOConfig
 from adazeta.errors import ConfigError
 from adazeta.trainable.sets import collect
 from adazeta.zo.lozo import LOZOStep
@@ -26,7 +26,7 @@ def mlp(dtype=torch.float64, seed=0) -> nn.Module:
 
 def lozo_cfg(**kw) -> MethodConfig:
     base = {"name": "lozo", "trainable": TrainableSet.full, "optimizer": Optimizer.zo, "lr": 1.0, "eps": 1e-6,
-            "lozo_rank": 2, "lozo_interval": 3}
+            "lozo": LOZOConfig(rank=2, interval=3)}
     return MethodConfig(**{**base, **kw})
 
 
@@ -52,7 +52,7 @@ def test_matrix_perturbations_have_rank_r_and_share_v_within_an_interval():
     """Two steps' perturbations of a weight matrix stacked on each other span r directions of its
     input space while V is the same (steps 1 and 3 with nu = 3), 2r once V was redrawn (step 4)."""
     model = mlp()
-    step = LOZOStep(model, collect(model), lozo_cfg(lozo_rank=2), seed=0, zo=ZOConfig())
+    step = LOZOStep(model, collect(model), lozo_cfg(lozo=LOZOConfig(rank=2, interval=3)), seed=0, zo=ZOConfig())
     w = step.trainables[0].param  # 32 x 8
     assert w.dim() == 2
 
@@ -100,7 +100,7 @@ def test_averaged_estimate_points_along_the_gradient():
     loss_fn = mlp_loss(model)
     params = [t.param for t in collect(model)]
     grads = grads_of(params, loss_fn)
-    step = LOZOStep(model, collect(model), lozo_cfg(lr=1.0, eps=1e-5, lozo_rank=4), seed=0, zo=ZOConfig())
+    step = LOZOStep(model, collect(model), lozo_cfg(lr=1.0, eps=1e-5, lozo=LOZOConfig(rank=4, interval=3)), seed=0, zo=ZOConfig())
     before = torch.cat([p.detach().flatten().double() for p in params])
     step(loss_fn, 1, 400)
     estimate = before - torch.cat([p.detach().flatten().double() for p in params])
@@ -139,7 +139,7 @@ def test_lozo_m_momentum_lives_in_the_low_rank_space_and_moves_to_each_new_v():
     model = mlp()
     loss_fn = mlp_loss(model)
     beta, lr = 0.9, 1e-2
-    step = LOZOStep(model, collect(model), lozo_cfg(lr=lr, lozo_interval=2, update_rule=Update.momentum,
+    step = LOZOStep(model, collect(model), lozo_cfg(lr=lr, lozo=LOZOConfig(rank=2, interval=2), update_rule=Update.momentum,
                                                     momentum=beta, eps=1e-4), seed=1, zo=ZOConfig())
     w = step.trainables[0].param
     n = w.shape[1]
@@ -194,7 +194,7 @@ def test_lozo_m_step_stays_near_inference_memory():
 @pytest.mark.slow  # the entrypoint in child processes
 @pytest.mark.parametrize(("method", "lr"), [("lozo", "1e-3"), ("lozo_m", "1e-4")])
 def test_lozo_entrypoint_trains_and_logs(tmp_path, method, lr):
-    proc = run_entrypoint([f"method={method}", "model=tiny-llama", f"method.lr={lr}", "method.lozo_interval=4",
+    proc = run_entrypoint([f"method={method}", "model=tiny-llama", f"method.lr={lr}", "method.lozo.interval=4",
                            "train.max_steps=12", "train.eval_steps=12", "train.log_steps=4", "train.batch_size=4",
                            "task.num_train=4", "task.num_dev=8", "task.num_test=8", "train.progress=false"], tmp_path)
     assert proc.returncode == 0, output(proc)[-3000:]
