@@ -74,7 +74,7 @@ class ZOObjective(Enum):
 
 
 class Estimator(Enum):
-    spsa = "spsa"  # two-sided SPSA, z ~ N(0, I) over the trainable set (MeZO; DESIGN.md 2.1)
+    spsa = "spsa"  # two-sided SPSA, z ~ N(0, I) over the trainable set (MeZO; docs/design.md, section 4.1)
     fzoo = "fzoo"  # N one-sided Rademacher perturbations, step normalised by their losses' std (FZOO)
     lozo = "lozo"  # two-sided SPSA with a low-rank U V^T per weight matrix, V resampled lazily (LOZO)
     hizoo = "hizoo"  # two-sided SPSA along Sigma^(-1/2) z, Sigma a diagonal Hessian EMA (HiZOO)
@@ -92,7 +92,7 @@ class WandbMode(Enum):
 
 
 class Optimizer(Enum):
-    zo = "zo"  # two-sided SPSA, forward passes only (DESIGN.md 2.1)
+    zo = "zo"  # two-sided SPSA, forward passes only (docs/design.md, section 4.1)
     fo = "fo"  # backprop + AdamW: the first-order references (ft, lora_fo)
 
 

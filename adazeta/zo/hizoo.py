@@ -37,7 +37,7 @@ Deviations from the reference code, all deliberate:
 - The logged loss (StepResult.loss, train/loss) is L0, the loss at theta before the update; the
   code logs a fourth forward after the update (L(theta_{t+1})), which is not paid here: 2Q + 1
   forward passes, not 2Q + 2.
-- Weight decay is skipped for biases and norm weights (DESIGN.md 2.1, as every ZO method here);
+- Weight decay is skipped for biases and norm weights (docs/design.md, section 4.1, as every ZO method here);
   the code decays every tensor. Its default weight decay is 0, where the two agree.
 - z comes from the run's noise stream, keyed by (seed, step, query, tensor) (adazeta/zo/noise.py), not
   torch.manual_seed(np.random.randint(...)): the same seed gives MeZO's z here (`ZOStep`), and a
